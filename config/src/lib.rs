@@ -1,0 +1,701 @@
+//! Typed configuration of a protonode node.
+//!
+//! A node keeps everything in one data directory ([`Paths`]): the TOML
+//! configuration file, the redb database, the libp2p node key, the control
+//! socket and the daemon lock. [`Config::load`] reads the file, applies
+//! environment overrides (`PROTONODE_<SECTION>_<KEY>`, e.g.
+//! `PROTONODE_NETWORK_MDNS=false`), and validates the result once, so the rest
+//! of the node can trust every value it is handed.
+//!
+//! Flags are applied by the binary on top of the loaded value (they win over
+//! the environment, which wins over the file, which wins over the defaults
+//! documented on each field).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use multiaddr::Multiaddr;
+use serde::{Deserialize, Serialize};
+
+/// Name of the environment variable that selects the data directory.
+pub const DATA_DIR_ENV: &str = "PROTONODE_DATA_DIR";
+
+/// Prefix of the environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "PROTONODE_";
+
+/// Longest display name, in characters.
+pub const MAX_NAME_CHARS: usize = 64;
+/// Longest pronouns string, in characters.
+pub const MAX_PRONOUNS_CHARS: usize = 32;
+/// Longest emoji picture, in characters (emoji sequences can be several code points).
+pub const MAX_EMOJI_CHARS: usize = 8;
+/// Longest monogram picture, in characters.
+pub const MAX_MONOGRAM_CHARS: usize = 3;
+
+/// What went wrong while locating, reading, overriding or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no data directory: pass --data-dir DIR or set {DATA_DIR_ENV} (no home directory was found to default to)")]
+    NoDataDir,
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write config file {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {var}={value:?} is not valid: expected {expected}")]
+    Env {
+        var: String,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("invalid configuration value {key}: {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+/// Where a node keeps its files. Everything lives in one directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paths {
+    data_dir: PathBuf,
+}
+
+impl Paths {
+    /// Uses `dir` as the data directory.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: dir.into(),
+        }
+    }
+
+    /// Resolves the data directory: the flag if given, else `PROTONODE_DATA_DIR`,
+    /// else `$XDG_DATA_HOME/protonode` (on Linux `~/.local/share/protonode`).
+    pub fn resolve(
+        flag: Option<PathBuf>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, Error> {
+        if let Some(dir) = flag {
+            return Ok(Self::new(dir));
+        }
+        if let Some(dir) = env(DATA_DIR_ENV).filter(|d| !d.is_empty()) {
+            return Ok(Self::new(dir));
+        }
+        let base = directories::BaseDirs::new().ok_or(Error::NoDataDir)?;
+        Ok(Self::new(base.data_dir().join("protonode")))
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+    /// The TOML configuration file.
+    pub fn config_file(&self) -> PathBuf {
+        self.data_dir.join("config.toml")
+    }
+    /// The redb database holding all of the node's state.
+    pub fn database(&self) -> PathBuf {
+        self.data_dir.join("protonode.redb")
+    }
+    /// The libp2p node key (protobuf encoding of an Ed25519 keypair).
+    pub fn node_key(&self) -> PathBuf {
+        self.data_dir.join("node.key")
+    }
+    /// The Unix socket of the control API.
+    pub fn control_socket(&self) -> PathBuf {
+        self.data_dir.join("control.sock")
+    }
+    /// The lock file that keeps a second daemon off this data directory.
+    pub fn lock_file(&self) -> PathBuf {
+        self.data_dir.join("daemon.lock")
+    }
+}
+
+/// The whole configuration of a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub profile: Profile,
+    pub network: Network,
+    pub delivery: Delivery,
+}
+
+/// How this person presents themselves in new relationships. Every
+/// relationship gets its own copy, so changing it later affects only new ones.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Profile {
+    /// Preferred name shown to contacts. Set by `protonode init --name`.
+    pub name: String,
+    /// Optional pronouns, e.g. "she/her". Default: none.
+    pub pronouns: Option<String>,
+    /// Optional emoji picture, e.g. "🦊". Default: none.
+    pub emoji: Option<String>,
+    /// Optional monogram picture (1 to 3 characters), used when there is no emoji. Default: none.
+    pub monogram: Option<String>,
+}
+
+impl Default for Profile {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            pronouns: None,
+            emoji: None,
+            monogram: None,
+        }
+    }
+}
+
+/// The libp2p network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Network {
+    /// TCP port on all IPv4 interfaces. Default 0: a random port. `init`
+    /// writes a fixed free port so that contacts can find the node again
+    /// after a restart.
+    pub tcp_port: u16,
+    /// UDP port for QUIC on all IPv4 interfaces. Default 0: a random port
+    /// (`init` writes a fixed one, as for TCP).
+    pub quic_port: u16,
+    /// Listen addresses that replace the two defaults above when not empty,
+    /// e.g. ["/ip4/127.0.0.1/tcp/4001", "/ip4/127.0.0.1/udp/4001/quic-v1"].
+    /// Default: empty.
+    pub listen: Vec<String>,
+    /// Extra addresses to advertise in invitations, e.g. a port forwarded on
+    /// a router. Default: empty.
+    pub announce: Vec<String>,
+    /// Discover peers on the local network with mDNS. Default: true.
+    pub mdns: bool,
+    /// Seconds a connection with no open stream stays open. Default: 120.
+    pub idle_connection_timeout_secs: u64,
+    /// Seconds to wait for a peer to answer a delivery. Default: 20.
+    pub request_timeout_secs: u64,
+    /// Most established connections in total. Default: 256.
+    pub max_connections: u32,
+    /// Most established connections with one peer. Default: 4.
+    pub max_connections_per_peer: u32,
+    /// Most outgoing connections being set up at once. Default: 32.
+    pub max_pending_dials: u32,
+    /// Most incoming connections being set up at once. Default: 64.
+    pub max_pending_incoming: u32,
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        Self {
+            tcp_port: 0,
+            quic_port: 0,
+            listen: Vec::new(),
+            announce: Vec::new(),
+            mdns: true,
+            idle_connection_timeout_secs: 120,
+            request_timeout_secs: 20,
+            max_connections: 256,
+            max_connections_per_peer: 4,
+            max_pending_dials: 32,
+            max_pending_incoming: 64,
+        }
+    }
+}
+
+impl Network {
+    /// The addresses to listen on: `listen` if set, else TCP and QUIC on all
+    /// IPv4 interfaces at the configured ports.
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        if !self.listen.is_empty() {
+            // Validated at load; an unparsable entry cannot reach here.
+            return self
+                .listen
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect();
+        }
+        [
+            format!("/ip4/0.0.0.0/tcp/{}", self.tcp_port),
+            format!("/ip4/0.0.0.0/udp/{}/quic-v1", self.quic_port),
+        ]
+        .iter()
+        .filter_map(|a| a.parse().ok())
+        .collect()
+    }
+
+    /// Extra addresses to advertise.
+    pub fn announce_addrs(&self) -> Vec<Multiaddr> {
+        self.announce
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect()
+    }
+
+    pub fn idle_connection_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_connection_timeout_secs)
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+}
+
+/// Delivery of envelopes: retries, batching, address and ticket lifetimes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Delivery {
+    /// First retry delay after a failed delivery, in milliseconds. Default: 250.
+    pub retry_initial_ms: u64,
+    /// Longest retry delay (backoff doubles up to this), in milliseconds.
+    /// A reconnecting peer is retried at once whatever the delay. Default: 15000.
+    pub retry_max_ms: u64,
+    /// Most envelopes sent to one peer in one request. Default: 128.
+    pub max_batch: u32,
+    /// How long an invitation ticket stays valid, in seconds. Default: 259200 (3 days).
+    pub ticket_ttl_secs: u64,
+    /// How long an ephemeral delivery address stays valid, in seconds; it is
+    /// rotated when half of that has passed. Default: 604800 (7 days).
+    pub ephemeral_address_ttl_secs: u64,
+    /// How long a long-term delivery address stays valid, in seconds.
+    /// Default: 31536000 (365 days).
+    pub long_term_address_ttl_secs: u64,
+    /// How long `accept` waits for the inviter's node to answer before
+    /// leaving the answer queued, in seconds. Default: 10.
+    pub accept_wait_secs: u64,
+}
+
+impl Default for Delivery {
+    fn default() -> Self {
+        Self {
+            retry_initial_ms: 250,
+            retry_max_ms: 15_000,
+            max_batch: 128,
+            ticket_ttl_secs: 3 * 24 * 3600,
+            ephemeral_address_ttl_secs: 7 * 24 * 3600,
+            long_term_address_ttl_secs: 365 * 24 * 3600,
+            accept_wait_secs: 10,
+        }
+    }
+}
+
+impl Delivery {
+    pub fn retry_initial(&self) -> Duration {
+        Duration::from_millis(self.retry_initial_ms)
+    }
+    pub fn retry_max(&self) -> Duration {
+        Duration::from_millis(self.retry_max_ms)
+    }
+    pub fn ticket_ttl(&self) -> Duration {
+        Duration::from_secs(self.ticket_ttl_secs)
+    }
+    pub fn ephemeral_address_ttl(&self) -> Duration {
+        Duration::from_secs(self.ephemeral_address_ttl_secs)
+    }
+    pub fn long_term_address_ttl(&self) -> Duration {
+        Duration::from_secs(self.long_term_address_ttl_secs)
+    }
+    pub fn accept_wait(&self) -> Duration {
+        Duration::from_secs(self.accept_wait_secs)
+    }
+}
+
+impl Config {
+    /// A configuration for a new node of `name`, otherwise all defaults.
+    pub fn new(name: &str) -> Self {
+        let mut config = Self::default();
+        config.profile.name = name.to_string();
+        config
+    }
+
+    /// Reads `config.toml` from the data directory (a missing file means all
+    /// defaults), applies `PROTONODE_<SECTION>_<KEY>` overrides read through
+    /// `env`, and validates the result.
+    pub fn load(paths: &Paths, env: impl Fn(&str) -> Option<String>) -> Result<Self, Error> {
+        let path = paths.config_file();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(source) => return Err(Error::Read { path, source }),
+        };
+        Self::from_toml_with_env(&text, &path, env)
+    }
+
+    /// Parses TOML text, applies environment overrides and validates.
+    /// `origin` names the text in error messages.
+    pub fn from_toml_with_env(
+        text: &str,
+        origin: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, Error> {
+        let parse_error = |message: String| Error::Parse {
+            path: origin.to_path_buf(),
+            message,
+        };
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            parse_error(e.message().to_string() + &line_hint(text, e.span()))
+        })?;
+        apply_env_overrides(&mut table, &env)?;
+        let config: Config = table
+            .try_into()
+            .map_err(|e: toml::de::Error| parse_error(e.message().to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value once, so that later code can rely on them.
+    pub fn validate(&self) -> Result<(), Error> {
+        let invalid = |key: &'static str, problem: String| Err(Error::Invalid { key, problem });
+        let p = &self.profile;
+        check_text("profile.name", &p.name, 1, MAX_NAME_CHARS)?;
+        if let Some(pronouns) = &p.pronouns {
+            check_text("profile.pronouns", pronouns, 1, MAX_PRONOUNS_CHARS)?;
+        }
+        if let Some(emoji) = &p.emoji {
+            check_text("profile.emoji", emoji, 1, MAX_EMOJI_CHARS)?;
+        }
+        if let Some(monogram) = &p.monogram {
+            check_text("profile.monogram", monogram, 1, MAX_MONOGRAM_CHARS)?;
+        }
+        let n = &self.network;
+        for (key, list) in [("network.listen", &n.listen), ("network.announce", &n.announce)] {
+            for addr in list {
+                if let Err(e) = Multiaddr::from_str(addr) {
+                    return invalid(key, format!("{addr:?} is not a multiaddr ({e})"));
+                }
+            }
+        }
+        for (key, value) in [
+            ("network.idle_connection_timeout_secs", n.idle_connection_timeout_secs),
+            ("network.request_timeout_secs", n.request_timeout_secs),
+            ("network.max_connections", u64::from(n.max_connections)),
+            ("network.max_connections_per_peer", u64::from(n.max_connections_per_peer)),
+            ("network.max_pending_dials", u64::from(n.max_pending_dials)),
+            ("network.max_pending_incoming", u64::from(n.max_pending_incoming)),
+        ] {
+            if value == 0 {
+                return invalid(key, "must be at least 1".into());
+            }
+        }
+        let d = &self.delivery;
+        if d.retry_initial_ms == 0 {
+            return invalid("delivery.retry_initial_ms", "must be at least 1".into());
+        }
+        if d.retry_max_ms < d.retry_initial_ms {
+            return invalid(
+                "delivery.retry_max_ms",
+                format!(
+                    "{} is less than delivery.retry_initial_ms ({})",
+                    d.retry_max_ms, d.retry_initial_ms
+                ),
+            );
+        }
+        if !(1..=1024).contains(&d.max_batch) {
+            return invalid("delivery.max_batch", format!("{} is not in 1..=1024", d.max_batch));
+        }
+        for (key, value) in [
+            ("delivery.ticket_ttl_secs", d.ticket_ttl_secs),
+            ("delivery.ephemeral_address_ttl_secs", d.ephemeral_address_ttl_secs),
+            ("delivery.long_term_address_ttl_secs", d.long_term_address_ttl_secs),
+        ] {
+            if value < 60 {
+                return invalid(key, format!("{value} seconds is too short (at least 60)"));
+            }
+        }
+        if d.long_term_address_ttl_secs < d.ephemeral_address_ttl_secs {
+            return invalid(
+                "delivery.long_term_address_ttl_secs",
+                "must not be shorter than delivery.ephemeral_address_ttl_secs".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Writes a new configuration file, documented with comments. Refuses to
+    /// overwrite an existing file.
+    pub fn write_new(&self, paths: &Paths) -> Result<(), Error> {
+        use std::io::Write as _;
+        let path = paths.config_file();
+        let write_error = |source| Error::Write {
+            path: path.clone(),
+            source,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(write_error)?;
+        file.write_all(self.to_documented_toml().as_bytes())
+            .map_err(write_error)?;
+        file.sync_all().map_err(write_error)
+    }
+
+    /// The configuration as TOML, every key preceded by what it means.
+    pub fn to_documented_toml(&self) -> String {
+        let mut out = String::from(
+            "# protonode configuration. Every key can be overridden by an environment\n\
+             # variable PROTONODE_<SECTION>_<KEY>, e.g. PROTONODE_NETWORK_MDNS=false.\n\n",
+        );
+        let table = toml::Table::try_from(self).unwrap_or_default();
+        for (section, docs) in SECTION_DOCS {
+            let _ = writeln!(out, "[{section}]");
+            let values = table.get(*section).and_then(|v| v.as_table());
+            for (key, doc) in *docs {
+                let _ = writeln!(out, "# {doc}");
+                match values.and_then(|t| t.get(*key)) {
+                    Some(value) => {
+                        let _ = writeln!(out, "{key} = {value}");
+                    }
+                    None => {
+                        let _ = writeln!(out, "# {key} =");
+                    }
+                }
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// Documentation of each key, in the order the file lists them. The field
+/// docs above are the source of truth; these are their one-line forms.
+const SECTION_DOCS: &[(&str, &[(&str, &str)])] = &[
+    (
+        "profile",
+        &[
+            ("name", "Preferred name shown to new contacts."),
+            ("pronouns", "Optional pronouns, e.g. \"she/her\"."),
+            ("emoji", "Optional emoji picture, e.g. \"🦊\"."),
+            ("monogram", "Optional monogram picture (1 to 3 characters)."),
+        ],
+    ),
+    (
+        "network",
+        &[
+            ("tcp_port", "TCP port on all IPv4 interfaces (0: random at each start)."),
+            ("quic_port", "UDP port for QUIC on all IPv4 interfaces (0: random at each start)."),
+            ("listen", "Listen multiaddrs replacing the two above when not empty."),
+            ("announce", "Extra multiaddrs to advertise in invitations (e.g. a forwarded port)."),
+            ("mdns", "Discover peers on the local network with mDNS."),
+            ("idle_connection_timeout_secs", "Seconds an idle connection stays open."),
+            ("request_timeout_secs", "Seconds to wait for a peer to answer a delivery."),
+            ("max_connections", "Most established connections in total."),
+            ("max_connections_per_peer", "Most established connections with one peer."),
+            ("max_pending_dials", "Most outgoing connections being set up at once."),
+            ("max_pending_incoming", "Most incoming connections being set up at once."),
+        ],
+    ),
+    (
+        "delivery",
+        &[
+            ("retry_initial_ms", "First retry delay after a failed delivery (ms)."),
+            ("retry_max_ms", "Longest retry delay (ms); a reconnecting peer is retried at once."),
+            ("max_batch", "Most envelopes sent to one peer in one request."),
+            ("ticket_ttl_secs", "How long an invitation ticket stays valid (s)."),
+            ("ephemeral_address_ttl_secs", "Lifetime of an ephemeral delivery address (s); rotated at half."),
+            ("long_term_address_ttl_secs", "Lifetime of a long-term delivery address (s)."),
+            ("accept_wait_secs", "How long `accept` waits for the inviter's node before queueing (s)."),
+        ],
+    ),
+];
+
+fn check_text(key: &'static str, value: &str, min: usize, max: usize) -> Result<(), Error> {
+    let chars = value.chars().count();
+    if chars < min || chars > max {
+        return Err(Error::Invalid {
+            key,
+            problem: format!("must be {min} to {max} characters, not {chars}"),
+        });
+    }
+    if value.chars().any(char::is_control) {
+        return Err(Error::Invalid {
+            key,
+            problem: "must not contain control characters".into(),
+        });
+    }
+    if value.trim() != value {
+        return Err(Error::Invalid {
+            key,
+            problem: "must not start or end with white space".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Applies `PROTONODE_<SECTION>_<KEY>` to `table`. The type of each key is
+/// taken from the defaults, so that a value such as "false" or "4001" is read
+/// as the right TOML type; lists are comma-separated.
+fn apply_env_overrides(
+    table: &mut toml::Table,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<(), Error> {
+    let defaults = toml::Table::try_from(Config::new("-")).unwrap_or_default();
+    for (section, keys) in SECTION_DOCS {
+        for (key, _) in *keys {
+            let var = format!("{ENV_PREFIX}{}_{}", section, key).to_uppercase();
+            let Some(raw) = env(&var) else { continue };
+            let default = defaults
+                .get(*section)
+                .and_then(|s| s.as_table())
+                .and_then(|s| s.get(*key));
+            let value = env_value(&var, &raw, default)?;
+            let entry = table
+                .entry(section.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            match entry.as_table_mut() {
+                Some(section_table) => {
+                    section_table.insert(key.to_string(), value);
+                }
+                None => {
+                    return Err(Error::Invalid {
+                        key: section,
+                        problem: "must be a table".into(),
+                    })
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn env_value(var: &str, raw: &str, default: Option<&toml::Value>) -> Result<toml::Value, Error> {
+    let bad = |expected: &'static str| Error::Env {
+        var: var.to_string(),
+        value: raw.to_string(),
+        expected,
+    };
+    Ok(match default {
+        Some(toml::Value::Boolean(_)) => match raw.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => toml::Value::Boolean(true),
+            "0" | "false" | "no" | "off" => toml::Value::Boolean(false),
+            _ => return Err(bad("true or false")),
+        },
+        Some(toml::Value::Integer(_)) => toml::Value::Integer(
+            raw.trim()
+                .parse::<i64>()
+                .ok()
+                .filter(|v| *v >= 0)
+                .ok_or_else(|| bad("a non-negative whole number"))?,
+        ),
+        Some(toml::Value::Array(_)) => toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_string()))
+                .collect(),
+        ),
+        // Strings and optional strings (absent from the defaults).
+        _ => toml::Value::String(raw.to_string()),
+    })
+}
+
+fn line_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!(" (line {line})")
+        }
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn documented_file_round_trips_to_the_same_config() {
+        let mut config = Config::new("Alex");
+        config.network.tcp_port = 4001;
+        config.profile.emoji = Some("🦊".into());
+        let text = config.to_documented_toml();
+        let back = Config::from_toml_with_env(&text, Path::new("t"), env_of(&[])).unwrap();
+        assert_eq!(back, config);
+    }
+
+    #[test]
+    fn environment_overrides_file_with_typed_values() {
+        let text = "[profile]\nname = \"Alex\"\n[network]\nmdns = true\n";
+        let env = env_of(&[
+            ("PROTONODE_NETWORK_MDNS", "false"),
+            ("PROTONODE_NETWORK_TCP_PORT", "4100"),
+            ("PROTONODE_NETWORK_LISTEN", "/ip4/127.0.0.1/tcp/0, /ip4/127.0.0.1/udp/0/quic-v1"),
+            ("PROTONODE_PROFILE_PRONOUNS", "they/them"),
+        ]);
+        let config = Config::from_toml_with_env(text, Path::new("t"), env).unwrap();
+        assert!(!config.network.mdns);
+        assert_eq!(config.network.tcp_port, 4100);
+        assert_eq!(config.network.listen_addrs().len(), 2);
+        assert_eq!(config.profile.pronouns.as_deref(), Some("they/them"));
+    }
+
+    #[test]
+    fn bad_environment_value_names_the_variable() {
+        let env = env_of(&[("PROTONODE_NETWORK_MDNS", "maybe")]);
+        let err = Config::from_toml_with_env("[profile]\nname = \"A\"", Path::new("t"), env)
+            .unwrap_err();
+        assert!(err.to_string().contains("PROTONODE_NETWORK_MDNS"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_is_refused_with_its_name() {
+        let text = "[profile]\nname = \"A\"\n[network]\nmnds = false\n";
+        let err = Config::from_toml_with_env(text, Path::new("t"), env_of(&[])).unwrap_err();
+        assert!(err.to_string().contains("mnds"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_refused_with_the_key() {
+        let cases = [
+            ("[profile]\nname = \"\"", "profile.name"),
+            ("[profile]\nname = \"A\"\n[network]\nlisten = [\"nope\"]", "network.listen"),
+            ("[profile]\nname = \"A\"\n[delivery]\nretry_max_ms = 1", "delivery.retry_max_ms"),
+            ("[profile]\nname = \"A\"\n[delivery]\nmax_batch = 0", "delivery.max_batch"),
+            ("[profile]\nname = \"A\"\n[network]\nmax_connections = 0", "network.max_connections"),
+        ];
+        for (text, key) in cases {
+            let err = Config::from_toml_with_env(text, Path::new("t"), env_of(&[])).unwrap_err();
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn malformed_toml_reports_the_line() {
+        let err = Config::from_toml_with_env("[profile]\nname = ", Path::new("t"), env_of(&[]))
+            .unwrap_err();
+        assert!(err.to_string().contains("line"), "{err}");
+    }
+
+    #[test]
+    fn data_dir_comes_from_flag_then_env() {
+        let env = env_of(&[(DATA_DIR_ENV, "/from/env")]);
+        let flag = Paths::resolve(Some("/from/flag".into()), &env).unwrap();
+        assert_eq!(flag.data_dir(), Path::new("/from/flag"));
+        let from_env = Paths::resolve(None, &env).unwrap();
+        assert_eq!(from_env.data_dir(), Path::new("/from/env"));
+    }
+
+    #[test]
+    fn write_new_refuses_to_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(dir.path());
+        Config::new("Alex").write_new(&paths).unwrap();
+        assert!(matches!(
+            Config::new("Blair").write_new(&paths),
+            Err(Error::Write { .. })
+        ));
+        let loaded = Config::load(&paths, |_| None).unwrap();
+        assert_eq!(loaded.profile.name, "Alex");
+    }
+}
