@@ -211,11 +211,7 @@ impl Network {
     pub fn listen_addrs(&self) -> Vec<Multiaddr> {
         if !self.listen.is_empty() {
             // Validated at load; an unparsable entry cannot reach here.
-            return self
-                .listen
-                .iter()
-                .filter_map(|a| a.parse().ok())
-                .collect();
+            return self.listen.iter().filter_map(|a| a.parse().ok()).collect();
         }
         [
             format!("/ip4/0.0.0.0/tcp/{}", self.tcp_port),
@@ -360,7 +356,10 @@ impl Config {
             check_text("profile.monogram", monogram, 1, MAX_MONOGRAM_CHARS)?;
         }
         let n = &self.network;
-        for (key, list) in [("network.listen", &n.listen), ("network.announce", &n.announce)] {
+        for (key, list) in [
+            ("network.listen", &n.listen),
+            ("network.announce", &n.announce),
+        ] {
             for addr in list {
                 if let Err(e) = Multiaddr::from_str(addr) {
                     return invalid(key, format!("{addr:?} is not a multiaddr ({e})"));
@@ -368,12 +367,21 @@ impl Config {
             }
         }
         for (key, value) in [
-            ("network.idle_connection_timeout_secs", n.idle_connection_timeout_secs),
+            (
+                "network.idle_connection_timeout_secs",
+                n.idle_connection_timeout_secs,
+            ),
             ("network.request_timeout_secs", n.request_timeout_secs),
             ("network.max_connections", u64::from(n.max_connections)),
-            ("network.max_connections_per_peer", u64::from(n.max_connections_per_peer)),
+            (
+                "network.max_connections_per_peer",
+                u64::from(n.max_connections_per_peer),
+            ),
             ("network.max_pending_dials", u64::from(n.max_pending_dials)),
-            ("network.max_pending_incoming", u64::from(n.max_pending_incoming)),
+            (
+                "network.max_pending_incoming",
+                u64::from(n.max_pending_incoming),
+            ),
         ] {
             if value == 0 {
                 return invalid(key, "must be at least 1".into());
@@ -393,12 +401,21 @@ impl Config {
             );
         }
         if !(1..=1024).contains(&d.max_batch) {
-            return invalid("delivery.max_batch", format!("{} is not in 1..=1024", d.max_batch));
+            return invalid(
+                "delivery.max_batch",
+                format!("{} is not in 1..=1024", d.max_batch),
+            );
         }
         for (key, value) in [
             ("delivery.ticket_ttl_secs", d.ticket_ttl_secs),
-            ("delivery.ephemeral_address_ttl_secs", d.ephemeral_address_ttl_secs),
-            ("delivery.long_term_address_ttl_secs", d.long_term_address_ttl_secs),
+            (
+                "delivery.ephemeral_address_ttl_secs",
+                d.ephemeral_address_ttl_secs,
+            ),
+            (
+                "delivery.long_term_address_ttl_secs",
+                d.long_term_address_ttl_secs,
+            ),
         ] {
             if value < 60 {
                 return invalid(key, format!("{value} seconds is too short (at least 60)"));
@@ -474,29 +491,77 @@ const SECTION_DOCS: &[(&str, &[(&str, &str)])] = &[
     (
         "network",
         &[
-            ("tcp_port", "TCP port on all IPv4 interfaces (0: random at each start)."),
-            ("quic_port", "UDP port for QUIC on all IPv4 interfaces (0: random at each start)."),
-            ("listen", "Listen multiaddrs replacing the two above when not empty."),
-            ("announce", "Extra multiaddrs to advertise in invitations (e.g. a forwarded port)."),
+            (
+                "tcp_port",
+                "TCP port on all IPv4 interfaces (0: random at each start).",
+            ),
+            (
+                "quic_port",
+                "UDP port for QUIC on all IPv4 interfaces (0: random at each start).",
+            ),
+            (
+                "listen",
+                "Listen multiaddrs replacing the two above when not empty.",
+            ),
+            (
+                "announce",
+                "Extra multiaddrs to advertise in invitations (e.g. a forwarded port).",
+            ),
             ("mdns", "Discover peers on the local network with mDNS."),
-            ("idle_connection_timeout_secs", "Seconds an idle connection stays open."),
-            ("request_timeout_secs", "Seconds to wait for a peer to answer a delivery."),
+            (
+                "idle_connection_timeout_secs",
+                "Seconds an idle connection stays open.",
+            ),
+            (
+                "request_timeout_secs",
+                "Seconds to wait for a peer to answer a delivery.",
+            ),
             ("max_connections", "Most established connections in total."),
-            ("max_connections_per_peer", "Most established connections with one peer."),
-            ("max_pending_dials", "Most outgoing connections being set up at once."),
-            ("max_pending_incoming", "Most incoming connections being set up at once."),
+            (
+                "max_connections_per_peer",
+                "Most established connections with one peer.",
+            ),
+            (
+                "max_pending_dials",
+                "Most outgoing connections being set up at once.",
+            ),
+            (
+                "max_pending_incoming",
+                "Most incoming connections being set up at once.",
+            ),
         ],
     ),
     (
         "delivery",
         &[
-            ("retry_initial_ms", "First retry delay after a failed delivery (ms)."),
-            ("retry_max_ms", "Longest retry delay (ms); a reconnecting peer is retried at once."),
-            ("max_batch", "Most envelopes sent to one peer in one request."),
-            ("ticket_ttl_secs", "How long an invitation ticket stays valid (s)."),
-            ("ephemeral_address_ttl_secs", "Lifetime of an ephemeral delivery address (s); rotated at half."),
-            ("long_term_address_ttl_secs", "Lifetime of a long-term delivery address (s)."),
-            ("accept_wait_secs", "How long `accept` waits for the inviter's node before queueing (s)."),
+            (
+                "retry_initial_ms",
+                "First retry delay after a failed delivery (ms).",
+            ),
+            (
+                "retry_max_ms",
+                "Longest retry delay (ms); a reconnecting peer is retried at once.",
+            ),
+            (
+                "max_batch",
+                "Most envelopes sent to one peer in one request.",
+            ),
+            (
+                "ticket_ttl_secs",
+                "How long an invitation ticket stays valid (s).",
+            ),
+            (
+                "ephemeral_address_ttl_secs",
+                "Lifetime of an ephemeral delivery address (s); rotated at half.",
+            ),
+            (
+                "long_term_address_ttl_secs",
+                "Lifetime of a long-term delivery address (s).",
+            ),
+            (
+                "accept_wait_secs",
+                "How long `accept` waits for the inviter's node before queueing (s).",
+            ),
         ],
     ),
 ];
@@ -630,7 +695,10 @@ mod tests {
         let env = env_of(&[
             ("PROTONODE_NETWORK_MDNS", "false"),
             ("PROTONODE_NETWORK_TCP_PORT", "4100"),
-            ("PROTONODE_NETWORK_LISTEN", "/ip4/127.0.0.1/tcp/0, /ip4/127.0.0.1/udp/0/quic-v1"),
+            (
+                "PROTONODE_NETWORK_LISTEN",
+                "/ip4/127.0.0.1/tcp/0, /ip4/127.0.0.1/udp/0/quic-v1",
+            ),
             ("PROTONODE_PROFILE_PRONOUNS", "they/them"),
         ]);
         let config = Config::from_toml_with_env(text, Path::new("t"), env).unwrap();
@@ -643,8 +711,8 @@ mod tests {
     #[test]
     fn bad_environment_value_names_the_variable() {
         let env = env_of(&[("PROTONODE_NETWORK_MDNS", "maybe")]);
-        let err = Config::from_toml_with_env("[profile]\nname = \"A\"", Path::new("t"), env)
-            .unwrap_err();
+        let err =
+            Config::from_toml_with_env("[profile]\nname = \"A\"", Path::new("t"), env).unwrap_err();
         assert!(err.to_string().contains("PROTONODE_NETWORK_MDNS"), "{err}");
     }
 
@@ -659,10 +727,22 @@ mod tests {
     fn invalid_values_are_refused_with_the_key() {
         let cases = [
             ("[profile]\nname = \"\"", "profile.name"),
-            ("[profile]\nname = \"A\"\n[network]\nlisten = [\"nope\"]", "network.listen"),
-            ("[profile]\nname = \"A\"\n[delivery]\nretry_max_ms = 1", "delivery.retry_max_ms"),
-            ("[profile]\nname = \"A\"\n[delivery]\nmax_batch = 0", "delivery.max_batch"),
-            ("[profile]\nname = \"A\"\n[network]\nmax_connections = 0", "network.max_connections"),
+            (
+                "[profile]\nname = \"A\"\n[network]\nlisten = [\"nope\"]",
+                "network.listen",
+            ),
+            (
+                "[profile]\nname = \"A\"\n[delivery]\nretry_max_ms = 1",
+                "delivery.retry_max_ms",
+            ),
+            (
+                "[profile]\nname = \"A\"\n[delivery]\nmax_batch = 0",
+                "delivery.max_batch",
+            ),
+            (
+                "[profile]\nname = \"A\"\n[network]\nmax_connections = 0",
+                "network.max_connections",
+            ),
         ];
         for (text, key) in cases {
             let err = Config::from_toml_with_env(text, Path::new("t"), env_of(&[])).unwrap_err();

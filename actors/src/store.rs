@@ -1,0 +1,293 @@
+//! The redb store: one database file per node holding all of its state.
+//!
+//! Every table is declared in [`tables`]; values are postcard-encoded
+//! records (see [`crate::records`]) except openmls's own entities, which are
+//! stored the way openmls's providers store them (serde_json, see
+//! [`crate::mls`]). The schema version is checked when the file is opened.
+//!
+//! Atomicity rule (DESIGN.md section 6): one logical operation is one write
+//! transaction. [`Store::write`] runs a closure inside a write transaction on
+//! tokio's blocking pool and commits it durably; if the closure fails, the
+//! transaction is aborted and nothing of it is kept. Closures must do no
+//! network I/O. Reads ([`Store::read`]) see a consistent snapshot and never
+//! wait for a writer.
+
+use std::borrow::Borrow;
+use std::path::Path;
+use std::sync::Arc;
+
+use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, WriteTransaction};
+use serde::{de::DeserializeOwned, Serialize};
+
+/// Version of the layout of the tables and records below. Bump it when a
+/// stored format changes incompatibly.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The tables. Keys are fixed-size where possible so that ranges are cheap.
+pub mod tables {
+    use redb::TableDefinition;
+
+    /// Node-wide values: the schema version.
+    pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+    /// Proton id → `ProtonRecord`.
+    pub const PROTONS: TableDefinition<[u8; 8], &[u8]> = TableDefinition::new("protons");
+    /// Ticket id → `TicketRecord`: invitations this node made.
+    pub const TICKETS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("tickets");
+    /// Ticket id → proton id: invitations this node accepted (each works once).
+    pub const ACCEPTED_TICKETS: TableDefinition<[u8; 16], [u8; 8]> =
+        TableDefinition::new("accepted_tickets");
+    /// Delivery address → `AddressRecord`: what this node's receiving service resolves.
+    pub const ADDRESSES: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("addresses");
+    /// (conversation, sequence) → `HistoryEntry`, oldest first.
+    pub const HISTORY: TableDefinition<([u8; 8], u64), &[u8]> = TableDefinition::new("history");
+    /// Message id → (conversation, sequence) of its history entry.
+    pub const MESSAGES: TableDefinition<[u8; 16], ([u8; 8], u64)> =
+        TableDefinition::new("messages");
+    /// Sequence → `OutboxEntry`: envelopes not yet acknowledged by their receiver.
+    pub const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+    /// Sequence → `InboxEntry`: envelopes acknowledged but not yet processed.
+    pub const INBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("inbox");
+    /// Hash of a received payload → when it was first stored (ms): de-duplication.
+    pub const SEEN: TableDefinition<[u8; 32], u64> = TableDefinition::new("seen");
+    /// openmls storage, namespaced per proton / group proton (see `crate::mls`).
+    pub const MLS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("mls");
+}
+
+/// What went wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the database is in use by another process: is a daemon already running on this data directory?")]
+    InUse,
+    #[error("the database was written by another version of protonode (schema {found}; this build reads schema {expected}); use a matching protonode or a new data directory")]
+    SchemaMismatch { found: u32, expected: u32 },
+    #[error("database error: {0}")]
+    Db(#[from] redb::Error),
+    #[error("a stored {what} could not be decoded: {source}")]
+    Decode {
+        what: &'static str,
+        #[source]
+        source: postcard::Error,
+    },
+    #[error("a {what} could not be encoded: {source}")]
+    Encode {
+        what: &'static str,
+        #[source]
+        source: postcard::Error,
+    },
+    #[error("the store's worker thread failed: {0}")]
+    Worker(String),
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+impl From<redb::DatabaseError> for StoreError {
+    fn from(e: redb::DatabaseError) -> Self {
+        match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse,
+            other => StoreError::Db(other.into()),
+        }
+    }
+}
+
+/// Handle to the node's database. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+}
+
+impl Store {
+    /// Opens (or creates) the database at `path`, creates missing tables and
+    /// checks the schema version.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path)?;
+        let store = Self { db: Arc::new(db) };
+        store.write_blocking(|tx| {
+            let mut meta = tx.open_table(tables::META)?;
+            let found = meta
+                .get("schema_version")?
+                .and_then(|v| <[u8; 4]>::try_from(v.value()).ok())
+                .map(u32::from_be_bytes);
+            match found {
+                None => {
+                    meta.insert("schema_version", SCHEMA_VERSION.to_be_bytes().as_slice())?;
+                }
+                Some(v) if v == SCHEMA_VERSION => {}
+                Some(found) => {
+                    return Err(StoreError::SchemaMismatch {
+                        found,
+                        expected: SCHEMA_VERSION,
+                    })
+                }
+            }
+            drop(meta);
+            // Create every table so readers never meet a missing one.
+            tx.open_table(tables::PROTONS)?;
+            tx.open_table(tables::TICKETS)?;
+            tx.open_table(tables::ACCEPTED_TICKETS)?;
+            tx.open_table(tables::ADDRESSES)?;
+            tx.open_table(tables::HISTORY)?;
+            tx.open_table(tables::MESSAGES)?;
+            tx.open_table(tables::OUTBOX)?;
+            tx.open_table(tables::INBOX)?;
+            tx.open_table(tables::SEEN)?;
+            tx.open_table(tables::MLS)?;
+            Ok(())
+        })?;
+        Ok(store)
+    }
+
+    /// Runs `f` on a consistent snapshot.
+    pub fn read<R>(
+        &self,
+        f: impl FnOnce(&ReadTransaction) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let tx = self.db.begin_read()?;
+        f(&tx)
+    }
+
+    /// Runs `f` in a write transaction and commits durably, on the calling
+    /// thread. For start-up and tests; async code uses [`Store::write`].
+    pub fn write_blocking<R>(
+        &self,
+        f: impl FnOnce(&WriteTransaction) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let tx = self.db.begin_write()?;
+        match f(&tx) {
+            Ok(r) => {
+                tx.commit()?;
+                Ok(r)
+            }
+            Err(e) => {
+                if let Err(abort) = tx.abort() {
+                    tracing::warn!(error = %abort, "aborting a failed write transaction failed");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs `f` in a write transaction on tokio's blocking pool and commits
+    /// durably: when this returns `Ok`, the operation survives a crash.
+    pub async fn write<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        F: FnOnce(&WriteTransaction) -> Result<R, StoreError> + Send + 'static,
+        R: Send + 'static,
+    {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.write_blocking(f))
+            .await
+            .map_err(|e| StoreError::Worker(e.to_string()))?
+    }
+}
+
+/// Reads and decodes one postcard record.
+pub fn get<'k, K, T, Tb>(
+    table: &Tb,
+    key: impl Borrow<K::SelfType<'k>>,
+    what: &'static str,
+) -> Result<Option<T>, StoreError>
+where
+    K: redb::Key + 'static,
+    T: DeserializeOwned,
+    Tb: ReadableTable<K, &'static [u8]>,
+{
+    match table.get(key)? {
+        Some(v) => decode(v.value(), what).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Encodes and writes one postcard record.
+pub fn put<'k, K, T>(
+    table: &mut redb::Table<'_, K, &'static [u8]>,
+    key: impl Borrow<K::SelfType<'k>>,
+    value: &T,
+    what: &'static str,
+) -> Result<(), StoreError>
+where
+    K: redb::Key + 'static,
+    T: Serialize,
+{
+    let bytes = encode(value, what)?;
+    table.insert(key, bytes.as_slice())?;
+    Ok(())
+}
+
+pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &'static str) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|source| StoreError::Decode { what, source })
+}
+
+pub fn encode<T: Serialize>(value: &T, what: &'static str) -> Result<Vec<u8>, StoreError> {
+    postcard::to_allocvec(value).map_err(|source| StoreError::Encode { what, source })
+}
+
+/// The next free key of a table keyed by a sequence number.
+pub fn next_seq<Tb: ReadableTable<u64, &'static [u8]>>(table: &Tb) -> Result<u64, StoreError> {
+    Ok(table.last()?.map(|(k, _)| k.value() + 1).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redb::ReadableTableMetadata;
+
+    #[test]
+    fn schema_version_is_checked_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let store = Store::open(&path).unwrap();
+        store
+            .write_blocking(|tx| {
+                let mut meta = tx.open_table(tables::META)?;
+                meta.insert("schema_version", 99u32.to_be_bytes().as_slice())?;
+                Ok(())
+            })
+            .unwrap();
+        drop(store);
+        assert!(matches!(
+            Store::open(&path),
+            Err(StoreError::SchemaMismatch {
+                found: 99,
+                expected: SCHEMA_VERSION
+            })
+        ));
+    }
+
+    #[test]
+    fn a_second_open_of_the_same_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let _first = Store::open(&path).unwrap();
+        assert!(matches!(Store::open(&path), Err(StoreError::InUse)));
+    }
+
+    #[test]
+    fn a_failed_operation_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let result: Result<(), _> = store.write_blocking(|tx| {
+            let mut t = tx.open_table(tables::OUTBOX)?;
+            t.insert(1, b"half".as_slice())?;
+            Err(StoreError::Worker("injected failure".into()))
+        });
+        assert!(result.is_err());
+        let len = store
+            .read(|tx| Ok(tx.open_table(tables::OUTBOX)?.len()?))
+            .unwrap();
+        assert_eq!(len, 0);
+    }
+}
