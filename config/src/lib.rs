@@ -129,7 +129,7 @@ pub struct Config {
 
 /// How this person presents themselves in new relationships. Every
 /// relationship gets its own copy, so changing it later affects only new ones.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct Profile {
     /// Preferred name shown to contacts. Set by `protonode init --name`.
@@ -140,17 +140,6 @@ pub struct Profile {
     pub emoji: Option<String>,
     /// Optional monogram picture (1 to 3 characters), used when there is no emoji. Default: none.
     pub monogram: Option<String>,
-}
-
-impl Default for Profile {
-    fn default() -> Self {
-        Self {
-            name: String::new(),
-            pronouns: None,
-            emoji: None,
-            monogram: None,
-        }
-    }
 }
 
 /// The libp2p network.
