@@ -64,9 +64,9 @@ pub struct Attestation {
     /// When it was made, in milliseconds since the Unix epoch (signed, so it
     /// cannot be moved).
     pub issued_at: u64,
-    #[serde(with = "signature_bytes")]
+    #[serde(with = "crate::identity::signature_serde")]
     pub first_signature: [u8; SIGNATURE_LEN],
-    #[serde(with = "signature_bytes")]
+    #[serde(with = "crate::identity::signature_serde")]
     pub second_signature: [u8; SIGNATURE_LEN],
 }
 
@@ -206,23 +206,6 @@ fn statement(
         m.extend_from_slice(sig);
     }
     m
-}
-
-/// serde for 64-byte arrays (serde derives arrays only up to 32).
-mod signature_bytes {
-    use super::SIGNATURE_LEN;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(v: &[u8; SIGNATURE_LEN], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(v)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; SIGNATURE_LEN], D::Error> {
-        let bytes: &[u8] = Deserialize::deserialize(d)?;
-        bytes
-            .try_into()
-            .map_err(|_| serde::de::Error::invalid_length(bytes.len(), &"64 bytes"))
-    }
 }
 
 #[cfg(test)]

@@ -139,6 +139,23 @@ impl fmt::Debug for SecretKey {
     }
 }
 
+/// serde for 64-byte signatures (serde derives arrays only up to 32).
+pub mod signature_serde {
+    use super::SIGNATURE_LEN;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8; SIGNATURE_LEN], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; SIGNATURE_LEN], D::Error> {
+        let bytes: &[u8] = Deserialize::deserialize(d)?;
+        bytes
+            .try_into()
+            .map_err(|_| serde::de::Error::invalid_length(bytes.len(), &"64 bytes"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,7 +2,18 @@
 //! logic they run, and the redb store they keep their state in.
 
 pub mod attestation;
+pub mod changes;
 pub mod identity;
+pub mod inbound;
+pub mod manager;
 pub mod mls;
 pub mod model;
+pub mod outbox;
+pub mod protocol;
+pub mod proton;
+pub mod records;
+pub mod relationship;
+pub mod runtime;
 pub mod store;
+pub mod ticket;
+pub mod views;

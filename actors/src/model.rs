@@ -223,10 +223,11 @@ pub struct AddressLease {
 }
 
 impl AddressLease {
-    pub fn new(valid_for: std::time::Duration) -> Self {
+    /// A fresh random address, valid for `valid_for` from `now` (ms).
+    pub fn new(now: u64, valid_for: std::time::Duration) -> Self {
         Self {
             address: DeliveryAddress::random(),
-            valid_until: now_ms().saturating_add(valid_for.as_millis() as u64),
+            valid_until: now.saturating_add(valid_for.as_millis() as u64),
         }
     }
 

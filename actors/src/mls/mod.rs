@@ -12,7 +12,6 @@ pub mod storage;
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::*;
 use openmls_rust_crypto::RustCrypto;
-use openmls_traits::OpenMlsProvider;
 
 use crate::identity::{IdentityKey, Ipk};
 use crate::store::Store;
@@ -162,11 +161,14 @@ pub fn encode_key_package(kp: &KeyPackage) -> Result<Vec<u8>, MlsError> {
 
 /// Decodes and validates a key package received from outside: its
 /// signature, ciphersuite and lifetime.
-pub fn decode_key_package(provider: &Provider, bytes: &[u8]) -> Result<KeyPackage, MlsError> {
+pub fn decode_key_package(
+    crypto: &impl OpenMlsCrypto,
+    bytes: &[u8],
+) -> Result<KeyPackage, MlsError> {
     let kp =
         KeyPackageIn::tls_deserialize_exact(bytes).map_err(|e| MlsError::Decode(e.to_string()))?;
     let kp = kp
-        .validate(provider.crypto(), ProtocolVersion::Mls10)
+        .validate(crypto, ProtocolVersion::Mls10)
         .map_err(|e| MlsError::InvalidKeyPackage(e.to_string()))?;
     if kp.ciphersuite() != CIPHERSUITE {
         return Err(MlsError::InvalidKeyPackage(format!(
@@ -267,12 +269,13 @@ pub fn process(
     let processed = group
         .process_message(provider, protocol)
         .map_err(|e| MlsError::Process(e.to_string()))?;
-    let sender = match processed.credential() {
-        c => group
-            .members()
-            .find(|m| &m.credential == c)
-            .and_then(|m| member_ipk(&m.credential, &m.signature_key)),
-    };
+    // The sender's credential was checked by openmls against its leaf; ours
+    // name the leaf's signature key, which `member_ipk` insists on.
+    let credential = processed.credential();
+    let sender = group
+        .members()
+        .find(|m| &m.credential == credential)
+        .and_then(|m| member_ipk(&m.credential, &m.signature_key));
     match processed.into_content() {
         ProcessedMessageContent::ApplicationMessage(app) => Ok(Incoming::Application {
             sender,
@@ -366,7 +369,7 @@ mod tests {
         let kp_bytes = encode_key_package(kp.key_package()).unwrap();
 
         let blair_p = blair.provider();
-        let kp = decode_key_package(&blair_p, &kp_bytes).unwrap();
+        let kp = decode_key_package(blair_p.crypto(), &kp_bytes).unwrap();
         assert_eq!(key_package_ipk(&kp), Some(alex.key.ipk()));
         let mut blair_group = create_group(&blair_p, &blair.key).unwrap();
         let (_commit, welcome) =
@@ -433,7 +436,7 @@ mod tests {
             process(&mut group, &p, b"\x00\x01garbage"),
             Err(MlsError::Decode(_))
         ));
-        assert!(decode_key_package(&p, b"nope").is_err());
+        assert!(decode_key_package(p.crypto(), b"nope").is_err());
         assert!(join_from_welcome(&p, b"").is_err());
     }
 }

@@ -81,6 +81,16 @@ impl MlsStorage {
         !self.writes.borrow().is_empty()
     }
 
+    /// A copy of the pending writes, to restore if the next step fails.
+    pub fn snapshot(&self) -> WriteSet {
+        self.writes.borrow().clone()
+    }
+
+    /// Puts back the pending writes of a snapshot.
+    pub fn restore(&self, snapshot: WriteSet) {
+        *self.writes.borrow_mut() = snapshot;
+    }
+
     /// Drops pending writes (the operation they belonged to failed).
     pub fn discard_writes(&self) {
         self.writes.borrow_mut().clear();

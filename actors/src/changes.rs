@@ -1,0 +1,239 @@
+//! A change set: everything one logical operation writes, applied in one
+//! redb write transaction ([`Changes::apply`]).
+//!
+//! Protocol code never writes to the store itself. It computes its effects
+//! (MLS write set, records, history rows, outbox rows, processed inbox rows)
+//! into a `Changes`, and its caller applies them atomically. That keeps the
+//! protocol logic plain and testable, and makes the atomicity rule of
+//! DESIGN.md section 6 hold by construction: an operation is either wholly
+//! in the database or not at all.
+
+use redb::{ReadableTable, WriteTransaction};
+use transports::DeliveryAddress;
+
+use crate::mls::{apply_writes, delete_namespace, WriteSet};
+use crate::model::{Conversation, MessageId, ProtonId, TicketId};
+use crate::records::{
+    AddressRecord, HistoryEntry, MessageStatus, OutboxEntry, ProtonRecord, Recipient, TicketRecord,
+};
+use crate::store::{self, tables, StoreError};
+
+/// META key of the next outbox sequence number.
+const OUTBOX_NEXT: &str = "outbox_next";
+
+/// How a message's delivery state changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusChange {
+    /// One recipient's node acknowledged it.
+    Acknowledged,
+    /// A recipient's node refused it for good.
+    Failed,
+}
+
+/// Everything one operation writes.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub mls: WriteSet,
+    pub delete_mls_namespaces: Vec<[u8; 8]>,
+    pub protons: Vec<ProtonRecord>,
+    pub delete_protons: Vec<ProtonId>,
+    pub tickets: Vec<TicketRecord>,
+    pub delete_tickets: Vec<TicketId>,
+    pub accepted_tickets: Vec<(TicketId, ProtonId)>,
+    pub delete_accepted_tickets: Vec<TicketId>,
+    pub addresses: Vec<(DeliveryAddress, AddressRecord)>,
+    pub delete_addresses: Vec<DeliveryAddress>,
+    /// Appended to the conversation's history, in order.
+    pub history: Vec<(Conversation, HistoryEntry)>,
+    pub statuses: Vec<(Conversation, MessageId, StatusChange)>,
+    /// Appended to the outbox, in order.
+    pub outbox: Vec<OutboxEntry>,
+    pub outbox_done: Vec<u64>,
+    pub inbox_done: Vec<u64>,
+    /// Drop a whole conversation's history.
+    pub delete_history: Vec<Conversation>,
+}
+
+/// Where an outbox entry must go: one queue per destination keeps order.
+pub type Destination = (Conversation, Recipient);
+
+/// What applying a change set assigned.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Outbox sequence numbers, in the order of `Changes::outbox`.
+    pub outbox: Vec<(u64, Destination)>,
+    /// Messages whose state changed, with their new state.
+    pub statuses: Vec<(Conversation, MessageId, MessageStatus)>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.mls.is_empty()
+            && self.delete_mls_namespaces.is_empty()
+            && self.protons.is_empty()
+            && self.delete_protons.is_empty()
+            && self.tickets.is_empty()
+            && self.delete_tickets.is_empty()
+            && self.accepted_tickets.is_empty()
+            && self.delete_accepted_tickets.is_empty()
+            && self.addresses.is_empty()
+            && self.delete_addresses.is_empty()
+            && self.history.is_empty()
+            && self.statuses.is_empty()
+            && self.outbox.is_empty()
+            && self.outbox_done.is_empty()
+            && self.inbox_done.is_empty()
+            && self.delete_history.is_empty()
+    }
+
+    /// Adds another change set after this one.
+    pub fn extend(&mut self, other: Changes) {
+        self.mls.extend(other.mls);
+        self.delete_mls_namespaces
+            .extend(other.delete_mls_namespaces);
+        self.protons.extend(other.protons);
+        self.delete_protons.extend(other.delete_protons);
+        self.tickets.extend(other.tickets);
+        self.delete_tickets.extend(other.delete_tickets);
+        self.accepted_tickets.extend(other.accepted_tickets);
+        self.delete_accepted_tickets
+            .extend(other.delete_accepted_tickets);
+        self.addresses.extend(other.addresses);
+        self.delete_addresses.extend(other.delete_addresses);
+        self.history.extend(other.history);
+        self.statuses.extend(other.statuses);
+        self.outbox.extend(other.outbox);
+        self.outbox_done.extend(other.outbox_done);
+        self.inbox_done.extend(other.inbox_done);
+        self.delete_history.extend(other.delete_history);
+    }
+
+    /// Writes everything inside `tx`. Deletions run before insertions of the
+    /// same kind, so a change set can replace what it removes.
+    pub fn apply(&self, tx: &WriteTransaction) -> Result<Applied, StoreError> {
+        let mut applied = Applied::default();
+
+        for ns in &self.delete_mls_namespaces {
+            delete_namespace(tx, *ns)?;
+        }
+        apply_writes(tx, &self.mls)?;
+
+        {
+            let mut t = tx.open_table(tables::PROTONS)?;
+            for id in &self.delete_protons {
+                t.remove(id.0)?;
+            }
+            for p in &self.protons {
+                store::put(&mut t, p.id.0, p, "proton")?;
+            }
+        }
+        {
+            let mut t = tx.open_table(tables::TICKETS)?;
+            for id in &self.delete_tickets {
+                t.remove(id.0)?;
+            }
+            for r in &self.tickets {
+                store::put(&mut t, r.id.0, r, "ticket")?;
+            }
+        }
+        {
+            let mut t = tx.open_table(tables::ACCEPTED_TICKETS)?;
+            for id in &self.delete_accepted_tickets {
+                t.remove(id.0)?;
+            }
+            for (ticket, proton) in &self.accepted_tickets {
+                t.insert(ticket.0, proton.0)?;
+            }
+        }
+        {
+            let mut t = tx.open_table(tables::ADDRESSES)?;
+            for a in &self.delete_addresses {
+                t.remove(*a.as_bytes())?;
+            }
+            for (a, r) in &self.addresses {
+                store::put(&mut t, *a.as_bytes(), r, "address")?;
+            }
+        }
+        {
+            let mut history = tx.open_table(tables::HISTORY)?;
+            let mut messages = tx.open_table(tables::MESSAGES)?;
+            for conv in &self.delete_history {
+                let key = conv.key();
+                let rows: Vec<(u64, Vec<u8>)> = history
+                    .range((key, 0)..=(key, u64::MAX))?
+                    .map(|e| e.map(|(k, v)| (k.value().1, v.value().to_vec())))
+                    .collect::<Result<_, _>>()?;
+                for (seq, bytes) in rows {
+                    let entry: HistoryEntry = store::decode(&bytes, "history entry")?;
+                    messages.remove(entry.id.0)?;
+                    history.remove((key, seq))?;
+                }
+            }
+            for (conv, entry) in &self.history {
+                let key = conv.key();
+                let seq = history
+                    .range((key, 0)..=(key, u64::MAX))?
+                    .next_back()
+                    .transpose()?
+                    .map(|(k, _)| k.value().1 + 1)
+                    .unwrap_or(0);
+                store::put(&mut history, (key, seq), entry, "history entry")?;
+                messages.insert(entry.id.0, (key, seq))?;
+            }
+            for (conv, id, change) in &self.statuses {
+                let Some((key, seq)) = messages.get(id.0)?.map(|v| v.value()) else {
+                    continue;
+                };
+                let Some(mut entry) =
+                    store::get::<_, HistoryEntry, _>(&history, (key, seq), "history entry")?
+                else {
+                    continue;
+                };
+                match change {
+                    StatusChange::Acknowledged => {
+                        entry.pending = entry.pending.saturating_sub(1);
+                        if entry.pending == 0 && entry.status == MessageStatus::Queued {
+                            entry.status = MessageStatus::Delivered;
+                        }
+                    }
+                    StatusChange::Failed => entry.status = MessageStatus::Failed,
+                }
+                store::put(&mut history, (key, seq), &entry, "history entry")?;
+                applied.statuses.push((*conv, *id, entry.status));
+            }
+        }
+        {
+            let mut t = tx.open_table(tables::OUTBOX)?;
+            for seq in &self.outbox_done {
+                t.remove(*seq)?;
+            }
+            if !self.outbox.is_empty() {
+                // Outbox sequence numbers are never reused, even when the
+                // outbox empties, so the sending service can scan for new
+                // entries from the last one it saw.
+                let mut meta = tx.open_table(tables::META)?;
+                let mut next = meta
+                    .get(OUTBOX_NEXT)?
+                    .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(0)
+                    .max(store::next_seq(&t)?);
+                for entry in &self.outbox {
+                    store::put(&mut t, next, entry, "outbox entry")?;
+                    applied
+                        .outbox
+                        .push((next, (entry.conversation, entry.recipient)));
+                    next += 1;
+                }
+                meta.insert(OUTBOX_NEXT, next.to_be_bytes().as_slice())?;
+            }
+        }
+        {
+            let mut t = tx.open_table(tables::INBOX)?;
+            for seq in &self.inbox_done {
+                t.remove(*seq)?;
+            }
+        }
+        Ok(applied)
+    }
+}

@@ -1,0 +1,318 @@
+//! The `Proton` actor: one per 1:1 relationship, a thin shell around
+//! [`ProtonSession`].
+//!
+//! Work (send a text, process the inbox, refresh transports, change state)
+//! is queued; when the actor is idle it takes everything queued, runs it
+//! through the session into one [`Changes`], and commits that in one write
+//! transaction off the actor's thread. Replies and events go out only after
+//! the commit. While a commit is in flight new work queues up and becomes
+//! the next batch: that batching is what turns one fsync per message into
+//! one per batch under load. If a commit fails, the session is rebuilt from
+//! the store, so memory never runs ahead of what is durable.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, RwLock};
+
+use actix::prelude::*;
+use redb::ReadableTable;
+use tokio::sync::{broadcast, oneshot};
+
+use crate::changes::Changes;
+use crate::model::{now_ms, Conversation, ProtonId};
+use crate::outbox::OutboxHandle;
+use crate::records::{HistoryEntry, InboxEntry, Owner, ProtonState};
+use crate::relationship::{Lifetimes, NodeAddrs, ProtonSession, Received, RelationshipError};
+use crate::store::{self, tables, Store};
+use crate::views::{ContactChange, Event, MessageView};
+
+/// Most inbox rows processed in one batch; the rest follow in the next.
+const INBOX_BATCH: usize = 512;
+
+/// What every conversation actor needs from the node.
+#[derive(Clone)]
+pub struct Shared {
+    pub store: Store,
+    pub outbox: OutboxHandle,
+    pub events: broadcast::Sender<Event>,
+    pub node: Arc<RwLock<NodeAddrs>>,
+    pub lifetimes: Lifetimes,
+}
+
+impl Shared {
+    pub fn node_addrs(&self) -> NodeAddrs {
+        match self.node.read() {
+            Ok(n) => n.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn emit(&self, event: Event) {
+        // No subscriber is fine: nobody is watching.
+        let _ = self.events.send(event);
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, RelationshipError>>;
+
+enum Work {
+    Send {
+        text: String,
+        reply: Reply<HistoryEntry>,
+    },
+    Inbox,
+    Refresh,
+    SetState(ProtonState),
+}
+
+/// Send a text message; answers once it is durably queued.
+#[derive(Message)]
+#[rtype(result = "Result<HistoryEntry, RelationshipError>")]
+pub struct SendText(pub String);
+
+/// Process this proton's inbox rows.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ProcessInbox;
+
+/// Tell the peer our transports if they changed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RefreshTransports;
+
+/// Change the proton's state (our answer was acknowledged).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetState(pub ProtonState);
+
+pub struct Proton {
+    id: ProtonId,
+    shared: Shared,
+    session: Option<ProtonSession>,
+    queue: VecDeque<Work>,
+    busy: bool,
+}
+
+impl Proton {
+    pub fn new(id: ProtonId, shared: Shared) -> Self {
+        Self {
+            id,
+            shared,
+            session: None,
+            queue: VecDeque::new(),
+            busy: false,
+        }
+    }
+
+    fn push(&mut self, work: Work, ctx: &mut Context<Self>) {
+        self.queue.push_back(work);
+        self.drain(ctx);
+    }
+
+    /// Runs everything queued as one batch and commits it.
+    fn drain(&mut self, ctx: &mut Context<Self>) {
+        if self.busy || self.queue.is_empty() {
+            return;
+        }
+        let Some(session) = self.session.as_mut() else {
+            for work in self.queue.drain(..) {
+                if let Work::Send { reply, .. } = work {
+                    let _ = reply.send(Err(RelationshipError::UnknownProton(self.id)));
+                }
+            }
+            return;
+        };
+        let node = self.shared.node_addrs();
+        let lifetimes = self.shared.lifetimes;
+        let now = now_ms();
+        let conversation = Conversation::Proton(self.id);
+        let mut changes = Changes::default();
+        let mut sent: Vec<(Reply<HistoryEntry>, HistoryEntry)> = Vec::new();
+        let mut events: Vec<Event> = Vec::new();
+        let mut more_inbox = false;
+        let mut inbox_done = false;
+        let state_before = session.record().state;
+
+        for work in std::mem::take(&mut self.queue) {
+            match work {
+                Work::Send { text, reply } => {
+                    match session.send_text(&text, &node, lifetimes, now, &mut changes) {
+                        Ok(entry) => sent.push((reply, entry)),
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
+                Work::Inbox if !inbox_done => {
+                    inbox_done = true;
+                    let rows = match read_inbox(&self.shared.store, self.id) {
+                        Ok(rows) => rows,
+                        Err(e) => {
+                            tracing::error!(proton = %self.id, error = %e, "reading the inbox failed");
+                            continue;
+                        }
+                    };
+                    more_inbox = rows.len() >= INBOX_BATCH;
+                    for (seq, entry) in rows {
+                        changes.inbox_done.push(seq);
+                        match session.receive(&entry.payload, now, &mut changes) {
+                            Ok(Received::Text(entry)) => events.push(Event::Message {
+                                conversation: conversation.to_string(),
+                                message: MessageView::of(conversation, &entry),
+                            }),
+                            Ok(Received::Transports) => {}
+                            Err(e) => {
+                                tracing::warn!(proton = %self.id, error = %e, "dropped an envelope that did not process")
+                            }
+                        }
+                    }
+                }
+                Work::Inbox => {}
+                Work::Refresh => {
+                    if let Err(e) = session.refresh_transports(&node, lifetimes, now, &mut changes)
+                    {
+                        tracing::warn!(proton = %self.id, error = %e, "sending our new transports failed");
+                    }
+                }
+                Work::SetState(state) => {
+                    if session.record().state != state {
+                        changes.extend(session.set_state(state));
+                    }
+                }
+            }
+        }
+        // Our answer acknowledged, or the peer heard from: the state moved.
+        let state = session.record().state;
+        if state != state_before {
+            let change = match state {
+                ProtonState::Active => ContactChange::Active,
+                ProtonState::Refused => ContactChange::Refused,
+                ProtonState::Pending => ContactChange::Updated,
+            };
+            events.push(Event::contact(session.record(), change));
+        }
+        session.drain_writes(&mut changes);
+        if changes.is_empty() {
+            return;
+        }
+        self.busy = true;
+        let store = self.shared.store.clone();
+        let commit = async move { store.write(move |tx| changes.apply(tx)).await };
+        ctx.spawn(commit.into_actor(self).map(move |result, act, ctx| {
+            act.busy = false;
+            match result {
+                Ok(applied) => {
+                    if !applied.outbox.is_empty() {
+                        act.shared.outbox.wake();
+                    }
+                    for (reply, entry) in sent {
+                        let _ = reply.send(Ok(entry));
+                    }
+                    for event in events {
+                        act.shared.emit(event);
+                    }
+                    if more_inbox {
+                        act.queue.push_back(Work::Inbox);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(proton = %act.id, error = %e, "committing failed; reloading from the store");
+                    for (reply, _) in sent {
+                        let _ = reply.send(Err(RelationshipError::Store(crate::store::StoreError::Worker(
+                            e.to_string(),
+                        ))));
+                    }
+                    act.reload();
+                }
+            }
+            act.drain(ctx);
+        }));
+    }
+
+    fn reload(&mut self) {
+        match ProtonSession::load(&self.shared.store, self.id) {
+            Ok(session) => self.session = Some(session),
+            Err(e) => {
+                tracing::error!(proton = %self.id, error = %e, "loading the proton failed");
+                self.session = None;
+            }
+        }
+    }
+}
+
+impl Actor for Proton {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // The mailbox is bounded by actix's default capacity (16 messages
+        // queue before senders wait), on purpose: back-pressure on callers.
+        self.reload();
+        if self.session.is_none() {
+            ctx.stop();
+            return;
+        }
+        // Envelopes may have arrived while the actor was not running.
+        self.push(Work::Inbox, ctx);
+    }
+}
+
+impl Handler<SendText> for Proton {
+    type Result = ResponseFuture<Result<HistoryEntry, RelationshipError>>;
+
+    fn handle(&mut self, msg: SendText, ctx: &mut Self::Context) -> Self::Result {
+        let (reply, rx) = oneshot::channel();
+        self.push(Work::Send { text: msg.0, reply }, ctx);
+        Box::pin(async move {
+            rx.await.unwrap_or_else(|_| {
+                Err(RelationshipError::Store(crate::store::StoreError::Worker(
+                    "the relationship stopped".into(),
+                )))
+            })
+        })
+    }
+}
+
+impl Handler<ProcessInbox> for Proton {
+    type Result = ();
+
+    fn handle(&mut self, _: ProcessInbox, ctx: &mut Self::Context) {
+        self.push(Work::Inbox, ctx);
+    }
+}
+
+impl Handler<RefreshTransports> for Proton {
+    type Result = ();
+
+    fn handle(&mut self, _: RefreshTransports, ctx: &mut Self::Context) {
+        self.push(Work::Refresh, ctx);
+    }
+}
+
+impl Handler<SetState> for Proton {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetState, ctx: &mut Self::Context) {
+        self.push(Work::SetState(msg.0), ctx);
+    }
+}
+
+/// The first inbox rows of one proton, oldest first.
+fn read_inbox(
+    store: &Store,
+    id: ProtonId,
+) -> Result<Vec<(u64, InboxEntry)>, crate::store::StoreError> {
+    store.read(|tx| {
+        let t = tx.open_table(tables::INBOX)?;
+        let mut rows = Vec::new();
+        for e in t.iter()? {
+            let (k, v) = e?;
+            let entry: InboxEntry = store::decode(v.value(), "inbox entry")?;
+            if entry.owner == Owner::Proton(id) {
+                rows.push((k.value(), entry));
+                if rows.len() >= INBOX_BATCH {
+                    break;
+                }
+            }
+        }
+        Ok(rows)
+    })
+}

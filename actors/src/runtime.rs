@@ -1,0 +1,202 @@
+//! A running node: the pieces wired together.
+//!
+//! ```text
+//!   transports event loop (tokio task, owns the Swarm)
+//!      │ Event::Inbound ...                ▲ Client::deliver
+//!      ▼                                   │
+//!   receiving task ──InboxReady──▶ RelationshipManager ──▶ Proton actors
+//!      │ (store_batch, ack)                 ▲    (actix, one thread)   │
+//!      │ peer_reachable                     │ DeliveryOutcome          │ commit rows,
+//!      ▼                                    │                          │ wake()
+//!   sending service (tokio task) ◀─────────────────────────────────────┘
+//! ```
+//!
+//! [`Node::start`] must run inside an actix system (the actors live on the
+//! current arbiter); the two services and the swarm are plain tokio tasks,
+//! as actix futures are not `Send`.
+
+use std::sync::{Arc, RwLock};
+
+use actix::prelude::*;
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::JoinHandle;
+use transports::{identity::Keypair, Multiaddr, PeerId};
+
+use crate::inbound;
+use crate::manager::{self, DeliveryOutcome, InboxReady, ListenAddrsChanged, RelationshipManager};
+use crate::model::now_ms;
+use crate::outbox::{self, OutboxHandle};
+use crate::proton::Shared;
+use crate::relationship::{Lifetimes, NodeAddrs};
+use crate::store::Store;
+use crate::views::Event;
+
+/// Events kept for slow `watch` clients before they miss some.
+const EVENT_CAPACITY: usize = 1024;
+
+/// Why a node did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("starting the network failed: {0}")]
+    Network(#[from] transports::Error),
+}
+
+/// A running node.
+pub struct Node {
+    pub manager: Addr<RelationshipManager>,
+    events: broadcast::Sender<Event>,
+    client: transports::Client,
+    outbox: OutboxHandle,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Node {
+    /// Starts the network, the services and the relationship manager.
+    pub async fn start(
+        store: Store,
+        config: config::Config,
+        keypair: Keypair,
+    ) -> Result<Self, StartError> {
+        let (client, net_events, net_task) = transports::spawn(&config.network, keypair).await?;
+        let status = client.status().await?;
+        let node_addrs = Arc::new(RwLock::new(NodeAddrs {
+            peer: status.peer_id,
+            addrs: manager::advertised(&status.listen_addrs, &config.network.announce_addrs()),
+        }));
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+
+        // The sending service reports outcomes to the manager, which is
+        // created after it: hand it the address through a slot.
+        let manager_slot: Arc<RwLock<Option<Addr<RelationshipManager>>>> =
+            Arc::new(RwLock::new(None));
+        let slot = manager_slot.clone();
+        let on_outcome: outbox::OutcomeFn = Arc::new(move |outcome| {
+            if let Ok(guard) = slot.read() {
+                if let Some(addr) = guard.as_ref() {
+                    addr.do_send(DeliveryOutcome(outcome));
+                }
+            }
+        });
+        let (outbox, outbox_task) = outbox::spawn(
+            store.clone(),
+            client.clone(),
+            config.delivery.clone(),
+            events.clone(),
+            on_outcome,
+        );
+
+        let shared = Shared {
+            store: store.clone(),
+            outbox: outbox.clone(),
+            events: events.clone(),
+            node: node_addrs,
+            lifetimes: Lifetimes::from(&config.delivery),
+        };
+        let manager = RelationshipManager::new(shared, client.clone(), config).start();
+        if let Ok(mut guard) = manager_slot.write() {
+            *guard = Some(manager.clone());
+        }
+        let receiving = tokio::spawn(receive(store, net_events, manager.clone(), outbox.clone()));
+        Ok(Self {
+            manager,
+            events,
+            client,
+            outbox,
+            tasks: vec![net_task, outbox_task, receiving],
+        })
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.client.peer_id()
+    }
+
+    /// Where the node listens now.
+    pub async fn listen_addrs(&self) -> Vec<Multiaddr> {
+        self.client
+            .status()
+            .await
+            .map(|s| s.listen_addrs)
+            .unwrap_or_default()
+    }
+
+    /// A stream of what happens (messages, deliveries, contacts).
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// The network client (for tests and benchmarks that probe the wire).
+    pub fn client(&self) -> &transports::Client {
+        &self.client
+    }
+
+    /// Stops the services and the network. Everything acknowledged is
+    /// already durable; nothing needs flushing.
+    pub async fn stop(self) {
+        self.outbox.stop().await;
+        self.client.shutdown().await;
+        self.manager.do_send(StopManager);
+        for task in self.tasks {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+        }
+    }
+}
+
+/// Stops the relationship manager (and with it the proton actors it holds).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct StopManager;
+
+impl Handler<StopManager> for RelationshipManager {
+    type Result = ();
+    fn handle(&mut self, _: StopManager, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}
+
+/// The receiving service: stores inbound batches, acknowledges them, and
+/// tells the manager which owners have new rows.
+async fn receive(
+    store: Store,
+    mut events: mpsc::Receiver<transports::Event>,
+    manager: Addr<RelationshipManager>,
+    outbox: OutboxHandle,
+) {
+    while let Some(event) = events.recv().await {
+        match event {
+            transports::Event::Inbound(mut batch) => {
+                let peer = batch.peer;
+                let envelopes = std::mem::take(&mut batch.envelopes);
+                let now = now_ms();
+                match store
+                    .write(move |tx| inbound::store_batch(tx, &envelopes, now))
+                    .await
+                {
+                    Ok((receipts, owners)) => {
+                        batch.respond(receipts);
+                        if !owners.is_empty() {
+                            manager.do_send(InboxReady(owners));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "storing received envelopes failed");
+                        batch.reject(transports::Refusal::Unavailable);
+                    }
+                }
+                // Whoever sent to us is reachable: retry what waits for them.
+                outbox.peer_reachable(peer);
+            }
+            transports::Event::PeerConnected { peer }
+            | transports::Event::Discovered { peer, .. } => {
+                outbox.peer_reachable(peer);
+            }
+            transports::Event::ListenAddrsChanged(addrs) => {
+                manager.do_send(ListenAddrsChanged(addrs))
+            }
+            transports::Event::InvalidFrame { peer, refusal } => {
+                tracing::warn!(%peer, %refusal, "a peer sent an invalid frame");
+            }
+            transports::Event::PeerDisconnected { .. } => {}
+        }
+    }
+    tracing::debug!("receiving service stopped");
+}

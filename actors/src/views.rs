@@ -1,0 +1,156 @@
+//! What the node shows: contacts, messages, status and events, as the
+//! control API and the CLI print them (serde → JSON).
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::model::{Conversation, Picture};
+use crate::records::{Author, HistoryEntry, MessageStatus, ProtonRecord, ProtonState, Provenance};
+
+/// Milliseconds since the Unix epoch as RFC 3339 (UTC, milliseconds).
+pub fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// A duration as people say it ("3m 20s"), to the second.
+pub fn human_duration(d: Duration) -> String {
+    humantime::format_duration(Duration::from_secs(d.as_secs().max(1))).to_string()
+}
+
+/// A contact: the peer of one of our protons.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ContactView {
+    pub id: String,
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pronouns: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub picture: Option<String>,
+    /// "active", "pending" (our answer to their ticket is not yet
+    /// acknowledged) or "refused" (their node refused it).
+    pub state: &'static str,
+    /// The peer's identity key fingerprint, to compare out of band.
+    pub fingerprint: String,
+    /// How the relationship started.
+    pub origin: String,
+    pub since: String,
+}
+
+impl ContactView {
+    pub fn of(p: &ProtonRecord) -> Self {
+        Self {
+            id: p.id.to_string(),
+            name: p.peer_display.name.clone(),
+            pronouns: p.peer_display.pronouns.clone(),
+            picture: p.peer_display.picture.as_ref().map(|pic| match pic {
+                Picture::Emoji(e) => e.clone(),
+                Picture::Monogram(m) => m.clone(),
+            }),
+            state: match p.state {
+                ProtonState::Active => "active",
+                ProtonState::Pending => "pending",
+                ProtonState::Refused => "refused",
+            },
+            fingerprint: p.peer_ipk.fingerprint(),
+            origin: match p.provenance {
+                Provenance::InvitedByUs { .. } => "they accepted our invitation".into(),
+                Provenance::AcceptedTicket { .. } => "we accepted their invitation".into(),
+            },
+            since: rfc3339(p.created_at),
+        }
+    }
+}
+
+/// One message of a history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MessageView {
+    pub id: String,
+    /// "me", or the contact id of the author.
+    pub from: String,
+    pub text: String,
+    /// When it was sent (author's clock).
+    pub at: String,
+    /// "queued", "delivered", "failed" (ours) or "received" (theirs).
+    pub status: &'static str,
+}
+
+impl MessageView {
+    pub fn of(conversation: Conversation, entry: &HistoryEntry) -> Self {
+        Self {
+            id: entry.id.to_string(),
+            from: match (entry.author, conversation) {
+                (Author::Me, _) => "me".into(),
+                (Author::Peer(_), Conversation::Proton(id)) => id.to_string(),
+                (Author::Peer(ipk), Conversation::Group(_)) => ipk.fingerprint(),
+            },
+            text: entry.text.clone(),
+            at: rfc3339(entry.sent_at),
+            status: status_name(entry.status),
+        }
+    }
+}
+
+pub fn status_name(status: MessageStatus) -> &'static str {
+    match status {
+        MessageStatus::Queued => "queued",
+        MessageStatus::Delivered => "delivered",
+        MessageStatus::Failed => "failed",
+        MessageStatus::Received => "received",
+    }
+}
+
+/// The node's state at a glance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StatusView {
+    pub peer_id: String,
+    pub listen: Vec<String>,
+    /// Peers with an open connection.
+    pub peers: Vec<String>,
+    pub contacts: usize,
+    /// Envelopes waiting for their receiver's acknowledgement.
+    pub outbox: usize,
+    /// Things the user should know about.
+    pub warnings: Vec<String>,
+}
+
+/// What a contact change was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContactChange {
+    Added,
+    Active,
+    Refused,
+    Updated,
+}
+
+/// Something that happened, as `watch` streams it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// A message arrived.
+    Message {
+        conversation: String,
+        message: MessageView,
+    },
+    /// One of our messages changed delivery state.
+    Delivery {
+        conversation: String,
+        message: String,
+        status: &'static str,
+    },
+    /// A contact appeared or changed.
+    Contact {
+        contact: ContactView,
+        change: ContactChange,
+    },
+}
+
+impl Event {
+    pub fn contact(p: &ProtonRecord, change: ContactChange) -> Self {
+        Self::Contact {
+            contact: ContactView::of(p),
+            change,
+        }
+    }
+}
