@@ -370,7 +370,12 @@ impl Sender {
                             break;
                         }
                         Receipt::Refused(refusal) => {
-                            tracing::warn!(conversation = %entry.conversation, %refusal, "the receiver refused a message for good");
+                            if entry.kind == OutboxKind::Welcome {
+                                // A used or expired ticket: the acceptor is told.
+                                tracing::info!(conversation = %entry.conversation, %refusal, "the inviter's node refused our answer");
+                            } else {
+                                tracing::warn!(conversation = %entry.conversation, %refusal, "the receiver refused a message for good");
+                            }
                             finished.push((seq, entry, false));
                         }
                     }

@@ -124,6 +124,11 @@ impl Node {
         self.events.subscribe()
     }
 
+    /// The sending side of the event stream, to subscribe later.
+    pub fn event_sender(&self) -> broadcast::Sender<Event> {
+        self.events.clone()
+    }
+
     /// The network client (for tests and benchmarks that probe the wire).
     pub fn client(&self) -> &transports::Client {
         &self.client

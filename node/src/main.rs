@@ -1,1 +1,210 @@
-fn main() {}
+//! `protonode`: see `protonode --help`.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use protonode::cli::{Cli, Command, LogFormat};
+use protonode::control::{self, Call};
+use protonode::{daemon, demo, output};
+use serde_json::Value;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(cli: &Cli) {
+    use tracing_subscriber::EnvFilter;
+    // The daemon tells what it does; one-shot commands stay quiet.
+    let default = match cli.command {
+        Command::Daemon { .. } => "info",
+        // The demo narrates; expected refusals are part of its story.
+        Command::Demo => "error",
+        _ => "warn",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let paths = config::Paths::resolve(cli.data_dir.clone(), |k| std::env::var(k).ok())?;
+    let json = cli.json;
+    match cli.command {
+        Command::Init {
+            name,
+            pronouns,
+            emoji,
+        } => {
+            let report = daemon::init(&paths, &name, pronouns, emoji)?;
+            if json {
+                println!("{report}");
+            } else {
+                println!(
+                    "Initialised protonode for {} in {} (peer id {}).",
+                    name,
+                    paths.data_dir().display(),
+                    report["peer_id"].as_str().unwrap_or("")
+                );
+                println!(
+                    "Start it with: protonode --data-dir {} daemon",
+                    paths.data_dir().display()
+                );
+            }
+            Ok(())
+        }
+        Command::Daemon { listen, no_mdns } => {
+            let config = daemon::load_config(&paths)?;
+            daemon::run(paths, config, listen, no_mdns, json)
+        }
+        Command::Demo => {
+            let summary = demo::run(json)?;
+            if json {
+                println!("{summary}");
+            }
+            Ok(())
+        }
+        command => {
+            daemon::load_config(&paths)?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime failed")?;
+            runtime.block_on(client(&paths, command, json))
+        }
+    }
+}
+
+async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::Result<()> {
+    let mut daemon = control::Client::connect(&paths.control_socket()).await?;
+    let print_json = |v: &Value| println!("{v}");
+    match command {
+        Command::Invite { qr, expires_in } => {
+            let v = daemon
+                .call(&Call::Invite {
+                    expires_in_secs: expires_in,
+                })
+                .await?;
+            let ticket = v["ticket"].as_str().unwrap_or_default();
+            if json {
+                print_json(&v);
+            } else {
+                println!("{ticket}");
+                eprintln!(
+                    "Give this ticket to one person; it works once and expires at {}.",
+                    v["expires_at"].as_str().unwrap_or("?")
+                );
+            }
+            if qr {
+                let code = output::qr(ticket).context("drawing the QR code failed")?;
+                if json {
+                    eprintln!("{code}");
+                } else {
+                    println!("{code}");
+                }
+            }
+        }
+        Command::Accept { ticket } => {
+            let v = daemon.call(&Call::Accept { ticket }).await?;
+            if json {
+                print_json(&v);
+            } else {
+                let name = v["name"].as_str().unwrap_or("them");
+                println!(
+                    "You are now connected with {} (contact {}).",
+                    name,
+                    v["contact"].as_str().unwrap_or("")
+                );
+                if v["delivered"] != Value::Bool(true) {
+                    println!("{name}'s node is not reachable yet; your answer is queued and goes out when it is.");
+                }
+            }
+        }
+        Command::Contacts => {
+            let v = daemon.call(&Call::Contacts {}).await?;
+            if json {
+                print_json(&v);
+            } else {
+                print!("{}", output::contacts(&v));
+            }
+        }
+        Command::Send {
+            contact,
+            text,
+            wait,
+            timeout,
+        } => {
+            let wait_secs = wait.then_some(timeout);
+            let v = daemon
+                .call(&Call::Send {
+                    to: contact.clone(),
+                    text,
+                    wait_secs,
+                })
+                .await?;
+            if json {
+                print_json(&v);
+            } else {
+                let status = v["status"].as_str().unwrap_or("queued");
+                println!(
+                    "{} to {} (message {})",
+                    status,
+                    contact,
+                    v["message"].as_str().unwrap_or("")
+                );
+            }
+        }
+        Command::History { contact } => {
+            let v = daemon
+                .call(&Call::History {
+                    of: contact.clone(),
+                })
+                .await?;
+            if json {
+                print_json(&v);
+            } else {
+                print!("{}", output::history(&v, &contact));
+            }
+        }
+        Command::Status => {
+            let v = daemon.call(&Call::Status {}).await?;
+            if json {
+                print_json(&v);
+            } else {
+                print!("{}", output::status(&v));
+            }
+        }
+        Command::Watch => {
+            daemon.call(&Call::Watch {}).await?;
+            if !json {
+                eprintln!("Watching; press Ctrl-C to stop.");
+            }
+            while let Some(note) = daemon.read().await? {
+                let event = note.get("params").cloned().unwrap_or(Value::Null);
+                if json {
+                    print_json(&event);
+                } else {
+                    println!("{}", output::event(&event));
+                }
+            }
+            anyhow::bail!("the daemon stopped");
+        }
+        Command::Init { .. } | Command::Daemon { .. } | Command::Demo => {
+            unreachable!("handled before connecting")
+        }
+    }
+    Ok(())
+}

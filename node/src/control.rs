@@ -1,0 +1,518 @@
+//! The local control API: JSON-RPC 2.0 over the Unix socket in the data
+//! directory, one JSON object per line.
+//!
+//! ```text
+//! CLI ──{"jsonrpc":"2.0","id":1,"method":"send","params":{...}}──▶ daemon
+//!     ◀──{"jsonrpc":"2.0","id":1,"result":{...}} ───────────────────
+//! watch: the result {"watching":true}, then one notification per event:
+//!     ◀──{"jsonrpc":"2.0","method":"event","params":{"event":"message",...}}
+//! ```
+//!
+//! The socket is created with mode 0600 inside the data directory, so only
+//! its owner can talk to the daemon. Requests are bounded in size, the
+//! number of connections is bounded, and anything malformed gets a JSON-RPC
+//! error, never a crash.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Addr;
+use actors::manager::{
+    self, AcceptInvite, CreateInvite, GetHistory, GetStatus, ListContacts, RelationshipManager,
+    SendMessage,
+};
+use actors::relationship::RelationshipError;
+use actors::views::Event;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{broadcast, watch, Semaphore};
+
+/// Longest request line (a text message is at most 32 KiB; tickets are a few KiB).
+pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
+/// Longest response line a client accepts (histories can be long).
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+/// Most control connections served at once; more wait for a free slot.
+const MAX_CONNECTIONS: usize = 64;
+
+/// JSON-RPC error codes. Standard ones, then protonode's.
+pub mod codes {
+    pub const PARSE_ERROR: i64 = -32700;
+    pub const INVALID_REQUEST: i64 = -32600;
+    pub const METHOD_NOT_FOUND: i64 = -32601;
+    pub const INVALID_PARAMS: i64 = -32602;
+    pub const INTERNAL: i64 = -32000;
+    pub const UNKNOWN_CONTACT: i64 = -32010;
+    pub const TICKET_REFUSED: i64 = -32011;
+    pub const BAD_TICKET: i64 = -32012;
+    pub const NOT_DELIVERED: i64 = -32013;
+    pub const INVALID_INPUT: i64 = -32014;
+}
+
+/// One call of the control API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "method", content = "params", rename_all = "snake_case")]
+pub enum Call {
+    Invite {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_in_secs: Option<u64>,
+    },
+    Accept {
+        ticket: String,
+    },
+    Contacts {},
+    Send {
+        to: String,
+        text: String,
+        /// Wait for the peer's acknowledgement at most this long.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wait_secs: Option<u64>,
+    },
+    History {
+        of: String,
+    },
+    Status {},
+    Watch {},
+}
+
+/// A JSON-RPC error object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct RpcError {
+    pub code: i64,
+    pub message: String,
+}
+
+impl RpcError {
+    fn new(code: i64, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<manager::Error> for RpcError {
+    fn from(e: manager::Error) -> Self {
+        use manager::Error as E;
+        let code = match &e {
+            E::UnknownContact(_) | E::AmbiguousContact { .. } => codes::UNKNOWN_CONTACT,
+            E::TicketRefused => codes::TICKET_REFUSED,
+            E::NotYetDelivered(_) => codes::NOT_DELIVERED,
+            E::Relationship(
+                RelationshipError::Ticket(_)
+                | RelationshipError::AlreadyAccepted { .. }
+                | RelationshipError::OwnTicket,
+            ) => codes::BAD_TICKET,
+            E::Relationship(RelationshipError::Invalid(_)) => codes::INVALID_INPUT,
+            _ => codes::INTERNAL,
+        };
+        Self::new(code, e.to_string())
+    }
+}
+
+/// Parses one request line into its id and call. Errors carry the id when
+/// it could be read, as JSON-RPC asks.
+pub fn parse_request(line: &[u8]) -> Result<(Value, Call), (Value, RpcError)> {
+    let value: Value = serde_json::from_slice(line).map_err(|e| {
+        (
+            Value::Null,
+            RpcError::new(codes::PARSE_ERROR, format!("not JSON: {e}")),
+        )
+    })?;
+    let Value::Object(mut object) = value else {
+        return Err((
+            Value::Null,
+            RpcError::new(codes::INVALID_REQUEST, "a request is a JSON object"),
+        ));
+    };
+    let id = object.remove("id").unwrap_or(Value::Null);
+    if object.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+        return Err((
+            id,
+            RpcError::new(codes::INVALID_REQUEST, "\"jsonrpc\" must be \"2.0\""),
+        ));
+    }
+    let Some(method) = object
+        .remove("method")
+        .and_then(|m| m.as_str().map(str::to_owned))
+    else {
+        return Err((
+            id,
+            RpcError::new(codes::INVALID_REQUEST, "\"method\" must be a string"),
+        ));
+    };
+    let params = match object.remove("params") {
+        None | Some(Value::Null) => json!({}),
+        Some(p) => p,
+    };
+    const METHODS: [&str; 7] = [
+        "invite", "accept", "contacts", "send", "history", "status", "watch",
+    ];
+    if !METHODS.contains(&method.as_str()) {
+        return Err((
+            id,
+            RpcError::new(codes::METHOD_NOT_FOUND, format!("no method {method:?}")),
+        ));
+    }
+    match serde_json::from_value::<Call>(json!({ "method": method, "params": params })) {
+        Ok(call) => Ok((id, call)),
+        Err(e) => Err((
+            id,
+            RpcError::new(codes::INVALID_PARAMS, format!("bad params: {e}")),
+        )),
+    }
+}
+
+fn response(id: Value, result: Result<Value, RpcError>) -> Value {
+    match result {
+        Ok(result) => json!({ "jsonrpc": "2.0", "id": id, "result": result }),
+        Err(error) => json!({ "jsonrpc": "2.0", "id": id, "error": error }),
+    }
+}
+
+/// Serves the control API until `shutdown` turns true.
+pub async fn serve(
+    listener: UnixListener,
+    manager: Addr<RelationshipManager>,
+    events: broadcast::Sender<Event>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.changed() => break,
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let stream = tokio::select! {
+            _ = shutdown.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a control connection failed");
+                    continue;
+                }
+            },
+        };
+        let manager = manager.clone();
+        let events = events.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection(stream, manager, events, shutdown).await {
+                tracing::debug!(error = %e, "control connection ended");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn connection(
+    stream: UnixStream,
+    manager: Addr<RelationshipManager>,
+    events: broadcast::Sender<Event>,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let (reader, mut writer) = stream.into_split();
+    let mut reader = BufReader::new(reader);
+    loop {
+        let line = match read_line(&mut reader, MAX_REQUEST_BYTES).await? {
+            Line::Eof => return Ok(()),
+            Line::TooLong => {
+                let error = RpcError::new(
+                    codes::INVALID_REQUEST,
+                    format!("request longer than {MAX_REQUEST_BYTES} bytes"),
+                );
+                write_json(&mut writer, &response(Value::Null, Err(error))).await?;
+                return Ok(());
+            }
+            Line::Line(l) => l,
+        };
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let (id, call) = match parse_request(&line) {
+            Ok(parsed) => parsed,
+            Err((id, error)) => {
+                write_json(&mut writer, &response(id, Err(error))).await?;
+                continue;
+            }
+        };
+        if call == (Call::Watch {}) {
+            let mut rx = events.subscribe();
+            write_json(&mut writer, &response(id, Ok(json!({ "watching": true })))).await?;
+            loop {
+                let event = tokio::select! {
+                    _ = shutdown.changed() => return Ok(()),
+                    event = rx.recv() => event,
+                };
+                let params = match event {
+                    Ok(event) => serde_json::to_value(&event).unwrap_or(Value::Null),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        json!({ "event": "lagged", "missed": n })
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                };
+                let note = json!({ "jsonrpc": "2.0", "method": "event", "params": params });
+                write_json(&mut writer, &note).await?;
+            }
+        }
+        let result = dispatch(&manager, call).await;
+        write_json(&mut writer, &response(id, result)).await?;
+    }
+}
+
+async fn dispatch(manager: &Addr<RelationshipManager>, call: Call) -> Result<Value, RpcError> {
+    let stopped = |_| RpcError::new(codes::INTERNAL, "the node is shutting down");
+    let to_json = |v: Result<Value, serde_json::Error>| {
+        v.map_err(|e| RpcError::new(codes::INTERNAL, format!("encoding the answer failed: {e}")))
+    };
+    match call {
+        Call::Invite { expires_in_secs } => {
+            if expires_in_secs == Some(0) {
+                return Err(RpcError::new(
+                    codes::INVALID_PARAMS,
+                    "expires_in_secs must be at least 1",
+                ));
+            }
+            let ttl = expires_in_secs.map(Duration::from_secs);
+            let invite = manager
+                .send(CreateInvite { ttl })
+                .await
+                .map_err(stopped)??;
+            to_json(serde_json::to_value(invite))
+        }
+        Call::Accept { ticket } => {
+            let accepted = manager
+                .send(AcceptInvite { ticket })
+                .await
+                .map_err(stopped)??;
+            to_json(serde_json::to_value(accepted))
+        }
+        Call::Contacts {} => {
+            let contacts = manager.send(ListContacts).await.map_err(stopped)??;
+            to_json(serde_json::to_value(contacts))
+        }
+        Call::Send {
+            to,
+            text,
+            wait_secs,
+        } => {
+            let wait = wait_secs.map(Duration::from_secs);
+            let sent = manager
+                .send(SendMessage { to, text, wait })
+                .await
+                .map_err(stopped)??;
+            Ok(json!({ "message": sent.id, "status": sent.status, "at": sent.at }))
+        }
+        Call::History { of } => {
+            let history = manager.send(GetHistory { of }).await.map_err(stopped)??;
+            to_json(serde_json::to_value(history))
+        }
+        Call::Status {} => {
+            let status = manager.send(GetStatus).await.map_err(stopped)??;
+            to_json(serde_json::to_value(status))
+        }
+        Call::Watch {} => Err(RpcError::new(
+            codes::INVALID_REQUEST,
+            "watch is served on its own",
+        )),
+    }
+}
+
+enum Line {
+    Line(Vec<u8>),
+    TooLong,
+    Eof,
+}
+
+/// Reads one line of at most `max` bytes (without its newline).
+async fn read_line<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+    max: usize,
+) -> std::io::Result<Line> {
+    let mut buf = Vec::new();
+    let n = (&mut *reader)
+        .take(max as u64 + 1)
+        .read_until(b'\n', &mut buf)
+        .await?;
+    if n == 0 {
+        return Ok(Line::Eof);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+    } else if buf.len() > max {
+        return Ok(Line::TooLong);
+    }
+    Ok(Line::Line(buf))
+}
+
+async fn write_json<W: AsyncWriteExt + Unpin>(
+    writer: &mut W,
+    value: &Value,
+) -> std::io::Result<()> {
+    let mut bytes = serde_json::to_vec(value)?;
+    bytes.push(b'\n');
+    writer.write_all(&bytes).await?;
+    writer.flush().await
+}
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no daemon is running for {data_dir} (start one with `protonode --data-dir {data_dir} daemon`)")]
+    NoDaemon { data_dir: String },
+    #[error("talking to the daemon failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the daemon's answer was not understood: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Remote(RpcError),
+}
+
+/// A connection to the daemon's control socket.
+pub struct Client {
+    reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    writer: tokio::net::unix::OwnedWriteHalf,
+    next_id: u64,
+}
+
+impl Client {
+    pub async fn connect(socket: &Path) -> Result<Self, ClientError> {
+        let stream = UnixStream::connect(socket)
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                    ClientError::NoDaemon {
+                        data_dir: socket
+                            .parent()
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_default(),
+                    }
+                }
+                _ => ClientError::Io(e),
+            })?;
+        let (reader, writer) = stream.into_split();
+        Ok(Self {
+            reader: BufReader::new(reader),
+            writer,
+            next_id: 1,
+        })
+    }
+
+    /// Sends a call and waits for its answer.
+    pub async fn call(&mut self, call: &Call) -> Result<Value, ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut request =
+            serde_json::to_value(call).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        if let Value::Object(o) = &mut request {
+            o.insert("jsonrpc".into(), json!("2.0"));
+            o.insert("id".into(), json!(id));
+        }
+        write_json(&mut self.writer, &request).await?;
+        let value = self
+            .read()
+            .await?
+            .ok_or_else(|| ClientError::Protocol("the daemon closed the connection".into()))?;
+        if let Some(error) = value.get("error") {
+            let error: RpcError = serde_json::from_value(error.clone())
+                .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            return Err(ClientError::Remote(error));
+        }
+        value
+            .get("result")
+            .cloned()
+            .ok_or_else(|| ClientError::Protocol("an answer without result".into()))
+    }
+
+    /// The next line from the daemon, or `None` when it closed.
+    pub async fn read(&mut self) -> Result<Option<Value>, ClientError> {
+        match read_line(&mut self.reader, MAX_RESPONSE_BYTES).await? {
+            Line::Eof => Ok(None),
+            Line::TooLong => Err(ClientError::Protocol("answer too long".into())),
+            Line::Line(l) => serde_json::from_slice(&l)
+                .map(Some)
+                .map_err(|e| ClientError::Protocol(e.to_string())),
+        }
+    }
+}
+
+/// Path of the control socket of a data directory.
+pub fn socket_path(paths: &config::Paths) -> PathBuf {
+    paths.control_socket()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_into_calls() {
+        let (id, call) = parse_request(
+            br#"{"jsonrpc":"2.0","id":7,"method":"send","params":{"to":"Blair","text":"hi"}}"#,
+        )
+        .unwrap();
+        assert_eq!(id, json!(7));
+        assert_eq!(
+            call,
+            Call::Send {
+                to: "Blair".into(),
+                text: "hi".into(),
+                wait_secs: None
+            }
+        );
+        let (_, call) = parse_request(br#"{"jsonrpc":"2.0","id":1,"method":"contacts"}"#).unwrap();
+        assert_eq!(call, Call::Contacts {});
+    }
+
+    #[test]
+    fn bad_requests_get_the_right_error_codes() {
+        let code = |line: &[u8]| parse_request(line).unwrap_err().1.code;
+        assert_eq!(code(b"{nope"), codes::PARSE_ERROR);
+        assert_eq!(code(b"[1,2]"), codes::INVALID_REQUEST);
+        assert_eq!(
+            code(br#"{"jsonrpc":"1.0","id":1,"method":"status"}"#),
+            codes::INVALID_REQUEST
+        );
+        assert_eq!(
+            code(br#"{"jsonrpc":"2.0","id":1,"method":"reboot"}"#),
+            codes::METHOD_NOT_FOUND
+        );
+        assert_eq!(
+            code(br#"{"jsonrpc":"2.0","id":1,"method":"send","params":{"to":1}}"#),
+            codes::INVALID_PARAMS
+        );
+        let (id, _) =
+            parse_request(br#"{"jsonrpc":"2.0","id":"x","method":"reboot"}"#).unwrap_err();
+        assert_eq!(id, json!("x"), "the id is echoed even on errors");
+    }
+
+    #[test]
+    fn calls_round_trip_through_json() {
+        for call in [
+            Call::Invite {
+                expires_in_secs: Some(5),
+            },
+            Call::Accept {
+                ticket: "protonode:x".into(),
+            },
+            Call::Send {
+                to: "a".into(),
+                text: "b".into(),
+                wait_secs: Some(3),
+            },
+            Call::Status {},
+        ] {
+            let mut v = serde_json::to_value(&call).unwrap();
+            v["jsonrpc"] = json!("2.0");
+            v["id"] = json!(1);
+            let (_, back) = parse_request(v.to_string().as_bytes()).unwrap();
+            assert_eq!(back, call);
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! `protonode init` and `protonode daemon`.
+//!
+//! The daemon runs the actix system on a multi-threaded tokio runtime
+//! (actors on the system's arbiter; the swarm and services on tokio's
+//! workers), holds an exclusive lock on the data directory, serves the
+//! control socket, and on SIGINT/SIGTERM stops accepting work, stops the
+//! node and removes the socket. Nothing needs flushing at shutdown: every
+//! acknowledged operation is already committed.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use actors::runtime::Node;
+use actors::store::Store;
+use anyhow::{bail, Context as _};
+use config::{Config, Paths};
+use serde_json::json;
+use tokio::net::UnixListener;
+use transports::identity::Keypair;
+
+/// Creates a data directory: configuration (with fixed free ports), node
+/// key and an empty database. Refuses to touch an initialised one.
+pub fn init(
+    paths: &Paths,
+    name: &str,
+    pronouns: Option<String>,
+    emoji: Option<String>,
+) -> anyhow::Result<serde_json::Value> {
+    let dir = paths.data_dir();
+    if paths.config_file().exists() || paths.node_key().exists() {
+        bail!(
+            "{} is already initialised; remove it or choose another --data-dir",
+            dir.display()
+        );
+    }
+    let mut config = Config::new(name);
+    config.profile.pronouns = pronouns;
+    config.profile.emoji = emoji;
+    config.validate().context("the profile is not valid")?;
+    let (tcp_port, quic_port) = free_ports().context("finding free ports failed")?;
+    config.network.tcp_port = tcp_port;
+    config.network.quic_port = quic_port;
+
+    fs::create_dir_all(dir).with_context(|| format!("creating {} failed", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("restricting {} failed", dir.display()))?;
+    let keypair = Keypair::generate_ed25519();
+    write_node_key(&paths.node_key(), &keypair)?;
+    config.write_new(paths)?;
+    Store::open(&paths.database()).context("creating the database failed")?;
+    Ok(json!({
+        "data_dir": dir.display().to_string(),
+        "name": name,
+        "peer_id": keypair.public().to_peer_id().to_string(),
+        "tcp_port": tcp_port,
+        "quic_port": quic_port,
+    }))
+}
+
+/// A TCP port free on all interfaces, and a UDP port for QUIC (the same
+/// number when it is free too).
+fn free_ports() -> std::io::Result<(u16, u16)> {
+    let tcp = std::net::TcpListener::bind("0.0.0.0:0")?;
+    let port = tcp.local_addr()?.port();
+    let udp = std::net::UdpSocket::bind(("0.0.0.0", port))
+        .or_else(|_| std::net::UdpSocket::bind("0.0.0.0:0"))?;
+    Ok((port, udp.local_addr()?.port()))
+}
+
+fn write_node_key(path: &Path, keypair: &Keypair) -> anyhow::Result<()> {
+    let bytes = keypair
+        .to_protobuf_encoding()
+        .context("encoding the node key failed")?;
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {} failed", path.display()))?;
+    file.write_all(&bytes)?;
+    file.sync_all()?;
+    Ok(())
+}
+
+/// Reads the node key.
+pub fn read_node_key(path: &Path) -> anyhow::Result<Keypair> {
+    let bytes = fs::read(path)
+        .with_context(|| format!("reading the node key {} failed", path.display()))?;
+    Keypair::from_protobuf_encoding(&bytes)
+        .with_context(|| format!("the node key {} is damaged", path.display()))
+}
+
+/// Loads the configuration of an initialised data directory.
+pub fn load_config(paths: &Paths) -> anyhow::Result<Config> {
+    if !paths.config_file().exists() {
+        bail!(
+            "{} is not initialised; run `protonode --data-dir {} init --name NAME` first",
+            paths.data_dir().display(),
+            paths.data_dir().display()
+        );
+    }
+    Ok(Config::load(paths, |k| std::env::var(k).ok())?)
+}
+
+/// Holds the data directory's lock for the daemon's lifetime.
+pub struct DirLock {
+    _file: File,
+}
+
+/// Takes the data directory's lock, or says which process holds it.
+pub fn lock(paths: &Paths) -> anyhow::Result<DirLock> {
+    let path = paths.lock_file();
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("opening {} failed", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            bail!(
+                "a daemon is already running on {} (pid {}); stop it first or use another --data-dir",
+                paths.data_dir().display(),
+                pid.trim()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("locking {} failed", path.display()))
+        }
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    write!(file, "{}", std::process::id())?;
+    file.sync_all()?;
+    Ok(DirLock { _file: file })
+}
+
+/// Runs the daemon in the foreground until SIGINT or SIGTERM.
+pub fn run(
+    paths: Paths,
+    mut config: Config,
+    listen: Vec<String>,
+    no_mdns: bool,
+    json_output: bool,
+) -> anyhow::Result<()> {
+    if !listen.is_empty() {
+        config.network.listen = listen;
+    }
+    if no_mdns {
+        config.network.mdns = false;
+    }
+    config.validate()?;
+    let _lock = lock(&paths)?;
+    let keypair = read_node_key(&paths.node_key())?;
+    let store = Store::open(&paths.database()).context("opening the database failed")?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("protonode")
+        .build()
+        .context("starting the async runtime failed")?;
+    let system = actix::System::with_tokio_rt(move || runtime);
+    system.block_on(serve(paths, config, store, keypair, json_output))
+}
+
+async fn serve(
+    paths: Paths,
+    config: Config,
+    store: Store,
+    keypair: Keypair,
+    json_output: bool,
+) -> anyhow::Result<()> {
+    let node = Node::start(store, config, keypair).await?;
+    let socket = paths.control_socket();
+    // We hold the lock, so a socket file left here is from a dead daemon.
+    let _ = fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket)
+        .with_context(|| format!("opening the control socket {} failed", socket.display()))?;
+    fs::set_permissions(&socket, fs::Permissions::from_mode(0o600))?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(crate::control::serve(
+        listener,
+        node.manager.clone(),
+        node.event_sender(),
+        stop_rx,
+    ));
+
+    let listen: Vec<String> = node
+        .listen_addrs()
+        .await
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    if json_output {
+        println!(
+            "{}",
+            json!({ "peer_id": node.peer_id().to_string(), "listen": listen, "control_socket": socket.display().to_string(), "ready": true })
+        );
+    } else {
+        println!("peer id: {}", node.peer_id());
+        for addr in &listen {
+            println!("listening on {addr}");
+        }
+        println!("control socket: {}", socket.display());
+        println!("protonode ready");
+    }
+
+    wait_for_signal().await?;
+    tracing::info!("stopping");
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
+    node.stop().await;
+    let _ = fs::remove_file(&socket);
+    if !json_output {
+        println!("protonode stopped");
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM failed")?;
+    let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT failed")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,140 @@
+//! Human-readable output of the control API's answers. `--json` bypasses
+//! all of this and prints the answer itself.
+
+use serde_json::Value;
+
+fn s<'a>(v: &'a Value, key: &str) -> &'a str {
+    v.get(key).and_then(Value::as_str).unwrap_or("")
+}
+
+/// "2026-11-26T13:45:12.345Z" → "2026-11-26 13:45:12".
+fn short_time(rfc3339: &str) -> String {
+    rfc3339.get(..19).unwrap_or(rfc3339).replace('T', " ")
+}
+
+pub fn contacts(list: &Value) -> String {
+    let Some(items) = list.as_array() else {
+        return String::new();
+    };
+    if items.is_empty() {
+        return "No contacts yet. Invite someone with `protonode invite`, or accept their ticket with `protonode accept TICKET`.\n".into();
+    }
+    let mut out = format!(
+        "{:<16}  {:<24}  {:<8}  {:<19}  {}\n",
+        "ID", "NAME", "STATE", "SINCE", "FINGERPRINT"
+    );
+    for c in items {
+        let mut name = s(c, "name").to_string();
+        if let Some(p) = c.get("picture").and_then(Value::as_str) {
+            name = format!("{p} {name}");
+        }
+        if let Some(p) = c.get("pronouns").and_then(Value::as_str) {
+            name = format!("{name} ({p})");
+        }
+        out += &format!(
+            "{:<16}  {:<24}  {:<8}  {:<19}  {}\n",
+            s(c, "id"),
+            name,
+            s(c, "state"),
+            short_time(s(c, "since")),
+            s(c, "fingerprint"),
+        );
+    }
+    out
+}
+
+pub fn history(list: &Value, contact: &str) -> String {
+    let Some(items) = list.as_array() else {
+        return String::new();
+    };
+    if items.is_empty() {
+        return format!("No messages with {contact} yet.\n");
+    }
+    let mut out = String::new();
+    for m in items {
+        let from = if s(m, "from") == "me" { "me" } else { contact };
+        let status = match s(m, "status") {
+            "received" => String::new(),
+            other => format!("  [{other}]"),
+        };
+        out += &format!(
+            "{}  {}: {}{}\n",
+            short_time(s(m, "at")),
+            from,
+            s(m, "text"),
+            status
+        );
+    }
+    out
+}
+
+pub fn status(v: &Value) -> String {
+    let mut out = format!("peer id:   {}\n", s(v, "peer_id"));
+    for a in v
+        .get("listen")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        out += &format!("listening: {}\n", a.as_str().unwrap_or(""));
+    }
+    let peers = v.get("peers").and_then(Value::as_array).map_or(0, Vec::len);
+    out += &format!("connected: {peers} peer(s)\n");
+    out += &format!(
+        "contacts:  {}\n",
+        v.get("contacts").and_then(Value::as_u64).unwrap_or(0)
+    );
+    out += &format!(
+        "outbox:    {} waiting\n",
+        v.get("outbox").and_then(Value::as_u64).unwrap_or(0)
+    );
+    for w in v
+        .get("warnings")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        out += &format!("warning:   {}\n", w.as_str().unwrap_or(""));
+    }
+    out
+}
+
+pub fn event(e: &Value) -> String {
+    match s(e, "event") {
+        "message" => {
+            let m = e.get("message").unwrap_or(&Value::Null);
+            format!(
+                "{}  message from {}: {}",
+                short_time(s(m, "at")),
+                s(m, "from"),
+                s(m, "text")
+            )
+        }
+        "delivery" => format!("message {} {}", s(e, "message"), s(e, "status")),
+        "contact" => {
+            let c = e.get("contact").unwrap_or(&Value::Null);
+            format!(
+                "contact {} ({}): {}",
+                s(c, "name"),
+                s(c, "id"),
+                s(e, "change")
+            )
+        }
+        "lagged" => format!(
+            "(missed {} events; `protonode history` has everything)",
+            e.get("missed").and_then(Value::as_u64).unwrap_or(0)
+        ),
+        _ => e.to_string(),
+    }
+}
+
+/// A ticket as a QR code drawn with Unicode half blocks.
+pub fn qr(ticket: &str) -> Result<String, qrcode::types::QrError> {
+    let code = qrcode::QrCode::with_error_correction_level(ticket.as_bytes(), qrcode::EcLevel::L)?;
+    Ok(code
+        .render::<qrcode::render::unicode::Dense1x2>()
+        .dark_color(qrcode::render::unicode::Dense1x2::Light)
+        .light_color(qrcode::render::unicode::Dense1x2::Dark)
+        .quiet_zone(true)
+        .build())
+}
