@@ -8,6 +8,8 @@
 //! DESIGN.md section 6 hold by construction: an operation is either wholly
 //! in the database or not at all.
 
+use std::collections::HashMap;
+
 use redb::{ReadableTable, WriteTransaction};
 use transports::DeliveryAddress;
 
@@ -17,9 +19,6 @@ use crate::records::{
     AddressRecord, HistoryEntry, MessageStatus, OutboxEntry, ProtonRecord, Recipient, TicketRecord,
 };
 use crate::store::{self, tables, StoreError};
-
-/// META key of the next outbox sequence number.
-const OUTBOX_NEXT: &str = "outbox_next";
 
 /// How a message's delivery state changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +44,8 @@ pub struct Changes {
     pub delete_addresses: Vec<DeliveryAddress>,
     /// Appended to the conversation's history, in order.
     pub history: Vec<(Conversation, HistoryEntry)>,
-    pub statuses: Vec<(Conversation, MessageId, StatusChange)>,
+    /// (conversation, history position, change).
+    pub statuses: Vec<(Conversation, u64, StatusChange)>,
     /// Appended to the outbox, in order.
     pub outbox: Vec<OutboxEntry>,
     pub outbox_done: Vec<u64>,
@@ -60,8 +60,9 @@ pub type Destination = (Conversation, Recipient);
 /// What applying a change set assigned.
 #[derive(Debug, Default)]
 pub struct Applied {
-    /// Outbox sequence numbers, in the order of `Changes::outbox`.
-    pub outbox: Vec<(u64, Destination)>,
+    /// The stored outbox entries with their sequence numbers (and history
+    /// positions filled in), in the order of `Changes::outbox`.
+    pub outbox: Vec<(u64, OutboxEntry)>,
     /// Messages whose state changed, with their new state.
     pub statuses: Vec<(Conversation, MessageId, MessageStatus)>,
 }
@@ -154,18 +155,16 @@ impl Changes {
                 store::put(&mut t, *a.as_bytes(), r, "address")?;
             }
         }
+        let mut positions: HashMap<MessageId, u64> = HashMap::new();
         {
             let mut history = tx.open_table(tables::HISTORY)?;
-            let mut messages = tx.open_table(tables::MESSAGES)?;
             for conv in &self.delete_history {
                 let key = conv.key();
-                let rows: Vec<(u64, Vec<u8>)> = history
+                let seqs: Vec<u64> = history
                     .range((key, 0)..=(key, u64::MAX))?
-                    .map(|e| e.map(|(k, v)| (k.value().1, v.value().to_vec())))
+                    .map(|e| e.map(|(k, _)| k.value().1))
                     .collect::<Result<_, _>>()?;
-                for (seq, bytes) in rows {
-                    let entry: HistoryEntry = store::decode(&bytes, "history entry")?;
-                    messages.remove(entry.id.0)?;
+                for seq in seqs {
                     history.remove((key, seq))?;
                 }
             }
@@ -178,14 +177,12 @@ impl Changes {
                     .map(|(k, _)| k.value().1 + 1)
                     .unwrap_or(0);
                 store::put(&mut history, (key, seq), entry, "history entry")?;
-                messages.insert(entry.id.0, (key, seq))?;
+                positions.insert(entry.id, seq);
             }
-            for (conv, id, change) in &self.statuses {
-                let Some((key, seq)) = messages.get(id.0)?.map(|v| v.value()) else {
-                    continue;
-                };
+            for (conv, seq, change) in &self.statuses {
+                let key = (conv.key(), *seq);
                 let Some(mut entry) =
-                    store::get::<_, HistoryEntry, _>(&history, (key, seq), "history entry")?
+                    store::get::<_, HistoryEntry, _>(&history, key, "history entry")?
                 else {
                     continue;
                 };
@@ -198,8 +195,8 @@ impl Changes {
                     }
                     StatusChange::Failed => entry.status = MessageStatus::Failed,
                 }
-                store::put(&mut history, (key, seq), &entry, "history entry")?;
-                applied.statuses.push((*conv, *id, entry.status));
+                store::put(&mut history, key, &entry, "history entry")?;
+                applied.statuses.push((*conv, entry.id, entry.status));
             }
         }
         {
@@ -207,25 +204,17 @@ impl Changes {
             for seq in &self.outbox_done {
                 t.remove(*seq)?;
             }
-            if !self.outbox.is_empty() {
-                // Outbox sequence numbers are never reused, even when the
-                // outbox empties, so the sending service can scan for new
-                // entries from the last one it saw.
-                let mut meta = tx.open_table(tables::META)?;
-                let mut next = meta
-                    .get(OUTBOX_NEXT)?
-                    .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
-                    .map(u64::from_be_bytes)
-                    .unwrap_or(0)
-                    .max(store::next_seq(&t)?);
-                for entry in &self.outbox {
-                    store::put(&mut t, next, entry, "outbox entry")?;
-                    applied
-                        .outbox
-                        .push((next, (entry.conversation, entry.recipient)));
-                    next += 1;
+            // Sequence numbers may be reused once the outbox empties: the
+            // sending service learns of rows from `Applied::outbox`, never
+            // by scanning for numbers it has not seen.
+            let first = store::next_seq(&t)?;
+            for (seq, entry) in (first..).zip(&self.outbox) {
+                let mut entry = entry.clone();
+                if let Some(id) = entry.message {
+                    entry.history = positions.get(&id).copied().or(entry.history);
                 }
-                meta.insert(OUTBOX_NEXT, next.to_be_bytes().as_slice())?;
+                store::put(&mut t, seq, &entry, "outbox entry")?;
+                applied.outbox.push((seq, entry));
             }
         }
         {

@@ -19,27 +19,29 @@
 //! all get the same `Refused(UnknownAddress)`, so answers reveal nothing
 //! about which addresses exist.
 
-use redb::{ReadableTable, WriteTransaction};
+use redb::WriteTransaction;
 use sha2::{Digest, Sha256};
 use transports::{Envelope, Receipt, Refusal};
 
 use crate::records::{AddressKind, AddressRecord, InboxEntry, Owner};
 use crate::store::{self, tables, StoreError};
 
-/// How long the hash of a received payload is remembered for
-/// de-duplication. Retries come within minutes; MLS itself refuses a
-/// ciphertext whose key was used, so this bounds only the table's size.
-pub const SEEN_RETENTION_MS: u64 = 30 * 24 * 3600 * 1000;
-
 /// Stores a batch of envelopes in `tx`: the receipts, in order, and the
 /// owners that have new inbox rows.
+///
+/// De-duplication: a sender retries an envelope whose acknowledgement it
+/// did not get. For a relationship's addresses the retry is stored again and
+/// dropped when processed, because MLS decrypts each message key once (see
+/// `mls::MlsError::Replay`); that costs nothing on the way in, where a
+/// table of every payload hash ever seen would cost a write per envelope.
+/// A one-time address remembers the hash of the payload that used it, so a
+/// retry of that payload is answered `Duplicate` rather than refused.
 pub fn store_batch(
     tx: &WriteTransaction,
     envelopes: &[Envelope],
     now: u64,
 ) -> Result<(Vec<Receipt>, Vec<Owner>), StoreError> {
     let mut addresses = tx.open_table(tables::ADDRESSES)?;
-    let mut seen = tx.open_table(tables::SEEN)?;
     let mut inbox = tx.open_table(tables::INBOX)?;
     let mut next = store::next_seq(&inbox)?;
     let mut receipts = Vec::with_capacity(envelopes.len());
@@ -51,16 +53,27 @@ pub fn store_batch(
         }
         let key = *envelope.to.as_bytes();
         let record: Option<AddressRecord> = store::get(&addresses, key, "address")?;
-        let Some(record) = record.filter(|r| now < r.valid_until) else {
+        let Some(mut record) = record.filter(|r| now < r.valid_until) else {
             receipts.push(Receipt::Refused(Refusal::UnknownAddress));
             continue;
         };
-        let hash: [u8; 32] = Sha256::digest(&envelope.payload).into();
-        if seen.get(hash)?.is_some() {
-            receipts.push(Receipt::Duplicate);
-            continue;
+        if record.kind == AddressKind::OneTime {
+            let hash: [u8; 32] = Sha256::digest(&envelope.payload).into();
+            match record.used_by {
+                Some(used) if used == hash => {
+                    receipts.push(Receipt::Duplicate);
+                    continue;
+                }
+                Some(_) => {
+                    receipts.push(Receipt::Refused(Refusal::UnknownAddress));
+                    continue;
+                }
+                None => {
+                    record.used_by = Some(hash);
+                    store::put(&mut addresses, key, &record, "address")?;
+                }
+            }
         }
-        seen.insert(hash, now)?;
         let entry = InboxEntry {
             owner: record.owner,
             payload: envelope.payload.clone(),
@@ -68,33 +81,12 @@ pub fn store_batch(
         };
         store::put(&mut inbox, next, &entry, "inbox entry")?;
         next += 1;
-        if record.kind == AddressKind::OneTime {
-            addresses.remove(key)?;
-        }
         if !owners.contains(&record.owner) {
             owners.push(record.owner);
         }
         receipts.push(Receipt::Stored);
     }
     Ok((receipts, owners))
-}
-
-/// Forgets payload hashes older than the retention period.
-pub fn prune_seen(tx: &WriteTransaction, now: u64) -> Result<usize, StoreError> {
-    let mut seen = tx.open_table(tables::SEEN)?;
-    let cutoff = now.saturating_sub(SEEN_RETENTION_MS);
-    let old: Vec<[u8; 32]> = seen
-        .iter()?
-        .filter_map(|e| match e {
-            Ok((k, v)) if v.value() < cutoff => Some(Ok(k.value())),
-            Ok(_) => None,
-            Err(e) => Some(Err(e)),
-        })
-        .collect::<Result<_, _>>()?;
-    for k in &old {
-        seen.remove(*k)?;
-    }
-    Ok(old.len())
 }
 
 #[cfg(test)]
@@ -128,7 +120,7 @@ mod tests {
     }
 
     #[test]
-    fn stores_known_refuses_unknown_and_expired_alike_and_deduplicates() {
+    fn stores_known_and_refuses_unknown_and_expired_alike() {
         let live = DeliveryAddress::random();
         let expired = DeliveryAddress::random();
         let owner = Owner::Proton(ProtonId::random());
@@ -139,6 +131,7 @@ mod tests {
                     owner,
                     kind: AddressKind::LongTerm,
                     valid_until: 100,
+                    used_by: None,
                 },
             ),
             (
@@ -147,11 +140,11 @@ mod tests {
                     owner,
                     kind: AddressKind::Ephemeral,
                     valid_until: 10,
+                    used_by: None,
                 },
             ),
         ]);
         let batch = vec![
-            Envelope::new(live, b"one".to_vec()),
             Envelope::new(live, b"one".to_vec()),
             Envelope::new(expired, b"two".to_vec()),
             Envelope::new(DeliveryAddress::random(), b"three".to_vec()),
@@ -168,21 +161,12 @@ mod tests {
             receipts,
             vec![
                 Receipt::Stored,
-                Receipt::Duplicate,
                 Receipt::Refused(Refusal::UnknownAddress),
                 Receipt::Refused(Refusal::UnknownAddress),
                 Receipt::Refused(Refusal::UnsupportedVersion),
             ]
         );
         assert_eq!(owners, vec![owner]);
-        assert_eq!(inbox_len(&store), 1);
-
-        // A retry after the acknowledgement was lost is a duplicate, not a second copy.
-        let again = vec![Envelope::new(live, b"one".to_vec())];
-        let (receipts, _) = store
-            .write_blocking(move |tx| store_batch(tx, &again, 60))
-            .unwrap();
-        assert_eq!(receipts, vec![Receipt::Duplicate]);
         assert_eq!(inbox_len(&store), 1);
     }
 
@@ -195,40 +179,26 @@ mod tests {
                 owner: Owner::Ticket(TicketId::random()),
                 kind: AddressKind::OneTime,
                 valid_until: 100,
+                used_by: None,
             },
         )]);
         let batch = vec![
             Envelope::new(ticket, b"first".to_vec()),
             Envelope::new(ticket, b"second".to_vec()),
+            // The first one again: its sender lost our acknowledgement.
+            Envelope::new(ticket, b"first".to_vec()),
         ];
         let (receipts, _) = store
             .write_blocking(move |tx| store_batch(tx, &batch, 50))
             .unwrap();
         assert_eq!(
             receipts,
-            vec![Receipt::Stored, Receipt::Refused(Refusal::UnknownAddress)]
+            vec![
+                Receipt::Stored,
+                Receipt::Refused(Refusal::UnknownAddress),
+                Receipt::Duplicate
+            ]
         );
-    }
-
-    #[test]
-    fn old_hashes_are_pruned() {
-        let live = DeliveryAddress::random();
-        let owner = Owner::Proton(ProtonId::random());
-        let (_dir, store) = store_with(&[(
-            live,
-            AddressRecord {
-                owner,
-                kind: AddressKind::LongTerm,
-                valid_until: u64::MAX,
-            },
-        )]);
-        let batch = vec![Envelope::new(live, b"x".to_vec())];
-        store
-            .write_blocking(move |tx| store_batch(tx, &batch, 1))
-            .unwrap();
-        let pruned = store
-            .write_blocking(|tx| prune_seen(tx, 2 + SEEN_RETENTION_MS))
-            .unwrap();
-        assert_eq!(pruned, 1);
+        assert_eq!(inbox_len(&store), 1);
     }
 }

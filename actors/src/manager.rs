@@ -17,6 +17,7 @@ use transports::Multiaddr;
 use crate::changes::Changes;
 use crate::model::{now_ms, Conversation, DisplayIdentity, MessageId, ProtonId, TicketId};
 use crate::outbox::Outcome;
+use crate::protocol::Payload;
 use crate::proton::{ProcessInbox, Proton, RefreshTransports, SendText, SetState, Shared};
 use crate::records::{
     HistoryEntry, InboxEntry, MessageStatus, OutboxKind, Owner, ProtonRecord, ProtonState,
@@ -25,7 +26,6 @@ use crate::records::{
 use crate::relationship::{self, RelationshipError};
 use crate::store::{self, tables, StoreError};
 use crate::views::{self, ContactChange, ContactView, Event, MessageView, StatusView};
-use crate::{inbound, protocol::Payload};
 
 /// How often housekeeping runs: pruning expired tickets and addresses,
 /// rotating addresses that are due.
@@ -310,7 +310,7 @@ impl RelationshipManager {
                 .map(|result, act, _| {
                     match result {
                         Ok(n) if n > 0 => {
-                            tracing::info!(rows = n, "pruned expired tickets, addresses and hashes")
+                            tracing::info!(rows = n, "pruned expired tickets and addresses")
                         }
                         Ok(_) => {}
                         Err(e) => tracing::warn!(error = %e, "housekeeping failed"),
@@ -407,14 +407,17 @@ impl Handler<AcceptInvite> for RelationshipManager {
             let acceptance = acceptance?;
             let mut events = shared.events.subscribe();
             let changes = acceptance.changes;
-            shared.store.write(move |tx| changes.apply(tx)).await?;
-            shared.outbox.wake();
+            let applied = shared.store.write(move |tx| changes.apply(tx)).await?;
+            shared.outbox.queued(applied.outbox);
             let view = |delivered| AcceptView {
                 contact: acceptance.proton.id.to_string(),
                 name: acceptance.proton.peer_display.name.clone(),
                 delivered,
             };
-            match wait_for_delivery(&shared, &mut events, acceptance.answer, wait).await {
+            let conversation = Conversation::Proton(acceptance.proton.id);
+            match wait_for_delivery(&shared, &mut events, conversation, acceptance.answer, wait)
+                .await
+            {
                 Some(true) => Ok(view(true)),
                 Some(false) => {
                     // Gone before we answer, so the user sees no trace of it.
@@ -454,7 +457,7 @@ impl Handler<SendMessage> for RelationshipManager {
             let conversation = Conversation::Proton(id);
             let mut view = MessageView::of(conversation, &entry);
             if let Some(limit) = msg.wait {
-                match wait_for_delivery(&shared, &mut events, entry.id, limit).await {
+                match wait_for_delivery(&shared, &mut events, conversation, entry.id, limit).await {
                     Some(true) => view.status = views::status_name(MessageStatus::Delivered),
                     Some(false) => view.status = views::status_name(MessageStatus::Failed),
                     None => return Err(Error::NotYetDelivered(limit)),
@@ -628,6 +631,7 @@ pub fn advertised(listen: &[Multiaddr], announce: &[Multiaddr]) -> Vec<Multiaddr
 async fn wait_for_delivery(
     shared: &Shared,
     events: &mut broadcast::Receiver<Event>,
+    conversation: Conversation,
     id: MessageId,
     limit: Duration,
 ) -> Option<bool> {
@@ -643,7 +647,7 @@ async fn wait_for_delivery(
                 Ok(_) => {}
                 // Missed events: the history row tells the state.
                 Err(broadcast::error::RecvError::Lagged(_)) => {
-                    if let Ok(Some(status)) = message_status(&shared.store, id) {
+                    if let Ok(Some(status)) = message_status(&shared.store, conversation, id) {
                         match status {
                             MessageStatus::Delivered => return Some(true),
                             MessageStatus::Failed => return Some(false),
@@ -660,20 +664,15 @@ async fn wait_for_delivery(
 
 fn message_status(
     store: &store::Store,
+    conversation: Conversation,
     id: MessageId,
 ) -> Result<Option<MessageStatus>, StoreError> {
-    store.read(|tx| {
-        let Some(key) = tx
-            .open_table(tables::MESSAGES)?
-            .get(id.0)?
-            .map(|v| v.value())
-        else {
-            return Ok(None);
-        };
-        let entry: Option<HistoryEntry> =
-            store::get(&tx.open_table(tables::HISTORY)?, key, "history entry")?;
-        Ok(entry.map(|e| e.status))
-    })
+    // Only when events were missed: a scan of one conversation is fine.
+    Ok(history(store, conversation)?
+        .into_iter()
+        .rev()
+        .find(|e| e.id == id)
+        .map(|e| e.status))
 }
 
 /// Every proton, in key order.
@@ -743,9 +742,9 @@ fn load_ticket(store: &store::Store, id: TicketId) -> Result<TicketRecord, Relat
 }
 
 /// Drops what has expired: unused tickets (with their addresses, MLS state
-/// and any rows that arrived for them), expired addresses, old payload hashes.
+/// and any rows that arrived for them) and expired addresses.
 fn prune(tx: &redb::WriteTransaction, now: u64) -> Result<usize, StoreError> {
-    let mut count = inbound::prune_seen(tx, now)?;
+    let mut count = 0;
     let expired_tickets: Vec<TicketRecord> = {
         let t = tx.open_table(tables::TICKETS)?;
         let mut out = Vec::new();

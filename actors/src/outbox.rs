@@ -2,32 +2,45 @@
 //! acknowledges it, then removes it.
 //!
 //! ```text
-//!  actors ── commit rows to OUTBOX ──▶ wake() ──▶ ┌──────────── Sender task ────────────┐
-//!                                                 │ queues: one FIFO per destination     │
-//!  receiving task ── peer_reachable(peer) ──────▶ │ (conversation, recipient); at most   │
-//!                                                 │ one batch in flight per queue        │
-//!                                                 └──┬───────────────────────────────────┘
+//!  actors ── commit rows to OUTBOX ── queued(rows) ──▶ ┌────────── Sender task ──────────┐
+//!                                                      │ one FIFO queue per destination │
+//!  receiving task ── peer_reachable(peer) ───────────▶ │ (conversation, recipient); at  │
+//!                                                      │ most one batch in flight each  │
+//!                                                      └──┬─────────────────────────────┘
 //!                          transports::Client::deliver (batch) │ receipts
 //!                                                              ▼
-//!                one write txn: remove acknowledged rows, mark messages
-//!                delivered/failed; then Event::Delivery and the outcome callback
+//!          report (Event::Delivery, outcome callback), then one write txn:
+//!          remove acknowledged rows, mark their history entries delivered/failed
 //! ```
 //!
+//! Rows arrive with their contents from the actor that committed them, so
+//! the hot path reads nothing back from the store. If that channel is ever
+//! full, the task rescans the OUTBOX table instead; it also scans it at
+//! start, so rows survive restarts.
+//!
 //! Order: a destination's rows go in sequence order and the next batch
-//! leaves only after the previous one was answered, so a receiver stores
-//! one sender's messages in the order they were sent. Retries back off
+//! leaves only after the previous one was answered, so a receiver stores one
+//! sender's messages in the order they were sent. Retries back off
 //! exponentially (with jitter) up to `retry_max`, and start again at once
-//! when the peer is seen again (connection, mDNS). A network failure moves
-//! to the destination's next transport; an address the receiver does not
-//! know moves to the next address, and when none is left the row fails for
-//! good. Rows survive restarts: the task reloads them at start.
+//! when the peer is seen again (connection, mDNS, or an envelope from it).
+//! A network failure moves to the destination's next transport; an address
+//! the receiver does not know moves to the next address, and when none is
+//! left the row fails for good.
+//!
+//! "Delivered" is reported as soon as the receipt is in hand, and recorded
+//! just after: the receiver has the envelope durably whatever happens to our
+//! note of it, and if a crash loses the note, the row is sent again and the
+//! receiver answers Duplicate. Recording off the reply path keeps its fsync
+//! out of the latency a sender sees.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
+use redb::ReadableTable;
 use tokio::sync::{broadcast, mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -39,9 +52,16 @@ use crate::records::{OutboxEntry, OutboxKind, ProtonRecord, Recipient};
 use crate::store::{self, tables, Store, StoreError};
 use crate::views::Event;
 
-/// Capacity of the command channel: peer-reachable hints and stop. Hints
-/// are an optimisation (backoff ends by itself), so a full channel drops them.
-const COMMAND_CAPACITY: usize = 256;
+/// Capacity of the command channel. A full channel loses nothing: new rows
+/// are then found by rescanning the table, and reachability hints are only
+/// an optimisation (backoff ends by itself).
+const COMMAND_CAPACITY: usize = 1024;
+/// Rows of one destination whose contents are kept in memory; beyond that
+/// only their sequence numbers are, and contents are read when sent.
+const CACHED_ROWS: usize = 4096;
+/// How long a destination's transports are trusted before being re-read
+/// (the peer may have sent new ones); they are also re-read after a failure.
+const TRANSPORTS_TTL: Duration = Duration::from_secs(5);
 
 /// How a row's delivery ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,10 +72,11 @@ pub struct Outcome {
     pub delivered: bool,
 }
 
-/// Called (from the sender task) after each finished row is committed.
+/// Called (from the sender task) for each finished row.
 pub type OutcomeFn = Arc<dyn Fn(Outcome) + Send + Sync>;
 
 enum Command {
+    Queued(Vec<(u64, OutboxEntry)>),
     PeerReachable(PeerId),
     Stop,
 }
@@ -63,14 +84,21 @@ enum Command {
 /// Handle to the sending service. Cheap to clone.
 #[derive(Clone)]
 pub struct OutboxHandle {
-    wake: Arc<Notify>,
     commands: mpsc::Sender<Command>,
+    rescan: Arc<AtomicBool>,
+    wake: Arc<Notify>,
 }
 
 impl OutboxHandle {
-    /// New rows were committed: look for them.
-    pub fn wake(&self) {
-        self.wake.notify_one();
+    /// These rows were just committed: deliver them.
+    pub fn queued(&self, rows: Vec<(u64, OutboxEntry)>) {
+        if rows.is_empty() {
+            return;
+        }
+        if self.commands.try_send(Command::Queued(rows)).is_err() {
+            self.rescan.store(true, Ordering::SeqCst);
+            self.wake.notify_one();
+        }
     }
 
     /// The peer is reachable again: retry its destinations now.
@@ -91,27 +119,37 @@ pub fn spawn(
     events: broadcast::Sender<Event>,
     on_outcome: OutcomeFn,
 ) -> (OutboxHandle, JoinHandle<()>) {
-    let wake = Arc::new(Notify::new());
     let (tx, rx) = mpsc::channel(COMMAND_CAPACITY);
+    let rescan = Arc::new(AtomicBool::new(true));
+    let wake = Arc::new(Notify::new());
     let sender = Sender {
         store,
         client,
         config,
         events,
         on_outcome,
-        wake: wake.clone(),
         commands: rx,
+        rescan: rescan.clone(),
+        wake: wake.clone(),
         queues: HashMap::new(),
-        next_scan: 0,
         inflight: FuturesUnordered::new(),
     };
     let task = tokio::spawn(sender.run());
-    (OutboxHandle { wake, commands: tx }, task)
+    (
+        OutboxHandle {
+            commands: tx,
+            rescan,
+            wake,
+        },
+        task,
+    )
 }
 
 #[derive(Default)]
 struct Queue {
-    seqs: VecDeque<u64>,
+    /// Sequence numbers in order, with the row's contents when cached.
+    rows: VecDeque<(u64, Option<OutboxEntry>)>,
+    known: HashSet<u64>,
     busy: bool,
     failures: u32,
     retry_at: Option<Instant>,
@@ -120,6 +158,21 @@ struct Queue {
     /// Consecutive "unknown address" answers for the head row.
     refusals: usize,
     peer: Option<PeerId>,
+    transports: Option<(Instant, Vec<TransportInfo>)>,
+}
+
+impl Queue {
+    fn push(&mut self, seq: u64, entry: Option<OutboxEntry>) {
+        if self.known.insert(seq) {
+            let cached = entry.filter(|_| self.rows.len() < CACHED_ROWS);
+            self.rows.push_back((seq, cached));
+        }
+    }
+
+    fn remove(&mut self, done: &HashSet<u64>) {
+        self.rows.retain(|(s, _)| !done.contains(s));
+        self.known.retain(|s| !done.contains(s));
+    }
 }
 
 /// One way to deliver: a transport of the recipient and whether to use its
@@ -155,58 +208,62 @@ struct Sender {
     config: config::Delivery,
     events: broadcast::Sender<Event>,
     on_outcome: OutcomeFn,
-    wake: Arc<Notify>,
     commands: mpsc::Receiver<Command>,
+    rescan: Arc<AtomicBool>,
+    wake: Arc<Notify>,
     queues: HashMap<Destination, Queue>,
-    next_scan: u64,
     inflight: FuturesUnordered<futures::future::BoxFuture<'static, Attempt>>,
 }
 
 impl Sender {
     async fn run(mut self) {
-        if let Err(e) = self.scan() {
-            tracing::error!(error = %e, "reading the outbox failed");
-        }
         loop {
+            if self.rescan.swap(false, Ordering::SeqCst) {
+                if let Err(e) = self.scan() {
+                    tracing::error!(error = %e, "reading the outbox failed");
+                    self.rescan.store(true, Ordering::SeqCst);
+                }
+            }
             self.dispatch();
             let sleep = self.next_retry();
             tokio::select! {
                 biased;
                 command = self.commands.recv() => match command {
+                    Some(Command::Queued(rows)) => {
+                        for (seq, entry) in rows {
+                            self.queues
+                                .entry((entry.conversation, entry.recipient))
+                                .or_default()
+                                .push(seq, Some(entry));
+                        }
+                    }
                     Some(Command::PeerReachable(peer)) => self.reachable(peer),
                     Some(Command::Stop) | None => break,
                 },
                 Some(attempt) = self.inflight.next() => self.finish(attempt).await,
-                _ = self.wake.notified() => {
-                    if let Err(e) = self.scan() {
-                        tracing::error!(error = %e, "reading the outbox failed");
-                    }
-                }
+                _ = self.wake.notified() => {}
                 _ = tokio::time::sleep_until(sleep) => {}
             }
         }
         tracing::debug!("sending service stopped");
     }
 
-    /// Picks up rows added since the last scan.
+    /// Picks up every row of the table that no queue knows yet.
     fn scan(&mut self) -> Result<(), StoreError> {
-        let from = self.next_scan;
-        let rows: Vec<(u64, Destination)> = self.store.read(|tx| {
+        let rows: Vec<(u64, OutboxEntry)> = self.store.read(|tx| {
             let t = tx.open_table(tables::OUTBOX)?;
             let mut rows = Vec::new();
-            for e in t.range(from..)? {
+            for e in t.iter()? {
                 let (k, v) = e?;
-                let entry: OutboxEntry = store::decode(v.value(), "outbox entry")?;
-                rows.push((k.value(), (entry.conversation, entry.recipient)));
+                rows.push((k.value(), store::decode(v.value(), "outbox entry")?));
             }
             Ok(rows)
         })?;
-        for (seq, dest) in rows {
-            self.next_scan = self.next_scan.max(seq + 1);
-            let q = self.queues.entry(dest).or_default();
-            if !q.seqs.contains(&seq) {
-                q.seqs.push_back(seq);
-            }
+        for (seq, entry) in rows {
+            self.queues
+                .entry((entry.conversation, entry.recipient))
+                .or_default()
+                .push(seq, Some(entry));
         }
         Ok(())
     }
@@ -223,7 +280,7 @@ impl Sender {
     fn next_retry(&self) -> Instant {
         self.queues
             .values()
-            .filter(|q| !q.busy && !q.seqs.is_empty())
+            .filter(|q| !q.busy && !q.rows.is_empty())
             .filter_map(|q| q.retry_at)
             .min()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
@@ -235,69 +292,108 @@ impl Sender {
         let ready: Vec<Destination> = self
             .queues
             .iter()
-            .filter(|(_, q)| !q.busy && !q.seqs.is_empty() && q.retry_at.is_none_or(|t| t <= now))
+            .filter(|(_, q)| !q.busy && !q.rows.is_empty() && q.retry_at.is_none_or(|t| t <= now))
             .map(|(d, _)| *d)
             .collect();
         for dest in ready {
             if let Err(e) = self.start(dest) {
                 tracing::warn!(error = %e, "preparing a delivery failed");
-                self.backoff_queue_by(dest);
+                self.back_off(dest);
             }
         }
-        self.queues.retain(|_, q| q.busy || !q.seqs.is_empty());
+        self.queues.retain(|_, q| q.busy || !q.rows.is_empty());
+    }
+
+    fn back_off(&mut self, dest: Destination) {
+        let config = self.config.clone();
+        if let Some(q) = self.queues.get_mut(&dest) {
+            q.failures = q.failures.saturating_add(1);
+            q.retry_at = Some(Instant::now() + backoff(&config, q.failures));
+            q.transports = None;
+        }
+    }
+
+    /// The next rows of a destination, reading uncached ones from the store.
+    fn head(&mut self, dest: Destination) -> Result<Vec<(u64, OutboxEntry)>, StoreError> {
+        let max = self.config.max_batch as usize;
+        let Some(q) = self.queues.get_mut(&dest) else {
+            return Ok(Vec::new());
+        };
+        let missing: Vec<u64> = q
+            .rows
+            .iter()
+            .take(max)
+            .filter(|(_, e)| e.is_none())
+            .map(|(s, _)| *s)
+            .collect();
+        let mut read: HashMap<u64, OutboxEntry> = HashMap::new();
+        if !missing.is_empty() {
+            read = self.store.read(|tx| {
+                let t = tx.open_table(tables::OUTBOX)?;
+                let mut out = HashMap::new();
+                for seq in &missing {
+                    if let Some(entry) = store::get::<_, OutboxEntry, _>(&t, *seq, "outbox entry")?
+                    {
+                        out.insert(*seq, entry);
+                    }
+                }
+                Ok(out)
+            })?;
+            // Rows gone from the table (a forgotten relationship) leave the queue.
+            let gone: HashSet<u64> = missing
+                .iter()
+                .filter(|s| !read.contains_key(s))
+                .copied()
+                .collect();
+            q.remove(&gone);
+        }
+        Ok(q.rows
+            .iter()
+            .take(max)
+            .filter_map(|(seq, e)| {
+                e.clone()
+                    .or_else(|| read.get(seq).cloned())
+                    .map(|e| (*seq, e))
+            })
+            .collect())
+    }
+
+    /// The destination's transports, from the cache while fresh.
+    fn transports(&mut self, dest: Destination) -> Result<Option<Vec<TransportInfo>>, StoreError> {
+        if let Some((at, t)) = self.queues.get(&dest).and_then(|q| q.transports.as_ref()) {
+            if at.elapsed() < TRANSPORTS_TTL {
+                return Ok(Some(t.clone()));
+            }
+        }
+        let record: Option<ProtonRecord> = match dest.0 {
+            Conversation::Proton(id) => self
+                .store
+                .read(|tx| store::get(&tx.open_table(tables::PROTONS)?, id.0, "proton"))?,
+            Conversation::Group(_) => None,
+        };
+        let transports = match (record, dest.1) {
+            (Some(r), Recipient::Peer) => r.peer_transports,
+            (None, _) => return Ok(None),
+        };
+        if let Some(q) = self.queues.get_mut(&dest) {
+            q.transports = Some((Instant::now(), transports.clone()));
+        }
+        Ok(Some(transports))
     }
 
     fn start(&mut self, dest: Destination) -> Result<(), StoreError> {
-        let Some(q) = self.queues.get_mut(&dest) else {
-            return Ok(());
-        };
-        let max = self.config.max_batch as usize;
-        let wanted: Vec<u64> = q.seqs.iter().take(max).copied().collect();
-        let (rows, record) = self.store.read(|tx| {
-            let t = tx.open_table(tables::OUTBOX)?;
-            let mut rows = Vec::with_capacity(wanted.len());
-            for seq in &wanted {
-                if let Some(entry) = store::get::<_, OutboxEntry, _>(&t, *seq, "outbox entry")? {
-                    rows.push((*seq, entry));
-                }
-            }
-            let record: Option<ProtonRecord> = match dest.0 {
-                Conversation::Proton(id) => {
-                    store::get(&tx.open_table(tables::PROTONS)?, id.0, "proton")?
-                }
-                Conversation::Group(_) => None,
-            };
-            Ok((rows, record))
-        })?;
-        // Rows removed meanwhile (e.g. a forgotten relationship) leave the queue.
-        q.seqs
-            .retain(|s| !wanted.contains(s) || rows.iter().any(|(r, _)| r == s));
+        let rows = self.head(dest)?;
         if rows.is_empty() {
             return Ok(());
         }
-        let transports = match (record, dest.1) {
-            (Some(r), Recipient::Peer) => r.peer_transports,
-            (None, _) => {
-                // The conversation is gone: nothing can deliver these rows.
-                let seqs: Vec<u64> = rows.iter().map(|(s, _)| *s).collect();
-                q.seqs.retain(|s| !seqs.contains(s));
-                let store = self.store.clone();
-                tokio::spawn(async move {
-                    let changes = Changes {
-                        outbox_done: seqs,
-                        ..Changes::default()
-                    };
-                    if let Err(e) = store.write(move |tx| changes.apply(tx)).await {
-                        tracing::warn!(error = %e, "dropping orphaned outbox rows failed");
-                    }
-                });
-                return Ok(());
-            }
+        let Some(transports) = self.transports(dest)? else {
+            self.drop_orphans(dest, rows);
+            return Ok(());
         };
         let candidates = candidates(&transports);
         if candidates.is_empty() {
             tracing::warn!(conversation = %dest.0, "the recipient has no usable transport");
-            self.backoff_queue_by(dest);
+            self.back_off(dest);
             return Ok(());
         }
         let Some(q) = self.queues.get_mut(&dest) else {
@@ -334,12 +430,22 @@ impl Sender {
         Ok(())
     }
 
-    fn backoff_queue_by(&mut self, dest: Destination) {
-        let config = self.config.clone();
+    /// The conversation is gone: nothing can deliver these rows.
+    fn drop_orphans(&mut self, dest: Destination, rows: Vec<(u64, OutboxEntry)>) {
+        let seqs: HashSet<u64> = rows.iter().map(|(s, _)| *s).collect();
         if let Some(q) = self.queues.get_mut(&dest) {
-            q.failures = q.failures.saturating_add(1);
-            q.retry_at = Some(Instant::now() + backoff(&config, q.failures));
+            q.remove(&seqs);
         }
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            let changes = Changes {
+                outbox_done: seqs.into_iter().collect(),
+                ..Changes::default()
+            };
+            if let Err(e) = store.write(move |tx| changes.apply(tx)).await {
+                tracing::warn!(error = %e, "dropping orphaned outbox rows failed");
+            }
+        });
     }
 
     async fn finish(&mut self, attempt: Attempt) {
@@ -387,46 +493,46 @@ impl Sender {
             }
         }
 
+        for (_, entry, delivered) in &finished {
+            self.report(entry, *delivered);
+        }
+        let done: HashSet<u64> = finished.iter().map(|(s, _, _)| *s).collect();
         if !finished.is_empty() {
             let mut changes = Changes::default();
             for (seq, entry, delivered) in &finished {
                 changes.outbox_done.push(*seq);
-                if let (Some(id), OutboxKind::Text) = (entry.message, entry.kind) {
+                if let Some(position) = entry.history {
                     let change = if *delivered {
                         StatusChange::Acknowledged
                     } else {
                         StatusChange::Failed
                     };
-                    changes.statuses.push((entry.conversation, id, change));
+                    changes
+                        .statuses
+                        .push((entry.conversation, position, change));
                 }
             }
-            match self.store.write(move |tx| changes.apply(tx)).await {
-                Ok(_) => {
-                    for (_, entry, delivered) in &finished {
-                        self.report(entry, *delivered);
-                    }
-                }
-                Err(e) => {
-                    // The rows stay; the receiver answers a retry with Duplicate.
-                    tracing::error!(error = %e, "recording deliveries failed");
-                    finished.clear();
-                    transient = true;
-                }
+            if let Err(e) = self.store.write(move |tx| changes.apply(tx)).await {
+                // The rows stay in the table; after a restart they are sent
+                // again and the receiver answers Duplicate.
+                tracing::error!(error = %e, "recording deliveries failed");
             }
         }
 
         let config = self.config.clone();
         if let Some(q) = self.queues.get_mut(&destination) {
             q.busy = false;
-            q.seqs.retain(|s| !finished.iter().any(|(f, _, _)| f == s));
+            q.remove(&done);
             if transient {
                 q.failures = q.failures.saturating_add(1);
                 q.retry_at = Some(Instant::now() + backoff(&config, q.failures));
                 q.candidate = q.candidate.wrapping_add(1);
+                q.transports = None;
             } else if next_address {
                 q.refusals += 1;
                 q.candidate = q.candidate.wrapping_add(1);
                 q.retry_at = None;
+                q.transports = None;
             } else {
                 q.failures = 0;
                 q.refusals = 0;

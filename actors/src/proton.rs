@@ -160,6 +160,9 @@ impl Proton {
                                 message: MessageView::of(conversation, &entry),
                             }),
                             Ok(Received::Transports) => {}
+                            Err(RelationshipError::Mls(crate::mls::MlsError::Replay)) => {
+                                tracing::debug!(proton = %self.id, "dropped a retried envelope already processed")
+                            }
                             Err(e) => {
                                 tracing::warn!(proton = %self.id, error = %e, "dropped an envelope that did not process")
                             }
@@ -196,14 +199,20 @@ impl Proton {
         }
         self.busy = true;
         let store = self.shared.store.clone();
-        let commit = async move { store.write(move |tx| changes.apply(tx)).await };
+        let outbox = self.shared.outbox.clone();
+        let commit = async move {
+            store
+                .write_then(
+                    move |tx| changes.apply(tx),
+                    // Queued envelopes go to the sender the moment they are durable.
+                    move |applied| outbox.queued(std::mem::take(&mut applied.outbox)),
+                )
+                .await
+        };
         ctx.spawn(commit.into_actor(self).map(move |result, act, ctx| {
             act.busy = false;
             match result {
-                Ok(applied) => {
-                    if !applied.outbox.is_empty() {
-                        act.shared.outbox.wake();
-                    }
+                Ok(_) => {
                     for (reply, entry) in sent {
                         let _ = reply.send(Ok(entry));
                     }

@@ -92,6 +92,9 @@ pub struct AddressRecord {
     pub owner: Owner,
     pub kind: AddressKind,
     pub valid_until: u64,
+    /// For a one-time address: the hash of the payload that used it, so a
+    /// retry of that same payload is answered "duplicate", not "unknown".
+    pub used_by: Option<[u8; 32]>,
 }
 
 /// Who wrote a history entry.
@@ -154,8 +157,10 @@ pub struct OutboxEntry {
     pub conversation: Conversation,
     pub recipient: Recipient,
     pub kind: OutboxKind,
-    /// The history entry this delivers, if any.
+    /// The history entry this delivers, if any, and its position in the
+    /// conversation's history (set when the entry is stored).
     pub message: Option<MessageId>,
+    pub history: Option<u64>,
     /// Send to this address instead of the recipient's current ones (a
     /// ticket's one-time address).
     pub address: Option<DeliveryAddress>,

@@ -158,6 +158,7 @@ fn address_rows(
                     owner,
                     kind,
                     valid_until: lease.valid_until,
+                    used_by: None,
                 },
             )
         })
@@ -217,6 +218,7 @@ pub fn create_invite(
             owner: Owner::Ticket(id),
             kind: AddressKind::OneTime,
             valid_until: expires_at,
+            used_by: None,
         },
     ));
     changes
@@ -305,6 +307,7 @@ pub fn accept_invite(
         recipient: Recipient::Peer,
         kind: OutboxKind::Welcome,
         message: Some(answer),
+        history: None,
         address: Some(ticket.welcome_address),
         payload: Payload::Welcome { welcome, hello }.encode(),
         created_at: now,
@@ -641,6 +644,7 @@ impl ProtonSession {
             recipient: Recipient::Peer,
             kind,
             message,
+            history: None,
             address: None,
             payload: Payload::Mls(ciphertext).encode(),
             created_at: now,
@@ -1049,5 +1053,69 @@ mod tests {
             Received::Transports
         );
         assert_eq!(b.record().peer_transports, a.record().own_transports);
+    }
+
+    #[test]
+    fn a_receive_that_fails_part_way_leaves_exactly_the_state_before() {
+        let (alex, blair) = (side(), side());
+        let (a_id, b_id) = befriend(&alex, &blair);
+        let mut a = ProtonSession::load(&alex.store, a_id).unwrap();
+        let mut changes = Changes::default();
+        a.send_text("survive me", &alex.node, LIFETIMES, 5_000, &mut changes)
+            .unwrap();
+        a.drain_writes(&mut changes);
+        let payload = changes.outbox[0].payload.clone();
+        commit(&alex, changes);
+
+        let blair_db = blair._dir.path().join("db");
+        let before = blair.store.digest().unwrap();
+        {
+            // Decrypt (the MLS ratchet moves), record the message, then the
+            // transaction fails after every write of the operation was made.
+            let mut b = ProtonSession::load(&blair.store, b_id).unwrap();
+            let mut changes = Changes::default();
+            b.receive(&payload, 6_000, &mut changes).unwrap();
+            b.drain_writes(&mut changes);
+            assert!(!changes.mls.is_empty() && !changes.history.is_empty());
+            let failed = blair.store.write_blocking(move |tx| {
+                changes.apply(tx)?;
+                Err::<(), _>(StoreError::Worker(
+                    "injected failure after all writes".into(),
+                ))
+            });
+            assert!(failed.is_err());
+        }
+        // Reopen the file: exactly the state before.
+        let Side { _dir, store, node } = blair;
+        drop(store);
+        let store = Store::open(&blair_db).unwrap();
+        assert_eq!(
+            store.digest().unwrap(),
+            before,
+            "nothing of the failed operation remains"
+        );
+
+        // The same ciphertext still decrypts (the ratchet did not move) ...
+        let mut b = ProtonSession::load(&store, b_id).unwrap();
+        let mut changes = Changes::default();
+        assert!(matches!(
+            b.receive(&payload, 7_000, &mut changes),
+            Ok(Received::Text(_))
+        ));
+        b.drain_writes(&mut changes);
+        store.write_blocking(move |tx| changes.apply(tx)).unwrap();
+        // ... and once committed, the whole operation is there: the
+        // message in the history and the ratchet moved on.
+        let reopened = ProtonSession::load(&store, b_id).unwrap();
+        let history = crate::manager::history(&store, Conversation::Proton(b_id)).unwrap();
+        assert_eq!(history.len(), 1);
+        assert_eq!(history[0].text, "survive me");
+        let mut b = reopened;
+        let mut changes = Changes::default();
+        assert!(
+            b.receive(&payload, 8_000, &mut changes).is_err(),
+            "a replay after the commit is refused"
+        );
+        drop((node, _dir));
     }
 }

@@ -172,20 +172,20 @@ async fn receive(
                 let peer = batch.peer;
                 let envelopes = std::mem::take(&mut batch.envelopes);
                 let now = now_ms();
-                match store
-                    .write(move |tx| inbound::store_batch(tx, &envelopes, now))
-                    .await
-                {
-                    Ok((receipts, owners)) => {
-                        batch.respond(receipts);
-                        if !owners.is_empty() {
-                            manager.do_send(InboxReady(owners));
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "storing received envelopes failed");
-                        batch.reject(transports::Refusal::Unavailable);
-                    }
+                // The batch is answered from the committing thread, the
+                // moment the envelopes are durable; if the commit fails, the
+                // batch is dropped unanswered and the sender is told
+                // Unavailable (see transports::InboundBatch).
+                let answered = store
+                    .write_then(
+                        move |tx| inbound::store_batch(tx, &envelopes, now),
+                        move |(receipts, _)| batch.respond(std::mem::take(receipts)),
+                    )
+                    .await;
+                match answered {
+                    Ok((_, owners)) if !owners.is_empty() => manager.do_send(InboxReady(owners)),
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "storing received envelopes failed"),
                 }
                 // Whoever sent to us is reachable: retry what waits for them.
                 outbox.peer_reachable(peer);

@@ -40,15 +40,10 @@ pub mod tables {
     pub const ADDRESSES: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("addresses");
     /// (conversation, sequence) → `HistoryEntry`, oldest first.
     pub const HISTORY: TableDefinition<([u8; 8], u64), &[u8]> = TableDefinition::new("history");
-    /// Message id → (conversation, sequence) of its history entry.
-    pub const MESSAGES: TableDefinition<[u8; 16], ([u8; 8], u64)> =
-        TableDefinition::new("messages");
     /// Sequence → `OutboxEntry`: envelopes not yet acknowledged by their receiver.
     pub const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
     /// Sequence → `InboxEntry`: envelopes acknowledged but not yet processed.
     pub const INBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("inbox");
-    /// Hash of a received payload → when it was first stored (ms): de-duplication.
-    pub const SEEN: TableDefinition<[u8; 32], u64> = TableDefinition::new("seen");
     /// openmls storage, namespaced per proton / group proton (see `crate::mls`).
     pub const MLS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("mls");
 }
@@ -140,10 +135,8 @@ impl Store {
             tx.open_table(tables::ACCEPTED_TICKETS)?;
             tx.open_table(tables::ADDRESSES)?;
             tx.open_table(tables::HISTORY)?;
-            tx.open_table(tables::MESSAGES)?;
             tx.open_table(tables::OUTBOX)?;
             tx.open_table(tables::INBOX)?;
-            tx.open_table(tables::SEEN)?;
             tx.open_table(tables::MLS)?;
             Ok(())
         })?;
@@ -187,10 +180,67 @@ impl Store {
         F: FnOnce(&WriteTransaction) -> Result<R, StoreError> + Send + 'static,
         R: Send + 'static,
     {
+        self.write_then(f, |_| {}).await
+    }
+
+    /// Like [`Store::write`], and runs `after` on the same worker thread as
+    /// soon as the commit is durable, before the caller is woken. For work
+    /// that may only happen after the commit and should not wait for the
+    /// caller: answering a peer, handing queued envelopes to the sender.
+    pub async fn write_then<R, F, A>(&self, f: F, after: A) -> Result<R, StoreError>
+    where
+        F: FnOnce(&WriteTransaction) -> Result<R, StoreError> + Send + 'static,
+        A: FnOnce(&mut R) + Send + 'static,
+        R: Send + 'static,
+    {
         let store = self.clone();
-        tokio::task::spawn_blocking(move || store.write_blocking(f))
-            .await
-            .map_err(|e| StoreError::Worker(e.to_string()))?
+        tokio::task::spawn_blocking(move || {
+            let mut result = store.write_blocking(f)?;
+            after(&mut result);
+            Ok(result)
+        })
+        .await
+        .map_err(|e| StoreError::Worker(e.to_string()))?
+    }
+}
+
+impl Store {
+    /// A digest of the contents of every table: equal digests mean equal
+    /// contents. Tests use it to prove that refused input changed nothing,
+    /// and that a failed operation left exactly the state before it.
+    pub fn digest(&self) -> Result<[u8; 32], StoreError> {
+        use sha2::{Digest, Sha256};
+        fn table<K: redb::Key + 'static, V: redb::Value + 'static>(
+            tx: &ReadTransaction,
+            def: redb::TableDefinition<K, V>,
+            hash: &mut Sha256,
+        ) -> Result<(), StoreError> {
+            use redb::TableHandle;
+            hash.update(def.name().as_bytes());
+            for entry in tx.open_table(def)?.iter()? {
+                let (k, v) = entry?;
+                let (k, v) = (k.value(), v.value());
+                let (k, v) = (K::as_bytes(&k), V::as_bytes(&v));
+                hash.update((k.as_ref().len() as u64).to_be_bytes());
+                hash.update(k.as_ref());
+                hash.update((v.as_ref().len() as u64).to_be_bytes());
+                hash.update(v.as_ref());
+            }
+            Ok(())
+        }
+        self.read(|tx| {
+            let mut h = Sha256::new();
+            table(tx, tables::META, &mut h)?;
+            table(tx, tables::PROTONS, &mut h)?;
+            table(tx, tables::TICKETS, &mut h)?;
+            table(tx, tables::ACCEPTED_TICKETS, &mut h)?;
+            table(tx, tables::ADDRESSES, &mut h)?;
+            table(tx, tables::HISTORY, &mut h)?;
+            table(tx, tables::OUTBOX, &mut h)?;
+            table(tx, tables::INBOX, &mut h)?;
+            table(tx, tables::MLS, &mut h)?;
+            Ok(h.finalize().into())
+        })
     }
 }
 

@@ -230,7 +230,7 @@ async fn connection(
                 write_json(&mut writer, &response(Value::Null, Err(error))).await?;
                 return Ok(());
             }
-            Line::Line(l) => l,
+            Line::Complete(l) => l,
         };
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
@@ -325,7 +325,7 @@ async fn dispatch(manager: &Addr<RelationshipManager>, call: Call) -> Result<Val
 }
 
 enum Line {
-    Line(Vec<u8>),
+    Complete(Vec<u8>),
     TooLong,
     Eof,
 }
@@ -348,7 +348,7 @@ async fn read_line<R: AsyncRead + Unpin>(
     } else if buf.len() > max {
         return Ok(Line::TooLong);
     }
-    Ok(Line::Line(buf))
+    Ok(Line::Complete(buf))
 }
 
 async fn write_json<W: AsyncWriteExt + Unpin>(
@@ -435,7 +435,7 @@ impl Client {
         match read_line(&mut self.reader, MAX_RESPONSE_BYTES).await? {
             Line::Eof => Ok(None),
             Line::TooLong => Err(ClientError::Protocol("answer too long".into())),
-            Line::Line(l) => serde_json::from_slice(&l)
+            Line::Complete(l) => serde_json::from_slice(&l)
                 .map(Some)
                 .map_err(|e| ClientError::Protocol(e.to_string())),
         }

@@ -1,1 +1,379 @@
-//! placeholder
+//! Test harness: real `protonode` daemons as separate processes, driven
+//! through the CLI exactly as a person would.
+//!
+//! Every wait has a deadline; a daemon is killed when its handle drops, so
+//! a failing test leaves nothing running. Daemons listen on 127.0.0.1 at
+//! fixed ports chosen here, so that a restarted daemon is found again at
+//! the addresses its contacts already have.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// How long a daemon may take to print its ready line.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one CLI command may take.
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The `protonode` binary of this build, built on first use if missing.
+pub fn protonode_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        // target/<profile>/deps/<test binary> → target/<profile>/protonode
+        let exe = std::env::current_exe().expect("test binary path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile> directory");
+        let bin = profile_dir.join("protonode");
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "protonode", "--bin", "protonode"])
+            .args(if profile_dir.ends_with("release") {
+                &["--release"][..]
+            } else {
+                &[][..]
+            })
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "building protonode failed");
+        assert!(bin.exists(), "{} missing after build", bin.display());
+        bin
+    })
+}
+
+/// A port free for both TCP and UDP on 127.0.0.1.
+pub fn free_port() -> u16 {
+    loop {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind tcp");
+        let port = tcp.local_addr().expect("addr").port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// An initialised data directory of one person, removed when dropped.
+pub struct Person {
+    pub name: String,
+    dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl Person {
+    /// `protonode init --name NAME` in a fresh temporary directory.
+    pub fn init(name: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("pn-{}-", name.to_lowercase()))
+            .tempdir()
+            .expect("tempdir");
+        let p = Self {
+            name: name.to_string(),
+            dir,
+            port: free_port(),
+        };
+        let out = p.cli(&["init", "--name", name]);
+        assert!(
+            out.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        p
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The listen flags of this person's daemon (loopback, fixed ports).
+    pub fn listen_args(&self) -> Vec<String> {
+        vec![
+            "--listen".into(),
+            format!("/ip4/127.0.0.1/tcp/{}", self.port),
+            "--listen".into(),
+            format!("/ip4/127.0.0.1/udp/{}/quic-v1", self.port),
+        ]
+    }
+
+    /// Starts this person's daemon with mDNS off.
+    pub fn start(&self) -> Daemon {
+        let mut args = self.listen_args();
+        args.push("--no-mdns".into());
+        Daemon::start(self, &args, None)
+    }
+
+    /// Runs a CLI command against this person's data directory.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        run_cli(self.data_dir(), args)
+    }
+
+    /// Runs a CLI command with `--json` and parses its output; the error is
+    /// the command's stderr.
+    pub fn json(&self, args: &[&str]) -> Result<Value, String> {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.cli(&all);
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| {
+            format!(
+                "stdout is not JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// Like [`Person::json`], panicking with the error.
+    pub fn ok(&self, args: &[&str]) -> Value {
+        self.json(args)
+            .unwrap_or_else(|e| panic!("{} `{}` failed: {e}", self.name, args.join(" ")))
+    }
+
+    /// This person invites `other`, who accepts; returns (contact id at self, contact id at other).
+    pub fn befriend(&self, other: &Person) -> (String, String) {
+        let ticket = self.ok(&["invite"])["ticket"]
+            .as_str()
+            .expect("ticket")
+            .to_string();
+        let accepted = other.ok(&["accept", &ticket]);
+        let theirs = accepted["contact"].as_str().expect("contact").to_string();
+        let ours = wait_for(Duration::from_secs(20), || {
+            self.ok(&["contacts"])
+                .as_array()?
+                .iter()
+                .find(|c| c["name"] == other.name.as_str())
+                .and_then(|c| c["id"].as_str().map(String::from))
+        })
+        .expect("the inviter sees the new contact");
+        (ours, theirs)
+    }
+
+    /// The history with a contact, as JSON messages.
+    pub fn history(&self, contact: &str) -> Vec<Value> {
+        self.ok(&["history", contact])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// Runs `protonode --data-dir DIR ARGS...`, killing it past [`CLI_TIMEOUT`].
+pub fn run_cli(data_dir: &Path, args: &[&str]) -> Output {
+    let mut child = Command::new(protonode_bin())
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning protonode");
+    let deadline = Instant::now() + CLI_TIMEOUT;
+    loop {
+        match child.try_wait().expect("waiting for protonode") {
+            Some(_) => return child.wait_with_output().expect("output"),
+            None if Instant::now() > deadline => {
+                let _ = child.kill();
+                panic!(
+                    "`protonode {}` did not finish within {CLI_TIMEOUT:?}",
+                    args.join(" ")
+                );
+            }
+            None => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+/// Polls `f` until it returns `Some`, or `None` after `limit`.
+pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A running daemon. Killed (SIGKILL) when dropped.
+pub struct Daemon {
+    child: Child,
+    pub peer_id: String,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Daemon {
+    /// Starts `protonode daemon ARGS`, optionally inside a network
+    /// namespace, and waits for its ready line.
+    pub fn start(person: &Person, args: &[String], netns: Option<&str>) -> Self {
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(protonode_bin());
+                c
+            }
+            None => Command::new(protonode_bin()),
+        };
+        let mut child = command
+            .arg("--data-dir")
+            .arg(person.data_dir())
+            .arg("daemon")
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning the daemon");
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        let (line_tx, line_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let (err_tx, err_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = err_tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut peer_id = String::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match line_rx.recv_timeout(left) {
+                Ok(line) if line.starts_with("peer id: ") => {
+                    peer_id = line["peer id: ".len()..].to_string()
+                }
+                Ok(line) if line == "protonode ready" => break,
+                Ok(_) => {}
+                Err(_) => {
+                    let _ = child.kill();
+                    let errors: Vec<String> = err_rx.try_iter().collect();
+                    panic!(
+                        "{}'s daemon did not become ready: {}",
+                        person.name,
+                        errors.join("\n")
+                    );
+                }
+            }
+        }
+        Self {
+            child,
+            peer_id,
+            stderr: err_rx,
+        }
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for a graceful exit; returns whether it exited 0.
+    pub fn stop(&mut self) -> bool {
+        // SAFETY: sending a signal to our own child process by its pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return status.success(),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => {
+                    self.kill9();
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// What the daemon wrote to stderr so far.
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.stderr.try_iter().collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A digest of every table of a node's database (the daemon must be stopped).
+pub fn store_digest(data_dir: &Path) -> [u8; 32] {
+    let store = actors::store::Store::open(&data_dir.join("protonode.redb")).expect("open db");
+    store.digest().expect("digest")
+}
+
+/// A network namespace with only loopback up, deleted when dropped. `None`
+/// where the machine does not allow namespaces (the caller skips, saying why).
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new() -> Option<Self> {
+        let name = format!("pn-{:08x}", rand::random::<u32>());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .ok()?
+            .success();
+        if !ok {
+            return None;
+        }
+        let ns = Self { name };
+        let up = Command::new("ip")
+            .args(["-n", &ns.name, "link", "set", "lo", "up"])
+            .status()
+            .ok()?
+            .success();
+        up.then_some(ns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+impl Daemon {
+    /// Starts a second daemon on the same data directory, which must refuse;
+    /// returns what it said.
+    pub fn try_second(person: &Person) -> String {
+        let out = run_cli(
+            person.data_dir(),
+            &["daemon", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"],
+        );
+        assert!(!out.status.success(), "a second daemon must not start");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    }
+}

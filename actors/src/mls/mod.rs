@@ -51,6 +51,8 @@ pub enum MlsError {
     Encrypt(String),
     #[error("processing an incoming message failed: {0}")]
     Process(String),
+    #[error("the message was already processed (its key is used up): a retried delivery")]
+    Replay,
     #[error("loading the group from storage failed: {0}")]
     Load(String),
     #[error("the group is not in storage")]
@@ -266,9 +268,19 @@ pub fn process(
     let protocol = message
         .try_into_protocol_message()
         .map_err(|_| MlsError::Unexpected("expected a protocol message"))?;
-    let processed = group
-        .process_message(provider, protocol)
-        .map_err(|e| MlsError::Process(e.to_string()))?;
+    let processed = group.process_message(provider, protocol).map_err(|e| {
+        use openmls::framing::errors::{MessageDecryptionError, SecretTreeError};
+        match e {
+            // Each message key decrypts once; this is how retried
+            // deliveries are told apart from new messages.
+            ProcessMessageError::ValidationError(ValidationError::UnableToDecrypt(
+                MessageDecryptionError::SecretTreeError(
+                    SecretTreeError::SecretReuseError | SecretTreeError::TooDistantInThePast,
+                ),
+            )) => MlsError::Replay,
+            other => MlsError::Process(other.to_string()),
+        }
+    })?;
     // The sender's credential was checked by openmls against its leaf; ours
     // name the leaf's signature key, which `member_ipk` insists on.
     let credential = processed.credential();
@@ -410,7 +422,10 @@ mod tests {
         let alex_p = alex.provider();
         assert!(process(&mut alex_group, &alex_p, &ct).is_ok());
         alex.commit(&alex_p);
-        assert!(process(&mut alex_group, &alex_p, &ct).is_err());
+        assert!(matches!(
+            process(&mut alex_group, &alex_p, &ct),
+            Err(MlsError::Replay)
+        ));
     }
 
     #[test]

@@ -1,0 +1,137 @@
+//! Two people, two daemons (separate processes) on loopback, driven
+//! through the CLI: invitation, acceptance, messages both ways.
+
+use std::time::Duration;
+
+use harness::{wait_for, Daemon, Netns, Person};
+
+fn chat(alex: &Person, blair: &Person) {
+    let (blair_at_alex, alex_at_blair) = alex.befriend(blair);
+
+    let sent = blair.ok(&["send", "Alex", "Hello from Blair", "--wait"]);
+    assert_eq!(sent["status"], "delivered");
+    let reply = alex.ok(&["send", &blair_at_alex, "Hi Blair!", "--wait"]);
+    assert_eq!(reply["status"], "delivered");
+
+    let at_alex = wait_for(Duration::from_secs(10), || {
+        let h = alex.history("Blair");
+        (h.len() == 2).then_some(h)
+    })
+    .expect("Alex has both messages");
+    let at_blair = wait_for(Duration::from_secs(10), || {
+        let h = blair.history(&alex_at_blair);
+        (h.len() == 2).then_some(h)
+    })
+    .expect("Blair has both messages");
+
+    // Same messages, same ids, same order on both sides.
+    let ids = |h: &[serde_json::Value]| h.iter().map(|m| m["id"].clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&at_alex), ids(&at_blair));
+    assert_eq!(at_alex[0]["text"], "Hello from Blair");
+    assert_eq!(at_alex[0]["from"], blair_at_alex.as_str());
+    assert_eq!(at_alex[0]["status"], "received");
+    assert_eq!(at_alex[1]["from"], "me");
+    assert_eq!(at_alex[1]["status"], "delivered");
+    assert_eq!(at_blair[0]["from"], "me");
+    assert_eq!(at_blair[0]["status"], "delivered");
+    assert_eq!(at_blair[1]["status"], "received");
+    for m in at_alex.iter().chain(&at_blair) {
+        let at = m["at"].as_str().expect("at");
+        assert!(at.ends_with('Z') && at.contains('T'), "RFC 3339 time: {at}");
+    }
+}
+
+#[test]
+fn two_daemons_chat_both_ways_without_mdns() {
+    let alex = Person::init("Alex");
+    let blair = Person::init("Blair");
+    let mut a = alex.start();
+    let mut b = blair.start();
+    chat(&alex, &blair);
+    let status = alex.ok(&["status"]);
+    assert_eq!(status["peer_id"], a.peer_id.as_str());
+    assert!(status["listen"].as_array().is_some_and(|l| !l.is_empty()));
+    assert!(a.stop(), "graceful stop exits 0");
+    assert!(b.stop());
+}
+
+#[test]
+fn two_daemons_chat_with_mdns_on() {
+    // mDNS multicasts on every interface; inside a namespace with only
+    // loopback, nothing leaves this machine.
+    let Some(ns) = Netns::new() else {
+        eprintln!("skipped: this machine does not allow network namespaces (ip netns add failed)");
+        return;
+    };
+    let alex = Person::init("Alex");
+    let blair = Person::init("Blair");
+    let _a = Daemon::start(&alex, &alex.listen_args(), Some(&ns.name));
+    let _b = Daemon::start(&blair, &blair.listen_args(), Some(&ns.name));
+    chat(&alex, &blair);
+}
+
+#[test]
+fn reused_and_expired_tickets_are_refused_with_a_clear_message() {
+    let alex = Person::init("Alex");
+    let blair = Person::init("Blair");
+    let charlie = Person::init("Charlie");
+    let _a = alex.start();
+    let _b = blair.start();
+    let _c = charlie.start();
+
+    let ticket = alex.ok(&["invite"])["ticket"].as_str().unwrap().to_string();
+    blair.ok(&["accept", &ticket]);
+    let again = blair.json(&["accept", &ticket]).unwrap_err();
+    assert!(again.contains("already accepted"), "{again}");
+    let reused = charlie.json(&["accept", &ticket]).unwrap_err();
+    assert!(reused.contains("already used or has expired"), "{reused}");
+    assert_eq!(
+        charlie.ok(&["contacts"]),
+        serde_json::json!([]),
+        "nothing left behind"
+    );
+
+    let short = alex.ok(&["invite", "--expires-in", "1"])["ticket"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::thread::sleep(Duration::from_millis(1_100));
+    let expired = charlie.json(&["accept", &short]).unwrap_err();
+    assert!(expired.contains("expired"), "{expired}");
+
+    let own = alex.ok(&["invite"])["ticket"].as_str().unwrap().to_string();
+    let mine = alex.json(&["accept", &own]).unwrap_err();
+    assert!(mine.contains("your own invitation"), "{mine}");
+
+    let damaged = blair
+        .json(&["accept", &ticket[..ticket.len() - 20]])
+        .unwrap_err();
+    assert!(damaged.contains("damaged"), "{damaged}");
+}
+
+#[test]
+fn the_cli_says_what_to_do_next() {
+    let alex = Person::init("Alex");
+    let no_daemon = alex.json(&["contacts"]).unwrap_err();
+    assert!(no_daemon.contains("no daemon is running"), "{no_daemon}");
+
+    let nowhere = tempfile::tempdir().unwrap();
+    let out = harness::run_cli(nowhere.path(), &["contacts"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not initialised"));
+
+    let again = alex.json(&["init", "--name", "Alex"]).unwrap_err();
+    assert!(again.contains("already initialised"), "{again}");
+
+    let usage = alex.cli(&["send", "only-one-arg"]);
+    assert_eq!(usage.status.code(), Some(2), "usage errors exit 2");
+
+    let mut a = alex.start();
+    let second = Daemon::try_second(&alex);
+    assert!(second.contains("already running"), "{second}");
+    let unknown = alex.json(&["send", "Nobody", "hi"]).unwrap_err();
+    assert!(unknown.contains("no contact matches"), "{unknown}");
+    let unknown = alex.json(&["history", "Nobody"]).unwrap_err();
+    assert!(unknown.contains("no contact matches"), "{unknown}");
+    assert!(a.is_running());
+}
