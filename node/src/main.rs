@@ -168,15 +168,12 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
             }
         }
         Command::History { contact } => {
-            let v = daemon
-                .call(&Call::History {
-                    of: contact.clone(),
-                })
-                .await?;
+            let v = daemon.call(&Call::History { of: contact }).await?;
             if json {
                 print_json(&v);
             } else {
-                print!("{}", output::history(&v, &contact));
+                let contacts = daemon.call(&Call::Contacts {}).await?;
+                print!("{}", output::history(&v, &contacts));
             }
         }
         Command::Status => {
@@ -189,9 +186,9 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
         }
         Command::Watch => {
             daemon.call(&Call::Watch {}).await?;
-            if !json {
-                eprintln!("Watching; press Ctrl-C to stop.");
-            }
+            // On stderr in both modes: scripts can wait for it to know that
+            // nothing from now on is missed.
+            eprintln!("Watching; press Ctrl-C to stop.");
             while let Some(note) = daemon.read().await? {
                 let event = note.get("params").cloned().unwrap_or(Value::Null);
                 if json {
@@ -203,7 +200,7 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
             anyhow::bail!("the daemon stopped");
         }
         Command::Init { .. } | Command::Daemon { .. } | Command::Demo => {
-            unreachable!("handled before connecting")
+            anyhow::bail!("this command does not talk to the daemon")
         }
     }
     Ok(())

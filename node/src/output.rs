@@ -43,16 +43,27 @@ pub fn contacts(list: &Value) -> String {
     out
 }
 
-pub fn history(list: &Value, contact: &str) -> String {
+/// A conversation; `contacts` (the `contacts` answer) names the authors.
+pub fn history(list: &Value, contacts: &Value) -> String {
     let Some(items) = list.as_array() else {
         return String::new();
     };
     if items.is_empty() {
-        return format!("No messages with {contact} yet.\n");
+        return "No messages yet.\n".into();
     }
+    let name_of = |id: &str| {
+        contacts
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| s(c, "id") == id))
+            .map(|c| s(c, "name").to_string())
+            .unwrap_or_else(|| id.to_string())
+    };
     let mut out = String::new();
     for m in items {
-        let from = if s(m, "from") == "me" { "me" } else { contact };
+        let from = match s(m, "from") {
+            "me" => "me".to_string(),
+            id => name_of(id),
+        };
         let status = match s(m, "status") {
             "received" => String::new(),
             other => format!("  [{other}]"),

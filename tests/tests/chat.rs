@@ -135,3 +135,80 @@ fn the_cli_says_what_to_do_next() {
     assert!(unknown.contains("no contact matches"), "{unknown}");
     assert!(a.is_running());
 }
+
+#[test]
+fn watch_streams_messages_deliveries_and_contacts_as_json_lines() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let alex = Person::init("Alex");
+    let blair = Person::init("Blair");
+    let _a = alex.start();
+    let _b = blair.start();
+    let mut watch = Command::new(harness::protonode_bin())
+        .arg("--data-dir")
+        .arg(alex.data_dir())
+        .args(["--json", "watch"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = watch.stdout.take().unwrap();
+    let stderr = watch.stderr.take().unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.starts_with("Watching") {
+                let _ = ready_tx.send(());
+            }
+        }
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // Subscribed from here on: nothing below is missed.
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("watch says when it is subscribed");
+    alex.befriend(&blair);
+    blair.ok(&["send", "Alex", "watched", "--wait"]);
+    alex.ok(&["send", "Blair", "back", "--wait"]);
+
+    let mut kinds = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while kinds.len() < 3 && std::time::Instant::now() < deadline {
+        let Ok(line) = rx.recv_timeout(Duration::from_secs(1)) else {
+            continue;
+        };
+        let event: serde_json::Value = serde_json::from_str(&line).expect("each line is JSON");
+        kinds.insert(event["event"].as_str().unwrap().to_string());
+        if event["event"] == "message" {
+            assert_eq!(event["message"]["text"], "watched");
+        }
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert_eq!(
+        kinds.into_iter().collect::<Vec<_>>(),
+        ["contact", "delivery", "message"]
+    );
+}
+
+#[test]
+fn invite_draws_a_qr_code_of_the_ticket() {
+    let alex = Person::init("Alex");
+    let _a = alex.start();
+    let out = alex.cli(&["invite", "--qr"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut lines = text.lines();
+    assert!(lines.next().unwrap().starts_with("protonode:"));
+    let qr: Vec<&str> = lines.collect();
+    assert!(qr.len() > 20, "a QR code follows the ticket");
+    assert!(
+        qr.iter().all(|l| l.chars().all(|c| " ▀▄█".contains(c))),
+        "drawn with half blocks"
+    );
+}
