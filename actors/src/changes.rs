@@ -14,9 +14,10 @@ use redb::{ReadableTable, WriteTransaction};
 use transports::DeliveryAddress;
 
 use crate::mls::{apply_writes, delete_namespace, WriteSet};
-use crate::model::{Conversation, MessageId, ProtonId, TicketId};
+use crate::model::{Conversation, GroupProtonId, MessageId, ProtonId, TicketId};
 use crate::records::{
-    AddressRecord, HistoryEntry, MessageStatus, OutboxEntry, ProtonRecord, Recipient, TicketRecord,
+    AddressRecord, GroupProtonRecord, HistoryEntry, InboxEntry, MessageStatus, OutboxEntry, Owner,
+    ProtonRecord, Recipient, TicketRecord,
 };
 use crate::store::{self, tables, StoreError};
 
@@ -36,6 +37,13 @@ pub struct Changes {
     pub delete_mls_namespaces: Vec<[u8; 8]>,
     pub protons: Vec<ProtonRecord>,
     pub delete_protons: Vec<ProtonId>,
+    pub groups: Vec<GroupProtonRecord>,
+    pub delete_groups: Vec<GroupProtonId>,
+    /// New derived routes: rows waiting for the group move to it.
+    pub routes: Vec<(ProtonId, [u8; 16], GroupProtonId)>,
+    pub delete_routes: Vec<(ProtonId, [u8; 16])>,
+    /// New inbox rows written by us (relayed control messages).
+    pub inbox: Vec<InboxEntry>,
     pub tickets: Vec<TicketRecord>,
     pub delete_tickets: Vec<TicketId>,
     pub accepted_tickets: Vec<(TicketId, ProtonId)>,
@@ -65,6 +73,8 @@ pub struct Applied {
     pub outbox: Vec<(u64, OutboxEntry)>,
     /// Messages whose state changed, with their new state.
     pub statuses: Vec<(Conversation, MessageId, MessageStatus)>,
+    /// Owners of the inbox rows written.
+    pub inbox_owners: Vec<Owner>,
 }
 
 impl Changes {
@@ -73,6 +83,11 @@ impl Changes {
             && self.delete_mls_namespaces.is_empty()
             && self.protons.is_empty()
             && self.delete_protons.is_empty()
+            && self.groups.is_empty()
+            && self.delete_groups.is_empty()
+            && self.routes.is_empty()
+            && self.delete_routes.is_empty()
+            && self.inbox.is_empty()
             && self.tickets.is_empty()
             && self.delete_tickets.is_empty()
             && self.accepted_tickets.is_empty()
@@ -94,6 +109,11 @@ impl Changes {
             .extend(other.delete_mls_namespaces);
         self.protons.extend(other.protons);
         self.delete_protons.extend(other.delete_protons);
+        self.groups.extend(other.groups);
+        self.delete_groups.extend(other.delete_groups);
+        self.routes.extend(other.routes);
+        self.delete_routes.extend(other.delete_routes);
+        self.inbox.extend(other.inbox);
         self.tickets.extend(other.tickets);
         self.delete_tickets.extend(other.delete_tickets);
         self.accepted_tickets.extend(other.accepted_tickets);
@@ -126,6 +146,24 @@ impl Changes {
             }
             for p in &self.protons {
                 store::put(&mut t, p.id.0, p, "proton")?;
+            }
+        }
+        {
+            let mut t = tx.open_table(tables::GROUPS)?;
+            for id in &self.delete_groups {
+                t.remove(id.0)?;
+            }
+            for g in &self.groups {
+                store::put(&mut t, g.id.0, g, "group")?;
+            }
+        }
+        {
+            let mut t = tx.open_table(tables::DERIVED_ROUTES)?;
+            for (p, c) in &self.delete_routes {
+                t.remove((p.0, *c))?;
+            }
+            for (p, c, g) in &self.routes {
+                t.insert((p.0, *c), g.0)?;
             }
         }
         {
@@ -221,6 +259,30 @@ impl Changes {
             let mut t = tx.open_table(tables::INBOX)?;
             for seq in &self.inbox_done {
                 t.remove(*seq)?;
+            }
+            // Rows that came for a group before we knew it move to it.
+            if !self.routes.is_empty() {
+                let mut moved = Vec::new();
+                for e in t.iter()? {
+                    let (k, v) = e?;
+                    let mut entry: InboxEntry = store::decode(v.value(), "inbox entry")?;
+                    let target = self.routes.iter().find(|(p, c, _)| {
+                        entry.owner == Owner::Proton(*p) && entry.context == Some(*c)
+                    });
+                    if let Some((_, _, g)) = target {
+                        entry.owner = Owner::Group(*g);
+                        entry.context = None;
+                        moved.push((k.value(), entry));
+                    }
+                }
+                for (seq, entry) in moved {
+                    store::put(&mut t, seq, &entry, "inbox entry")?;
+                }
+            }
+            let first = store::next_seq(&t)?;
+            for (seq, entry) in (first..).zip(&self.inbox) {
+                store::put(&mut t, seq, entry, "inbox entry")?;
+                applied.inbox_owners.push(entry.owner);
             }
         }
         Ok(applied)

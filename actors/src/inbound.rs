@@ -19,11 +19,13 @@
 //! all get the same `Refused(UnknownAddress)`, so answers reveal nothing
 //! about which addresses exist.
 
-use redb::WriteTransaction;
+use redb::{ReadableTable, WriteTransaction};
 use sha2::{Digest, Sha256};
-use transports::{Envelope, Receipt, Refusal};
+use transports::{Address, Envelope, Receipt, Refusal};
 
-use crate::records::{AddressKind, AddressRecord, InboxEntry, Owner};
+use crate::model::GroupProtonId;
+use crate::records::{AddressKind, AddressRecord, InboxEntry, Owner, Source};
+use crate::seal::SealKey;
 use crate::store::{self, tables, StoreError};
 
 /// Stores a batch of envelopes in `tx`: the receipts, in order, and the
@@ -39,9 +41,11 @@ use crate::store::{self, tables, StoreError};
 pub fn store_batch(
     tx: &WriteTransaction,
     envelopes: &[Envelope],
+    service: &SealKey,
     now: u64,
 ) -> Result<(Vec<Receipt>, Vec<Owner>), StoreError> {
     let mut addresses = tx.open_table(tables::ADDRESSES)?;
+    let routes = tx.open_table(tables::DERIVED_ROUTES)?;
     let mut inbox = tx.open_table(tables::INBOX)?;
     let mut next = store::next_seq(&inbox)?;
     let mut receipts = Vec::with_capacity(envelopes.len());
@@ -51,12 +55,33 @@ pub fn store_batch(
             receipts.push(Receipt::Refused(Refusal::UnsupportedVersion));
             continue;
         }
-        let key = *envelope.to.as_bytes();
+        // A derived address resolves to one of ours and a context; only
+        // long-lived relationship addresses may be derived from.
+        let (key, context) = match &envelope.to {
+            Address::Plain(a) => (*a.as_bytes(), None),
+            Address::Derived(d) => match service.resolve(d) {
+                Some((base, context)) => (*base.as_bytes(), Some(context)),
+                None => {
+                    receipts.push(Receipt::Refused(Refusal::UnknownAddress));
+                    continue;
+                }
+            },
+        };
         let record: Option<AddressRecord> = store::get(&addresses, key, "address")?;
-        let Some(mut record) = record.filter(|r| now < r.valid_until) else {
+        let Some(mut record) = record
+            .filter(|r| now < r.valid_until)
+            .filter(|r| context.is_none() || r.kind == AddressKind::LongTerm)
+        else {
             receipts.push(Receipt::Refused(Refusal::UnknownAddress));
             continue;
         };
+        // A derived address for a group we already know goes to it.
+        let mut owner = record.owner;
+        if let (Some(context), Owner::Proton(p)) = (context, record.owner) {
+            if let Some(group) = routes.get((p.0, context))? {
+                owner = Owner::Group(GroupProtonId(group.value()));
+            }
+        }
         if record.kind == AddressKind::OneTime {
             let hash: [u8; 32] = Sha256::digest(&envelope.payload).into();
             match record.used_by {
@@ -74,15 +99,18 @@ pub fn store_batch(
                 }
             }
         }
+        let routed = matches!(owner, Owner::Group(_));
         let entry = InboxEntry {
-            owner: record.owner,
+            owner,
+            source: Source::Network,
+            context: context.filter(|_| !routed),
             payload: envelope.payload.clone(),
             received_at: now,
         };
         store::put(&mut inbox, next, &entry, "inbox entry")?;
         next += 1;
-        if !owners.contains(&record.owner) {
-            owners.push(record.owner);
+        if !owners.contains(&owner) {
+            owners.push(owner);
         }
         receipts.push(Receipt::Stored);
     }
@@ -150,12 +178,12 @@ mod tests {
             Envelope::new(DeliveryAddress::random(), b"three".to_vec()),
             Envelope {
                 version: 9,
-                to: live,
+                to: live.into(),
                 payload: b"four".to_vec(),
             },
         ];
         let (receipts, owners) = store
-            .write_blocking(move |tx| store_batch(tx, &batch, 50))
+            .write_blocking(move |tx| store_batch(tx, &batch, &SealKey::generate(), 50))
             .unwrap();
         assert_eq!(
             receipts,
@@ -168,6 +196,70 @@ mod tests {
         );
         assert_eq!(owners, vec![owner]);
         assert_eq!(inbox_len(&store), 1);
+    }
+
+    #[test]
+    fn a_derived_address_resolves_to_its_base_and_routes_by_context() {
+        let service = SealKey::generate();
+        let base = DeliveryAddress::random();
+        let proton = crate::model::ProtonId::random();
+        let (_dir, store) = store_with(&[(
+            base,
+            AddressRecord {
+                owner: Owner::Proton(proton),
+                kind: AddressKind::LongTerm,
+                valid_until: 100,
+                used_by: None,
+            },
+        )]);
+        let context = [3u8; 16];
+        let derived = crate::seal::derive_address(&service.public(), &base, &context).unwrap();
+        let stranger =
+            crate::seal::derive_address(&SealKey::generate().public(), &base, &context).unwrap();
+        let batch = vec![
+            Envelope::new(derived.clone(), b"early".to_vec()),
+            Envelope::new(stranger, b"x".to_vec()),
+        ];
+        let svc = service.clone();
+        let (receipts, owners) = store
+            .write_blocking(move |tx| store_batch(tx, &batch, &svc, 50))
+            .unwrap();
+        assert_eq!(
+            receipts,
+            vec![Receipt::Stored, Receipt::Refused(Refusal::UnknownAddress)]
+        );
+        // Before the group is known the row waits with the proton, marked.
+        assert_eq!(owners, vec![Owner::Proton(proton)]);
+        // Once the route exists, the next one goes straight to the group.
+        let group = GroupProtonId::random();
+        store
+            .write_blocking(move |tx| {
+                let c = crate::changes::Changes {
+                    routes: vec![(proton, context, group)],
+                    ..Default::default()
+                };
+                c.apply(tx)
+            })
+            .unwrap();
+        let batch = vec![Envelope::new(derived, b"later".to_vec())];
+        let (_, owners) = store
+            .write_blocking(move |tx| store_batch(tx, &batch, &service, 50))
+            .unwrap();
+        assert_eq!(owners, vec![Owner::Group(group)]);
+        let rows: Vec<InboxEntry> = store
+            .read(|tx| {
+                let t = tx.open_table(tables::INBOX)?;
+                let mut out = Vec::new();
+                for e in t.iter()? {
+                    out.push(store::decode(e?.1.value(), "inbox")?);
+                }
+                Ok(out)
+            })
+            .unwrap();
+        assert!(
+            rows.iter().all(|r| r.owner == Owner::Group(group)),
+            "the waiting row moved with the route"
+        );
     }
 
     #[test]
@@ -189,7 +281,7 @@ mod tests {
             Envelope::new(ticket, b"first".to_vec()),
         ];
         let (receipts, _) = store
-            .write_blocking(move |tx| store_batch(tx, &batch, 50))
+            .write_blocking(move |tx| store_batch(tx, &batch, &SealKey::generate(), 50))
             .unwrap();
         assert_eq!(
             receipts,

@@ -3,6 +3,8 @@
 
 pub mod attestation;
 pub mod changes;
+pub mod group_proton;
+pub mod groups;
 pub mod identity;
 pub mod inbound;
 pub mod manager;
@@ -14,6 +16,7 @@ pub mod proton;
 pub mod records;
 pub mod relationship;
 pub mod runtime;
+pub mod seal;
 pub mod store;
 pub mod ticket;
 pub mod views;

@@ -15,17 +15,26 @@ use tokio::sync::broadcast;
 use transports::Multiaddr;
 
 use crate::changes::Changes;
-use crate::model::{now_ms, Conversation, DisplayIdentity, MessageId, ProtonId, TicketId};
+use crate::group_proton::{self, Answer, Command, Do, GroupProton, RelayDone, RelayRequest};
+use crate::groups::{self, GroupError};
+use crate::identity::Ipk;
+use crate::model::{
+    now_ms, Conversation, DisplayIdentity, GroupProtonId, MessageId, ProtonId, TicketId,
+};
 use crate::outbox::Outcome;
 use crate::protocol::Payload;
-use crate::proton::{ProcessInbox, Proton, RefreshTransports, SendText, SetState, Shared};
+use crate::proton::{
+    Notice, ProcessInbox, Proton, RefreshTransports, SendControl, SendText, SetState, Shared,
+};
 use crate::records::{
-    HistoryEntry, InboxEntry, MessageStatus, OutboxKind, Owner, ProtonRecord, ProtonState,
-    TicketRecord,
+    GroupProtonRecord, GroupState, HistoryEntry, InboxEntry, Intent, MessageStatus, OutboxKind,
+    Owner, ProtonRecord, ProtonState, TicketRecord,
 };
 use crate::relationship::{self, RelationshipError};
 use crate::store::{self, tables, StoreError};
-use crate::views::{self, ContactChange, ContactView, Event, MessageView, StatusView};
+use crate::views::{
+    self, ContactChange, ContactView, Event, GroupChange, GroupView, MessageView, StatusView,
+};
 
 /// How often housekeeping runs: pruning expired tickets and addresses,
 /// rotating addresses that are due.
@@ -38,6 +47,24 @@ const REFRESH_DEBOUNCE: Duration = Duration::from_secs(2);
 pub enum Error {
     #[error("no contact matches {0:?}; `protonode contacts` lists them")]
     UnknownContact(String),
+    #[error(
+        "no contact or group matches {0:?}; `protonode contacts` and `protonode groups` list them"
+    )]
+    UnknownConversation(String),
+    #[error("no group matches {0:?}; `protonode groups` lists them")]
+    UnknownGroup(String),
+    #[error("{query:?} matches several groups ({matches}); use the group id")]
+    AmbiguousGroup { query: String, matches: String },
+    #[error("{query:?} matches both a contact and a group; use the id")]
+    AmbiguousConversation { query: String },
+    #[error("no member of the group matches {0:?}; `protonode groups` lists them")]
+    UnknownMember(String),
+    #[error("{0} is not an active relationship yet; wait until it is")]
+    NotActive(String),
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Group(#[from] GroupError),
     #[error("{query:?} matches several contacts ({matches}); use the contact id")]
     AmbiguousContact { query: String, matches: String },
     #[error("the inviter's node refused this invitation: it was already used or has expired; ask for a new one")]
@@ -107,6 +134,39 @@ pub struct GetHistory {
 #[rtype(result = "Result<StatusView, Error>")]
 pub struct GetStatus;
 
+/// Starts a group with placeholders for these contacts (two: an
+/// introduction).
+#[derive(Message)]
+#[rtype(result = "Result<GroupView, Error>")]
+pub struct CreateGroup {
+    pub contacts: Vec<String>,
+    pub name: Option<String>,
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<Vec<GroupView>, Error>")]
+pub struct ListGroups;
+
+/// Something to do in one group.
+#[derive(Debug, Clone)]
+pub enum GroupAction {
+    Claim,
+    Decline,
+    Leave,
+    Add(String),
+    Remove(String),
+    /// Fresh keys for our own leaf (an MLS update commit).
+    Update,
+    Verify(String),
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<GroupView, Error>")]
+pub struct GroupCommand {
+    pub group: String,
+    pub action: GroupAction,
+}
+
 /// New inbox rows for these owners (from the receiving service).
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -127,6 +187,7 @@ pub struct RelationshipManager {
     client: transports::Client,
     config: config::Config,
     protons: HashMap<ProtonId, Addr<Proton>>,
+    groups: HashMap<GroupProtonId, Addr<GroupProton>>,
     /// An answer to one of our invitations is being processed.
     welcomes_busy: bool,
     welcomes_again: bool,
@@ -140,6 +201,7 @@ impl RelationshipManager {
             client,
             config,
             protons: HashMap::new(),
+            groups: HashMap::new(),
             welcomes_busy: false,
             welcomes_again: false,
             refresh_scheduled: false,
@@ -158,6 +220,74 @@ impl RelationshipManager {
         let addr = Proton::new(id, self.shared.clone()).start();
         self.protons.insert(id, addr.clone());
         addr
+    }
+
+    /// The actor of a group proton, started (and restored) if needed.
+    fn group(&mut self, id: GroupProtonId, ctx: &mut Context<Self>) -> Addr<GroupProton> {
+        if let Some(addr) = self.groups.get(&id).filter(|a| a.connected()) {
+            return addr.clone();
+        }
+        let addr = GroupProton::new(id, self.shared.clone(), ctx.address().recipient()).start();
+        self.groups.insert(id, addr.clone());
+        addr
+    }
+
+    /// Resolves a group: an exact id, a unique name, or a unique id prefix
+    /// of at least 4 digits. Groups we left are found only by id.
+    fn resolve_group(&self, query: &str) -> Result<GroupProtonRecord, Error> {
+        let all = groups::all_groups(&self.shared.store)?;
+        let q = query.trim();
+        if let Ok(id) = q.parse::<GroupProtonId>() {
+            if let Some(g) = all.iter().find(|g| g.id == id) {
+                return Ok(g.clone());
+            }
+        }
+        let live: Vec<&GroupProtonRecord> =
+            all.iter().filter(|g| g.state != GroupState::Gone).collect();
+        let by_name: Vec<&&GroupProtonRecord> = live
+            .iter()
+            .filter(|g| g.name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(q)))
+            .collect();
+        let by_prefix: Vec<&&GroupProtonRecord> = if q.len() >= 4 {
+            live.iter()
+                .filter(|g| g.id.to_string().starts_with(&q.to_ascii_lowercase()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let matches = if by_name.is_empty() {
+            by_prefix
+        } else {
+            by_name
+        };
+        match matches.as_slice() {
+            [one] => Ok((**one).clone()),
+            [] => Err(Error::UnknownGroup(query.to_string())),
+            many => Err(Error::AmbiguousGroup {
+                query: query.to_string(),
+                matches: many
+                    .iter()
+                    .map(|g| format!("{} {}", g.id, g.name.clone().unwrap_or_default()))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        }
+    }
+
+    /// A contact or a group, whichever `query` names.
+    fn resolve_conversation(&self, query: &str) -> Result<Conversation, Error> {
+        let contact = self.resolve(query);
+        let group = self.resolve_group(query);
+        match (contact, group) {
+            (Ok(_), Ok(_)) => Err(Error::AmbiguousConversation {
+                query: query.to_string(),
+            }),
+            (Ok(p), Err(_)) => Ok(Conversation::Proton(p.id)),
+            (Err(_), Ok(g)) => Ok(Conversation::Group(g.id)),
+            (Err(e @ Error::AmbiguousContact { .. }), Err(_)) => Err(e),
+            (Err(_), Err(e @ Error::AmbiguousGroup { .. })) => Err(e),
+            (Err(_), Err(_)) => Err(Error::UnknownConversation(query.to_string())),
+        }
     }
 
     fn proton_exists(&self, id: ProtonId) -> bool {
@@ -351,6 +481,19 @@ impl Actor for RelationshipManager {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        let _ = self.shared.notices.set(ctx.address().recipient());
+        // Groups with work in flight (relays, commits) pick it up again.
+        match groups::all_groups(&self.shared.store) {
+            Ok(all) => {
+                for g in all {
+                    let busy = !g.relays.is_empty() || g.pending.is_some() || !g.intents.is_empty();
+                    if busy {
+                        self.group(g.id, ctx);
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "reading groups failed"),
+        }
         // Work left by the last run: inbox rows not yet processed.
         match inbox_owners(&self.shared.store) {
             Ok(owners) if !owners.is_empty() => ctx.notify(InboxReady(owners)),
@@ -443,25 +586,49 @@ impl Handler<ListContacts> for RelationshipManager {
 impl Handler<SendMessage> for RelationshipManager {
     type Result = ResponseFuture<Result<MessageView, Error>>;
 
-    fn handle(&mut self, msg: SendMessage, _: &mut Self::Context) -> Self::Result {
-        let target = self.resolve(&msg.to);
-        let target = target.map(|p| (p.id, self.proton(p.id)));
+    fn handle(&mut self, msg: SendMessage, ctx: &mut Self::Context) -> Self::Result {
+        let conversation = self.resolve_conversation(&msg.to);
         let shared = self.shared.clone();
+        let target = conversation.map(|c| match c {
+            Conversation::Proton(id) => (c, Ok(self.proton(id))),
+            Conversation::Group(id) => (c, Err(self.group(id, ctx))),
+        });
         Box::pin(async move {
-            let (id, addr) = target?;
+            let (conversation, actor) = target?;
             let mut events = shared.events.subscribe();
-            let entry = addr
-                .send(SendText(msg.text))
-                .await
-                .map_err(|_| Error::Stopped)??;
-            let conversation = Conversation::Proton(id);
+            let entry = match actor {
+                Ok(proton) => proton
+                    .send(SendText(msg.text))
+                    .await
+                    .map_err(|_| Error::Stopped)??,
+                Err(group) => match group
+                    .send(Do(Command::Send(msg.text)))
+                    .await
+                    .map_err(|_| Error::Stopped)??
+                {
+                    Answer::Sent(entry) => entry,
+                    Answer::Done => return Err(Error::Stopped),
+                },
+            };
             let mut view = MessageView::of(conversation, &entry);
-            if let Some(limit) = msg.wait {
-                match wait_for_delivery(&shared, &mut events, conversation, entry.id, limit).await {
-                    Some(true) => view.status = views::status_name(MessageStatus::Delivered),
-                    Some(false) => view.status = views::status_name(MessageStatus::Failed),
-                    None => return Err(Error::NotYetDelivered(limit)),
+            if let Some(limit) = msg.wait.filter(|_| entry.status == MessageStatus::Queued) {
+                // A group message is delivered once every member's node has it.
+                let mut left = entry.pending.max(1);
+                let deadline = tokio::time::Instant::now() + limit;
+                while left > 0 {
+                    let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    match wait_for_delivery(&shared, &mut events, conversation, entry.id, wait)
+                        .await
+                    {
+                        Some(true) => left -= 1,
+                        Some(false) => {
+                            view.status = views::status_name(MessageStatus::Failed);
+                            return Ok(view);
+                        }
+                        None => return Err(Error::NotYetDelivered(limit)),
+                    }
                 }
+                view.status = views::status_name(MessageStatus::Delivered);
             }
             Ok(view)
         })
@@ -472,12 +639,195 @@ impl Handler<GetHistory> for RelationshipManager {
     type Result = Result<Vec<MessageView>, Error>;
 
     fn handle(&mut self, msg: GetHistory, _: &mut Self::Context) -> Self::Result {
-        let p = self.resolve(&msg.of)?;
-        let conversation = Conversation::Proton(p.id);
+        let conversation = self.resolve_conversation(&msg.of)?;
         Ok(history(&self.shared.store, conversation)?
             .iter()
             .map(|e| MessageView::of(conversation, e))
             .collect())
+    }
+}
+
+impl Handler<CreateGroup> for RelationshipManager {
+    type Result = ResponseFuture<Result<GroupView, Error>>;
+
+    fn handle(&mut self, msg: CreateGroup, ctx: &mut Self::Context) -> Self::Result {
+        let created = (|| {
+            if msg.contacts.is_empty() {
+                return Err(Error::Usage(
+                    "a group needs at least one contact to invite".into(),
+                ));
+            }
+            let mut via: Vec<ProtonRecord> = Vec::new();
+            for c in &msg.contacts {
+                let p = self.resolve(c)?;
+                if p.state != ProtonState::Active {
+                    return Err(Error::NotActive(p.peer_display.name));
+                }
+                if via.iter().any(|v| v.id == p.id) {
+                    return Err(Error::Usage(format!("{c:?} is named twice")));
+                }
+                via.push(p);
+            }
+            Ok(groups::create_group(
+                &self.shared.store,
+                &self.shared.node_addrs(),
+                self.display(),
+                self.shared.lifetimes,
+                &via,
+                msg.name.clone(),
+                now_ms(),
+            )?)
+        })();
+        let shared = self.shared.clone();
+        let me = ctx.address();
+        Box::pin(async move {
+            let (record, changes) = created?;
+            shared.store.write(move |tx| changes.apply(tx)).await?;
+            // The group's actor sends the introductions through the relationships.
+            me.do_send(StartGroup(record.id));
+            shared.emit(Event::Group {
+                group: record.id.to_string(),
+                epoch: record.epoch,
+                change: GroupChange::Joined,
+            });
+            Ok(GroupView::of(&record))
+        })
+    }
+}
+
+/// Starts a group proton's actor (it then does what is pending).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct StartGroup(GroupProtonId);
+
+impl Handler<StartGroup> for RelationshipManager {
+    type Result = ();
+
+    fn handle(&mut self, msg: StartGroup, ctx: &mut Self::Context) {
+        self.group(msg.0, ctx).do_send(group_proton::ProcessInbox);
+    }
+}
+
+impl Handler<ListGroups> for RelationshipManager {
+    type Result = Result<Vec<GroupView>, Error>;
+
+    fn handle(&mut self, _: ListGroups, _: &mut Self::Context) -> Self::Result {
+        let mut all = groups::all_groups(&self.shared.store)?;
+        all.retain(|g| g.state != GroupState::Gone);
+        all.sort_by_key(|g| g.created_at);
+        Ok(all.iter().map(GroupView::of).collect())
+    }
+}
+
+impl Handler<GroupCommand> for RelationshipManager {
+    type Result = ResponseFuture<Result<GroupView, Error>>;
+
+    fn handle(&mut self, msg: GroupCommand, ctx: &mut Self::Context) -> Self::Result {
+        let prepared = (|| {
+            let g = self.resolve_group(&msg.group)?;
+            let member = |query: &str| resolve_member(&g, query);
+            let command = match &msg.action {
+                GroupAction::Claim => {
+                    let (via, _) = g.introduced.ok_or(GroupError::AlreadyClaimed)?;
+                    let proton = groups::load_protons(&self.shared.store, [via])?
+                        .pop()
+                        .ok_or(Error::NotActive(
+                            "the relationship you were introduced through".into(),
+                        ))?;
+                    Command::Claim(Box::new(proton))
+                }
+                GroupAction::Decline => Command::Decline,
+                GroupAction::Leave => Command::Leave,
+                GroupAction::Update => Command::Intent(Box::new(Intent::Update)),
+                GroupAction::Remove(q) => Command::Intent(Box::new(Intent::Remove {
+                    members: vec![member(q)?],
+                })),
+                GroupAction::Verify(q) => Command::Verify(member(q)?),
+                GroupAction::Add(contact) => {
+                    let p = self.resolve(contact)?;
+                    if p.state != ProtonState::Active {
+                        return Err(Error::NotActive(p.peer_display.name));
+                    }
+                    Command::Add(vec![p])
+                }
+            };
+            Ok((g.id, command))
+        })();
+        let prepared = prepared.map(|(id, command)| (id, self.group(id, ctx), command));
+        let store = self.shared.store.clone();
+        Box::pin(async move {
+            let (id, actor, command) = prepared?;
+            actor
+                .send(Do(command))
+                .await
+                .map_err(|_| Error::Stopped)??;
+            let record = groups::all_groups(&store)?
+                .into_iter()
+                .find(|g| g.id == id)
+                .ok_or(Error::UnknownGroup(id.to_string()))?;
+            Ok(GroupView::of(&record))
+        })
+    }
+}
+
+impl Handler<Notice> for RelationshipManager {
+    type Result = ();
+
+    fn handle(&mut self, msg: Notice, ctx: &mut Self::Context) {
+        match msg {
+            Notice::Group(id) => {
+                self.group(id, ctx).do_send(group_proton::ProcessInbox);
+            }
+        }
+    }
+}
+
+impl Handler<RelayRequest> for RelationshipManager {
+    type Result = ();
+
+    fn handle(&mut self, msg: RelayRequest, ctx: &mut Self::Context) {
+        let proton = self.proton(msg.relay.via);
+        let group = self.group(msg.group, ctx);
+        let id = msg.relay.id;
+        ctx.spawn(
+            async move {
+                match proton.send(SendControl(msg.relay.body)).await {
+                    Ok(Ok(())) => group.do_send(RelayDone(id)),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "sending a group message through a relationship failed"),
+                    Err(_) => tracing::warn!("the relationship's actor stopped"),
+                }
+            }
+            .into_actor(self),
+        );
+    }
+}
+
+/// A group member: by key fingerprint (or a prefix of at least 4 hex
+/// digits), or by unique name.
+fn resolve_member(g: &GroupProtonRecord, query: &str) -> Result<Ipk, Error> {
+    let q = query.trim().to_ascii_lowercase();
+    let by_id: Vec<Ipk> = g
+        .members
+        .iter()
+        .filter(|m| {
+            q.len() >= 4
+                && (m.ipk.fingerprint() == q
+                    || m.ipk
+                        .fingerprint()
+                        .replace('-', "")
+                        .starts_with(&q.replace('-', "")))
+        })
+        .map(|m| m.ipk)
+        .collect();
+    let by_name: Vec<Ipk> = g
+        .members
+        .iter()
+        .filter(|m| m.display.name.eq_ignore_ascii_case(query.trim()))
+        .map(|m| m.ipk)
+        .collect();
+    match (by_id.as_slice(), by_name.as_slice()) {
+        ([one], _) | ([], [one]) => Ok(*one),
+        _ => Err(Error::UnknownMember(query.to_string())),
     }
 }
 
@@ -538,6 +888,7 @@ impl Handler<InboxReady> for RelationshipManager {
                     }
                 }
                 Owner::Ticket(_) => welcomes = true,
+                Owner::Group(id) => self.group(id, ctx).do_send(group_proton::ProcessInbox),
             }
         }
         if welcomes {
@@ -787,6 +1138,7 @@ fn prune(tx: &redb::WriteTransaction, now: u64) -> Result<usize, StoreError> {
             let orphan = match entry.owner {
                 Owner::Proton(p) => expired_tickets.iter().any(|t| !t.used && t.proton == p),
                 Owner::Ticket(id) => expired_tickets.iter().any(|t| t.id == id),
+                Owner::Group(_) => false,
             };
             if orphan {
                 changes.inbox_done.push(k.value());

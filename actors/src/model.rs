@@ -9,7 +9,7 @@ use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use transports::{DeliveryAddress, Multiaddr, PeerId};
+use transports::{Address, DeliveryAddress, Multiaddr, PeerId};
 
 /// Longest display name, in characters.
 pub const MAX_NAME_CHARS: usize = config::MAX_NAME_CHARS;
@@ -214,10 +214,12 @@ pub fn validate_text(text: &str) -> Result<(), InvalidValue> {
 }
 
 /// A delivery address and the time until which its receiving service
-/// guarantees to accept envelopes for it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// guarantees to accept envelopes for it. Our own leases hold plain
+/// addresses; a lease an introducer gives for someone else may hold an
+/// address derived from theirs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AddressLease {
-    pub address: DeliveryAddress,
+    pub address: Address,
     /// Milliseconds since the Unix epoch.
     pub valid_until: u64,
 }
@@ -226,8 +228,16 @@ impl AddressLease {
     /// A fresh random address, valid for `valid_for` from `now` (ms).
     pub fn new(now: u64, valid_for: std::time::Duration) -> Self {
         Self {
-            address: DeliveryAddress::random(),
+            address: Address::Plain(DeliveryAddress::random()),
             valid_until: now.saturating_add(valid_for.as_millis() as u64),
+        }
+    }
+
+    /// The plain address of this lease, if it is one.
+    pub fn plain(&self) -> Option<DeliveryAddress> {
+        match &self.address {
+            Address::Plain(a) => Some(*a),
+            Address::Derived(_) => None,
         }
     }
 
@@ -267,6 +277,8 @@ pub struct TransportInfo {
     pub kind: TransportKind,
     /// The receiving service's libp2p peer id, as bytes.
     pub service: Vec<u8>,
+    /// The receiving service's key for derived addresses (see `seal`).
+    pub service_key: Option<[u8; 32]>,
     /// Multiaddrs of the receiving service, as bytes.
     pub addrs: Vec<Vec<u8>>,
     pub long_term: AddressLease,
@@ -277,6 +289,7 @@ impl TransportInfo {
     pub fn new(
         kind: TransportKind,
         service: PeerId,
+        service_key: [u8; 32],
         addrs: &[Multiaddr],
         long_term: AddressLease,
         ephemeral: AddressLease,
@@ -284,6 +297,7 @@ impl TransportInfo {
         Self {
             kind,
             service: service.to_bytes(),
+            service_key: Some(service_key),
             addrs: addrs.iter().map(|a| a.to_vec()).collect(),
             long_term,
             ephemeral,
@@ -308,11 +322,11 @@ impl TransportInfo {
 
     /// The address to send to now: the ephemeral one while it is valid, else
     /// the long-term one.
-    pub fn current_address(&self, now: u64) -> DeliveryAddress {
+    pub fn current_address(&self, now: u64) -> Address {
         if self.ephemeral.is_valid_at(now) {
-            self.ephemeral.address
+            self.ephemeral.address.clone()
         } else {
-            self.long_term.address
+            self.long_term.address.clone()
         }
     }
 

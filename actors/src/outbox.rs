@@ -44,11 +44,11 @@ use redb::ReadableTable;
 use tokio::sync::{broadcast, mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use transports::{DeliveryAddress, DeliveryError, Envelope, Multiaddr, PeerId, Receipt, Refusal};
+use transports::{Address, DeliveryError, Envelope, Multiaddr, PeerId, Receipt, Refusal};
 
 use crate::changes::{Changes, Destination, StatusChange};
 use crate::model::{now_ms, Conversation, MessageId, TransportInfo};
-use crate::records::{OutboxEntry, OutboxKind, ProtonRecord, Recipient};
+use crate::records::{GroupProtonRecord, OutboxEntry, OutboxKind, ProtonRecord, Recipient};
 use crate::store::{self, tables, Store, StoreError};
 use crate::views::Event;
 
@@ -186,9 +186,9 @@ struct Candidate {
 }
 
 impl Candidate {
-    fn address(&self, now: u64) -> DeliveryAddress {
+    fn address(&self, now: u64) -> Address {
         if self.long_term {
-            self.transport.long_term.address
+            self.transport.long_term.address.clone()
         } else {
             self.transport.current_address(now)
         }
@@ -365,15 +365,34 @@ impl Sender {
                 return Ok(Some(t.clone()));
             }
         }
-        let record: Option<ProtonRecord> = match dest.0 {
-            Conversation::Proton(id) => self
-                .store
-                .read(|tx| store::get(&tx.open_table(tables::PROTONS)?, id.0, "proton"))?,
-            Conversation::Group(_) => None,
-        };
-        let transports = match (record, dest.1) {
-            (Some(r), Recipient::Peer) => r.peer_transports,
-            (None, _) => return Ok(None),
+        let found: Option<Vec<TransportInfo>> = self.store.read(|tx| {
+            Ok(match dest {
+                (Conversation::Proton(id), Recipient::Peer) => store::get::<_, ProtonRecord, _>(
+                    &tx.open_table(tables::PROTONS)?,
+                    id.0,
+                    "proton",
+                )?
+                .map(|r| r.peer_transports),
+                (Conversation::Group(id), Recipient::Member(ipk)) => {
+                    // Even a group we left: our "leave" must still get out.
+                    store::get::<_, GroupProtonRecord, _>(
+                        &tx.open_table(tables::GROUPS)?,
+                        id.0,
+                        "group",
+                    )?
+                    .and_then(|g| {
+                        g.members
+                            .into_iter()
+                            .chain(g.former)
+                            .find(|m| m.ipk == ipk)
+                            .map(|m| m.transports)
+                    })
+                }
+                _ => None,
+            })
+        })?;
+        let Some(transports) = found else {
+            return Ok(None);
         };
         if let Some(q) = self.queues.get_mut(&dest) {
             q.transports = Some((Instant::now(), transports.clone()));
@@ -404,7 +423,10 @@ impl Sender {
         let mut envelopes = Vec::with_capacity(rows.len());
         let mut batch = Vec::with_capacity(rows.len());
         for (seq, entry) in rows {
-            let to = entry.address.unwrap_or_else(|| candidate.address(now));
+            let to = entry
+                .address
+                .clone()
+                .unwrap_or_else(|| candidate.address(now));
             envelopes.push(Envelope::new(to, entry.payload.clone()));
             if transports::encoded_batch_len(&envelopes) > transports::MAX_FRAME_BYTES {
                 envelopes.pop();

@@ -11,15 +11,41 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::attestation::Attestation;
+use crate::identity::{Ipk, SecretKey};
 use crate::model::{
     validate_text, validate_transports, DisplayIdentity, InvalidValue, MessageId, TransportInfo,
 };
 
+/// Checks a group name.
+pub fn validate_group_name(name: &str) -> Result<(), InvalidValue> {
+    if name.trim().is_empty() {
+        return Err(InvalidValue::Empty { what: "group name" });
+    }
+    let len = name.chars().count();
+    if len > MAX_GROUP_NAME_CHARS {
+        return Err(InvalidValue::TooLong {
+            what: "group name",
+            len,
+            max: MAX_GROUP_NAME_CHARS,
+        });
+    }
+    if name.chars().any(char::is_control) {
+        return Err(InvalidValue::ControlCharacters { what: "group name" });
+    }
+    Ok(())
+}
+
 /// Version of [`Payload`] and [`Plaintext`].
 pub const PROTOCOL_VERSION: u8 = 1;
 
-/// Largest plaintext inside one MLS application message.
-pub const MAX_PLAINTEXT_BYTES: usize = 64 * 1024;
+/// Largest plaintext inside one MLS application message (an introduction
+/// to a large group carries its Welcome and roster).
+pub const MAX_PLAINTEXT_BYTES: usize = 224 * 1024;
+/// Most members one introduction or roster may list.
+pub const MAX_MEMBERS: usize = 1024;
+/// Longest group name, in characters.
+pub const MAX_GROUP_NAME_CHARS: usize = 64;
 
 /// Why bytes from a peer were refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,6 +71,27 @@ pub enum Payload {
     Welcome { welcome: Vec<u8>, hello: Vec<u8> },
     /// A message of an existing conversation (TLS-encoded MLSMessage).
     Mls(Vec<u8>),
+    /// A member's commit, sent to the group's ordering service.
+    Commit(Vec<u8>),
+    /// A commit the ordering service accepted for its epoch, fanned out to
+    /// every member, signed by the ordering member's group key.
+    Ordered {
+        commit: Vec<u8>,
+        rank: u32,
+        #[serde(with = "crate::identity::signature_serde")]
+        signature: [u8; crate::identity::SIGNATURE_LEN],
+    },
+    /// A control message our own proton received from its peer for a group
+    /// (an equivalence, a decline). Only in inbox rows our proton wrote.
+    Relayed(Box<Body>),
+    /// A message sealed to one member's direct key, signed by the sender's
+    /// group key (a side relationship's invitation).
+    Sealed {
+        from: Ipk,
+        sealed: Vec<u8>,
+        #[serde(with = "crate::identity::signature_serde")]
+        signature: [u8; crate::identity::SIGNATURE_LEN],
+    },
 }
 
 /// The encoding of every payload and plaintext: a version byte, then the body.
@@ -96,6 +143,65 @@ pub enum Body {
     },
     /// Nothing but the piggybacked transports.
     Transports,
+    /// (1:1) The sender introduces us into a group (DESIGN.md section 8.2).
+    Introduction(Box<Introduction>),
+    /// (1:1) "My group proton in this group is equivalent to my proton
+    /// here": how a claim (or a side relationship) is linked.
+    Equivalence {
+        group_id: Vec<u8>,
+        attestation: Attestation,
+    },
+    /// (1:1) We decline the sender's introduction into this group.
+    Decline { group_id: Vec<u8> },
+    /// (group) Who the sender is and how to reach it.
+    MemberInfo(MemberInfo),
+    /// (group) The sender leaves; the ordering service removes it.
+    Leave,
+}
+
+/// A member of a group as one member tells another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    pub ipk: Ipk,
+    pub display: DisplayIdentity,
+    pub transports: Vec<TransportInfo>,
+    pub direct_key: Option<[u8; 32]>,
+    /// `Some(introducer)` for a placeholder the introducer made.
+    pub placeholder_of: Option<Ipk>,
+    /// "This key follows the placeholder it claimed", signed by both.
+    pub claim: Option<Attestation>,
+}
+
+impl MemberInfo {
+    pub fn validate(&self) -> Result<(), InvalidValue> {
+        self.display.validate()?;
+        validate_transports(&self.transports)
+    }
+}
+
+/// What an introducer sends each person it introduces, inside their
+/// relationship.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Introduction {
+    pub group_id: Vec<u8>,
+    pub name: Option<String>,
+    /// The MLS Welcome that joins the placeholder.
+    pub welcome: Vec<u8>,
+    /// The placeholder made for the receiver: its private key and its key
+    /// package's private parts (a serialised `KeyPackageBundle`).
+    pub placeholder_key: SecretKey,
+    pub placeholder_bundle: Vec<u8>,
+    /// The introducer's own member identity in the group.
+    pub introducer: MemberInfo,
+    /// The introducer's group key is equivalent to its key in this
+    /// relationship, signed by both.
+    pub equivalence: Attestation,
+    /// Everyone else in the group, as the introducer knows them.
+    pub members: Vec<MemberInfo>,
+    /// How the group reaches the receiver's placeholder (addresses derived
+    /// from the receiver's own in this relationship).
+    pub your_transports: Vec<TransportInfo>,
+    pub orderer_rank: u32,
 }
 
 impl Plaintext {
@@ -115,7 +221,24 @@ impl Plaintext {
                 validate_transports(transports)?;
             }
             Body::Text { text, .. } => validate_text(text)?,
-            Body::Transports => {}
+            Body::Transports | Body::Decline { .. } | Body::Leave | Body::Equivalence { .. } => {}
+            Body::MemberInfo(info) => info.validate()?,
+            Body::Introduction(intro) => {
+                intro.introducer.validate()?;
+                if intro.members.len() > MAX_MEMBERS {
+                    return Err(InvalidValue::TooLong {
+                        what: "members",
+                        len: intro.members.len(),
+                        max: MAX_MEMBERS,
+                    }
+                    .into());
+                }
+                intro.members.iter().try_for_each(MemberInfo::validate)?;
+                validate_transports(&intro.your_transports)?;
+                if let Some(name) = &intro.name {
+                    validate_group_name(name)?;
+                }
+            }
         }
         if let Some(t) = &p.transports {
             validate_transports(t)?;

@@ -11,15 +11,16 @@
 //! the store, so memory never runs ahead of what is durable.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use actix::prelude::*;
 use redb::ReadableTable;
 use tokio::sync::{broadcast, oneshot};
 
 use crate::changes::Changes;
-use crate::model::{now_ms, Conversation, ProtonId};
+use crate::model::{now_ms, Conversation, GroupProtonId, ProtonId};
 use crate::outbox::OutboxHandle;
+use crate::protocol::Body;
 use crate::records::{HistoryEntry, InboxEntry, Owner, ProtonState};
 use crate::relationship::{Lifetimes, NodeAddrs, ProtonSession, Received, RelationshipError};
 use crate::store::{self, tables, Store};
@@ -36,6 +37,17 @@ pub struct Shared {
     pub events: broadcast::Sender<Event>,
     pub node: Arc<RwLock<NodeAddrs>>,
     pub lifetimes: Lifetimes,
+    pub config: config::Delivery,
+    /// Where actors report work for other actors (set once the manager runs).
+    pub notices: Arc<OnceLock<Recipient<Notice>>>,
+}
+
+/// Work one actor found for another, reported to the manager.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub enum Notice {
+    /// A group proton has new inbox rows or was just created.
+    Group(GroupProtonId),
 }
 
 impl Shared {
@@ -50,6 +62,12 @@ impl Shared {
         // No subscriber is fine: nobody is watching.
         let _ = self.events.send(event);
     }
+
+    pub fn notify(&self, notice: Notice) {
+        if let Some(r) = self.notices.get() {
+            r.do_send(notice);
+        }
+    }
 }
 
 type Reply<T> = oneshot::Sender<Result<T, RelationshipError>>;
@@ -58,6 +76,10 @@ enum Work {
     Send {
         text: String,
         reply: Reply<HistoryEntry>,
+    },
+    Control {
+        body: Box<Body>,
+        reply: Reply<()>,
     },
     Inbox,
     Refresh,
@@ -83,6 +105,12 @@ pub struct RefreshTransports;
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct SetState(pub ProtonState);
+
+/// Send a control message (an introduction, an equivalence) to the peer;
+/// answers once it is durably queued.
+#[derive(Message)]
+#[rtype(result = "Result<(), RelationshipError>")]
+pub struct SendControl(pub Body);
 
 pub struct Proton {
     id: ProtonId,
@@ -127,6 +155,8 @@ impl Proton {
         let conversation = Conversation::Proton(self.id);
         let mut changes = Changes::default();
         let mut sent: Vec<(Reply<HistoryEntry>, HistoryEntry)> = Vec::new();
+        let mut controlled: Vec<Reply<()>> = Vec::new();
+        let mut groups: Vec<GroupProtonId> = Vec::new();
         let mut events: Vec<Event> = Vec::new();
         let mut more_inbox = false;
         let mut inbox_done = false;
@@ -137,6 +167,14 @@ impl Proton {
                 Work::Send { text, reply } => {
                     match session.send_text(&text, &node, lifetimes, now, &mut changes) {
                         Ok(entry) => sent.push((reply, entry)),
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
+                Work::Control { body, reply } => {
+                    match session.send_control(*body, &node, lifetimes, now, &mut changes) {
+                        Ok(()) => controlled.push(reply),
                         Err(e) => {
                             let _ = reply.send(Err(e));
                         }
@@ -160,6 +198,7 @@ impl Proton {
                                 message: MessageView::of(conversation, &entry),
                             }),
                             Ok(Received::Transports) => {}
+                            Ok(Received::Joined(g)) | Ok(Received::Relayed(g)) => groups.push(g),
                             Err(RelationshipError::Mls(crate::mls::MlsError::Replay)) => {
                                 tracing::debug!(proton = %self.id, "dropped a retried envelope already processed")
                             }
@@ -216,6 +255,12 @@ impl Proton {
                     for (reply, entry) in sent {
                         let _ = reply.send(Ok(entry));
                     }
+                    for reply in controlled {
+                        let _ = reply.send(Ok(()));
+                    }
+                    for g in groups {
+                        act.shared.notify(Notice::Group(g));
+                    }
                     for event in events {
                         act.shared.emit(event);
                     }
@@ -225,10 +270,12 @@ impl Proton {
                 }
                 Err(e) => {
                     tracing::error!(proton = %act.id, error = %e, "committing failed; reloading from the store");
+                    let failed = || RelationshipError::Store(crate::store::StoreError::Worker(e.to_string()));
                     for (reply, _) in sent {
-                        let _ = reply.send(Err(RelationshipError::Store(crate::store::StoreError::Worker(
-                            e.to_string(),
-                        ))));
+                        let _ = reply.send(Err(failed()));
+                    }
+                    for reply in controlled {
+                        let _ = reply.send(Err(failed()));
                     }
                     act.reload();
                 }
@@ -280,6 +327,28 @@ impl Handler<SendText> for Proton {
     }
 }
 
+impl Handler<SendControl> for Proton {
+    type Result = ResponseFuture<Result<(), RelationshipError>>;
+
+    fn handle(&mut self, msg: SendControl, ctx: &mut Self::Context) -> Self::Result {
+        let (reply, rx) = oneshot::channel();
+        self.push(
+            Work::Control {
+                body: Box::new(msg.0),
+                reply,
+            },
+            ctx,
+        );
+        Box::pin(async move {
+            rx.await.unwrap_or_else(|_| {
+                Err(RelationshipError::Store(crate::store::StoreError::Worker(
+                    "the relationship stopped".into(),
+                )))
+            })
+        })
+    }
+}
+
 impl Handler<ProcessInbox> for Proton {
     type Result = ();
 
@@ -315,7 +384,8 @@ fn read_inbox(
         for e in t.iter()? {
             let (k, v) = e?;
             let entry: InboxEntry = store::decode(v.value(), "inbox entry")?;
-            if entry.owner == Owner::Proton(id) {
+            // Rows for an address derived from ours wait for their group.
+            if entry.owner == Owner::Proton(id) && entry.context.is_none() {
                 rows.push((k.value(), entry));
                 if rows.len() >= INBOX_BATCH {
                     break;

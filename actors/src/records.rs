@@ -2,10 +2,12 @@
 //! bumping `store::SCHEMA_VERSION`.
 
 use serde::{Deserialize, Serialize};
-use transports::DeliveryAddress;
+use transports::{Address, DeliveryAddress};
 
 use crate::identity::{Ipk, SecretKey};
-use crate::model::{Conversation, DisplayIdentity, MessageId, ProtonId, TicketId, TransportInfo};
+use crate::model::{
+    Conversation, DisplayIdentity, GroupProtonId, MessageId, ProtonId, TicketId, TransportInfo,
+};
 
 /// Where a relationship came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +77,7 @@ pub enum Owner {
     Proton(ProtonId),
     /// The one-time address a ticket's Welcome goes to.
     Ticket(TicketId),
+    Group(GroupProtonId),
 }
 
 /// Kinds of address, so that one-time ones can be consumed.
@@ -137,6 +140,8 @@ pub struct HistoryEntry {
 pub enum Recipient {
     /// The peer of a 1:1 relationship.
     Peer,
+    /// One member of a group, by its group IPK.
+    Member(Ipk),
 }
 
 /// What an outbox entry carries, when that matters after delivery.
@@ -149,6 +154,8 @@ pub enum OutboxKind {
     Welcome,
     /// Protocol traffic with no history entry.
     Control,
+    /// A group text (one row per recipient; its history entry counts them).
+    GroupText,
 }
 
 /// An envelope waiting for its receiver's acknowledgement.
@@ -163,15 +170,165 @@ pub struct OutboxEntry {
     pub history: Option<u64>,
     /// Send to this address instead of the recipient's current ones (a
     /// ticket's one-time address).
-    pub address: Option<DeliveryAddress>,
+    pub address: Option<Address>,
     pub payload: Vec<u8>,
     pub created_at: u64,
+}
+
+/// Where an inbox row came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Source {
+    /// An envelope from the network.
+    Network,
+    /// Written by our own proton: a control message its peer sent through
+    /// the relationship, for the group it concerns. Only these rows may
+    /// carry `Payload::Relayed`.
+    Relationship(ProtonId),
 }
 
 /// An envelope acknowledged to its sender and waiting to be processed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InboxEntry {
     pub owner: Owner,
+    pub source: Source,
+    /// Set when the envelope came to an address derived from one of the
+    /// owner's: the context it was derived with (the group it is for). The
+    /// proton leaves such rows alone; they wait for their group.
+    pub context: Option<[u8; 16]>,
     pub payload: Vec<u8>,
     pub received_at: u64,
+}
+
+/// How the owner of a group proton knows another member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberStatus {
+    /// An identity an introducer made for someone; the introducer may still
+    /// hold its private key, so it is never trusted as that person.
+    Placeholder { asserted_by: Ipk },
+    /// The member replaced a placeholder with its own key and proved it with
+    /// a verified "follows" attestation signed by both.
+    Claimed { placeholder: Ipk },
+    /// Attested equivalent to the peer of one of our relationships.
+    Linked { proton: ProtonId },
+    /// Checked out of band by us.
+    Verified,
+}
+
+/// Another member of a group, as we know it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub ipk: Ipk,
+    pub display: DisplayIdentity,
+    pub transports: Vec<TransportInfo>,
+    pub status: MemberStatus,
+    /// Who brought this member in (an introducer's group IPK).
+    pub introduced_by: Option<Ipk>,
+    /// Key to seal direct messages to this member (side relationships).
+    pub direct_key: Option<[u8; 32]>,
+    /// For a placeholder we made: the relationship with the person it is for.
+    pub via: Option<ProtonId>,
+    /// The member's "follows" attestation from its placeholder, once claimed.
+    pub claim: Option<crate::attestation::Attestation>,
+}
+
+/// A control message waiting to go through one of our relationships
+/// (an introduction, an equivalence); removed once the proton queued it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Relay {
+    pub id: [u8; 16],
+    pub via: ProtonId,
+    pub body: crate::protocol::Body,
+}
+
+/// Life cycle of a group proton.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GroupState {
+    /// We were introduced and speak with the introducer's placeholder for
+    /// us; claim it or decline.
+    Invited,
+    /// We are a member under our own key.
+    Active,
+    /// We declined, left, or were removed.
+    Gone,
+}
+
+/// A placeholder made for someone we introduce, until the Welcome is out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Invitee {
+    /// The relationship through which the introduction goes.
+    pub via: ProtonId,
+    pub placeholder: SecretKey,
+    /// The placeholder's serialised `KeyPackageBundle`.
+    pub bundle: Vec<u8>,
+    pub member: Member,
+}
+
+/// Something that needs a commit, waiting for its turn.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Intent {
+    /// Replace our placeholder with our own key; `follows` ("the new key
+    /// follows the placeholder", signed by both) rides in the commit.
+    Claim {
+        key: SecretKey,
+        transports: Vec<TransportInfo>,
+        follows: Box<crate::attestation::Attestation>,
+    },
+    /// Add placeholders for these people.
+    Add { invitees: Vec<Invitee> },
+    /// Remove these members.
+    Remove { members: Vec<Ipk> },
+    /// Fresh keys for our own leaf.
+    Update,
+}
+
+/// Our commit, staged and sent to the ordering service, not yet merged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingCommit {
+    pub epoch: u64,
+    pub commit: Vec<u8>,
+    pub welcome: Option<Vec<u8>>,
+    pub intent: Intent,
+    /// When it was sent to the current ordering service (ms).
+    pub sent_at: u64,
+}
+
+/// One membership of a group, as its owner stores it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupProtonRecord {
+    pub id: GroupProtonId,
+    pub created_at: u64,
+    pub name: Option<String>,
+    /// The MLS group id.
+    pub group_id: Vec<u8>,
+    /// Binds derived addresses to this group (see `seal`).
+    pub context: [u8; 16],
+    pub state: GroupState,
+    /// Our current leaf key: the placeholder's while invited.
+    pub own_key: SecretKey,
+    pub own_display: DisplayIdentity,
+    /// How members reach us: derived addresses while invited, our own after.
+    pub own_transports: Vec<TransportInfo>,
+    /// Seed of our key for direct messages sealed to us.
+    pub direct_seed: [u8; 32],
+    /// How we came in: through which relationship, introduced by whom.
+    pub introduced: Option<(ProtonId, Ipk)>,
+    /// Everyone else.
+    pub members: Vec<Member>,
+    /// Failover count of the ordering service: it is the member at this
+    /// position (modulo the group's size) in leaf order.
+    pub orderer_rank: u32,
+    pub pending: Option<PendingCommit>,
+    pub intents: Vec<Intent>,
+    /// Equivalences heard through relationships before the member showed up
+    /// in the group (group IPK → relationship).
+    pub pending_links: Vec<(Ipk, ProtonId)>,
+    /// Control messages to send through our relationships.
+    pub relays: Vec<Relay>,
+    /// Members removed lately, kept so that the commit removing them (and
+    /// anything queued before) can still reach them. The last few only.
+    pub former: Vec<Member>,
+    /// The MLS epoch and its authenticator as of the last save, for views
+    /// (members compare authenticators to know they agree).
+    pub epoch: u64,
+    pub authenticator: Vec<u8>,
 }

@@ -17,13 +17,13 @@ use crate::changes::Changes;
 use crate::identity::{IdentityKey, SecretKey};
 use crate::mls::{self, Incoming, MlsError, Provider};
 use crate::model::{
-    validate_text, AddressLease, Conversation, DisplayIdentity, InvalidValue, MessageId, ProtonId,
-    TicketId, TransportInfo, TransportKind,
+    validate_text, AddressLease, Conversation, DisplayIdentity, GroupProtonId, InvalidValue,
+    MessageId, ProtonId, TicketId, TransportInfo, TransportKind,
 };
 use crate::protocol::{Body, DecodeError, Payload, Plaintext};
 use crate::records::{
-    AddressKind, AddressRecord, Author, HistoryEntry, MessageStatus, OutboxEntry, OutboxKind,
-    Owner, ProtonRecord, ProtonState, Provenance, Recipient, TicketRecord,
+    AddressKind, AddressRecord, Author, HistoryEntry, InboxEntry, MessageStatus, OutboxEntry,
+    OutboxKind, Owner, ProtonRecord, ProtonState, Provenance, Recipient, Source, TicketRecord,
 };
 use crate::store::{self, tables, Store, StoreError};
 use crate::ticket::{Ticket, TicketError};
@@ -63,6 +63,8 @@ pub enum RelationshipError {
     Mls(#[from] MlsError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Group(Box<crate::groups::GroupError>),
 }
 
 /// Where this node can be reached now: its libp2p identity and the
@@ -71,6 +73,8 @@ pub enum RelationshipError {
 pub struct NodeAddrs {
     pub peer: PeerId,
     pub addrs: Vec<Multiaddr>,
+    /// The public half of our receiving service's key for derived addresses.
+    pub service_key: [u8; 32],
 }
 
 impl NodeAddrs {
@@ -130,6 +134,7 @@ pub fn make_transports(
             TransportInfo::new(
                 kind,
                 node.peer,
+                node.service_key,
                 &node.of_kind(kind),
                 AddressLease::new(now, lifetimes.long_term),
                 AddressLease::new(now, lifetimes.ephemeral),
@@ -147,17 +152,19 @@ fn address_rows(
         .iter()
         .flat_map(|t| {
             [
-                (t.long_term, AddressKind::LongTerm),
-                (t.ephemeral, AddressKind::Ephemeral),
+                (&t.long_term, AddressKind::LongTerm),
+                (&t.ephemeral, AddressKind::Ephemeral),
             ]
         })
-        .map(|(lease, kind)| {
+        // Our own leases are plain addresses; nothing else is ours to resolve.
+        .filter_map(|(lease, kind)| Some((lease.plain()?, lease.valid_until, kind)))
+        .map(|(address, valid_until, kind)| {
             (
-                lease.address,
+                address,
                 AddressRecord {
                     owner,
                     kind,
-                    valid_until: lease.valid_until,
+                    valid_until,
                     used_by: None,
                 },
             )
@@ -308,7 +315,7 @@ pub fn accept_invite(
         kind: OutboxKind::Welcome,
         message: Some(answer),
         history: None,
-        address: Some(ticket.welcome_address),
+        address: Some(ticket.welcome_address.into()),
         payload: Payload::Welcome { welcome, hello }.encode(),
         created_at: now,
     });
@@ -432,6 +439,10 @@ pub enum Received {
     Text(HistoryEntry),
     /// The peer's transports changed.
     Transports,
+    /// The peer introduced us into a group; we joined as its placeholder.
+    Joined(GroupProtonId),
+    /// A control message for one of our groups, now in its inbox.
+    Relayed(GroupProtonId),
 }
 
 /// One proton's live state: its record, key, MLS group and provider.
@@ -545,6 +556,31 @@ impl ProtonSession {
         Ok(entry)
     }
 
+    /// Sends a control message (introduction, equivalence, decline).
+    pub fn send_control(
+        &mut self,
+        body: Body,
+        node: &NodeAddrs,
+        lifetimes: Lifetimes,
+        now: u64,
+        changes: &mut Changes,
+    ) -> Result<(), RelationshipError> {
+        if self.record.state != ProtonState::Active {
+            return Err(RelationshipError::NotActive);
+        }
+        self.isolated(|s| {
+            s.send(
+                body,
+                node,
+                lifetimes,
+                now,
+                OutboxKind::Control,
+                None,
+                changes,
+            )
+        })
+    }
+
     /// Tells the peer our transports if they changed (new listen addresses,
     /// an ephemeral address due for rotation). Returns whether it sent.
     pub fn refresh_transports(
@@ -603,7 +639,14 @@ impl ProtonSession {
             }
             let addrs = node.of_kind(t.kind);
             if !addrs.is_empty() {
-                *t = TransportInfo::new(t.kind, node.peer, &addrs, t.long_term, t.ephemeral);
+                *t = TransportInfo::new(
+                    t.kind,
+                    node.peer,
+                    node.service_key,
+                    &addrs,
+                    t.long_term.clone(),
+                    t.ephemeral.clone(),
+                );
             }
         }
         // Old addresses stay registered until they expire: envelopes already
@@ -677,7 +720,7 @@ impl ProtonSession {
         };
         let (sender, bytes) = match mls::process(&mut self.group, &self.provider, &bytes)? {
             Incoming::Application { sender, bytes } => (sender, bytes),
-            Incoming::Commit(_) | Incoming::Proposal => {
+            Incoming::Commit { .. } | Incoming::Proposal => {
                 return Err(RelationshipError::Unexpected(
                     "a commit or proposal in a 1:1 relationship",
                 ))
@@ -715,6 +758,35 @@ impl ProtonSession {
             }
             Body::Transports => Ok(Received::Transports),
             Body::Hello { .. } => Err(RelationshipError::Unexpected("a second Hello")),
+            Body::Introduction(intro) => {
+                let store = self.provider.mls_storage().store().clone();
+                let (group, c) =
+                    crate::groups::accept_introduction(&store, &self.record, &intro, now)
+                        .map_err(|e| RelationshipError::Group(Box::new(e)))?;
+                changes.extend(c);
+                Ok(Received::Joined(group.id))
+            }
+            Body::Equivalence { ref group_id, .. } | Body::Decline { ref group_id } => {
+                // The group's business: hand it over in the same transaction.
+                let store = self.provider.mls_storage().store();
+                let group = crate::groups::all_groups(store)?
+                    .into_iter()
+                    .find(|g| &g.group_id == group_id)
+                    .ok_or(RelationshipError::Unexpected(
+                        "a message about a group we are not in",
+                    ))?;
+                changes.inbox.push(InboxEntry {
+                    owner: Owner::Group(group.id),
+                    source: Source::Relationship(self.record.id),
+                    context: None,
+                    payload: Payload::Relayed(Box::new(plaintext.body)).encode(),
+                    received_at: now,
+                });
+                Ok(Received::Relayed(group.id))
+            }
+            Body::MemberInfo(_) | Body::Leave => Err(RelationshipError::Unexpected(
+                "a group message in a relationship",
+            )),
         }
     }
 }
@@ -775,6 +847,7 @@ mod tests {
                 "/ip4/127.0.0.1/tcp/4001".parse().unwrap(),
                 "/ip4/127.0.0.1/udp/4001/quic-v1".parse().unwrap(),
             ],
+            service_key: crate::seal::SealKey::generate().public(),
         };
         Side {
             _dir: dir,

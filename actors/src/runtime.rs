@@ -28,6 +28,7 @@ use crate::model::now_ms;
 use crate::outbox::{self, OutboxHandle};
 use crate::proton::Shared;
 use crate::relationship::{Lifetimes, NodeAddrs};
+use crate::seal::SealKey;
 use crate::store::Store;
 use crate::views::Event;
 
@@ -39,6 +40,8 @@ const EVENT_CAPACITY: usize = 1024;
 pub enum StartError {
     #[error("starting the network failed: {0}")]
     Network(#[from] transports::Error),
+    #[error("reading the node's keys failed: {0}")]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// A running node.
@@ -57,11 +60,13 @@ impl Node {
         config: config::Config,
         keypair: Keypair,
     ) -> Result<Self, StartError> {
+        let service = Arc::new(store.service_key()?);
         let (client, net_events, net_task) = transports::spawn(&config.network, keypair).await?;
         let status = client.status().await?;
         let node_addrs = Arc::new(RwLock::new(NodeAddrs {
             peer: status.peer_id,
             addrs: manager::advertised(&status.listen_addrs, &config.network.announce_addrs()),
+            service_key: service.public(),
         }));
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
 
@@ -91,12 +96,20 @@ impl Node {
             events: events.clone(),
             node: node_addrs,
             lifetimes: Lifetimes::from(&config.delivery),
+            config: config.delivery.clone(),
+            notices: Arc::new(std::sync::OnceLock::new()),
         };
         let manager = RelationshipManager::new(shared, client.clone(), config).start();
         if let Ok(mut guard) = manager_slot.write() {
             *guard = Some(manager.clone());
         }
-        let receiving = tokio::spawn(receive(store, net_events, manager.clone(), outbox.clone()));
+        let receiving = tokio::spawn(receive(
+            store,
+            service,
+            net_events,
+            manager.clone(),
+            outbox.clone(),
+        ));
         Ok(Self {
             manager,
             events,
@@ -162,6 +175,7 @@ impl Handler<StopManager> for RelationshipManager {
 /// tells the manager which owners have new rows.
 async fn receive(
     store: Store,
+    service: Arc<SealKey>,
     mut events: mpsc::Receiver<transports::Event>,
     manager: Addr<RelationshipManager>,
     outbox: OutboxHandle,
@@ -172,13 +186,14 @@ async fn receive(
                 let peer = batch.peer;
                 let envelopes = std::mem::take(&mut batch.envelopes);
                 let now = now_ms();
+                let service = service.clone();
                 // The batch is answered from the committing thread, the
                 // moment the envelopes are durable; if the commit fails, the
                 // batch is dropped unanswered and the sender is told
                 // Unavailable (see transports::InboundBatch).
                 let answered = store
                     .write_then(
-                        move |tx| inbound::store_batch(tx, &envelopes, now),
+                        move |tx| inbound::store_batch(tx, &envelopes, &service, now),
                         move |(receipts, _)| batch.respond(std::mem::take(receipts)),
                     )
                     .await;

@@ -19,9 +19,14 @@ use std::sync::Arc;
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, WriteTransaction};
 use serde::{de::DeserializeOwned, Serialize};
 
+use crate::seal::SealKey;
+
 /// Version of the layout of the tables and records below. Bump it when a
 /// stored format changes incompatibly.
 pub const SCHEMA_VERSION: u32 = 1;
+
+/// META key of the seed of this node's service key (see `crate::seal`).
+const SERVICE_KEY: &str = "service_key_seed";
 
 /// The tables. Keys are fixed-size where possible so that ranges are cheap.
 pub mod tables {
@@ -31,6 +36,12 @@ pub mod tables {
     pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
     /// Proton id → `ProtonRecord`.
     pub const PROTONS: TableDefinition<[u8; 8], &[u8]> = TableDefinition::new("protons");
+    /// Group proton id → `GroupProtonRecord`.
+    pub const GROUPS: TableDefinition<[u8; 8], &[u8]> = TableDefinition::new("groups");
+    /// (proton id, context) → group proton id: where envelopes to an address
+    /// derived from that proton's address with that context go.
+    pub const DERIVED_ROUTES: TableDefinition<([u8; 8], [u8; 16]), [u8; 8]> =
+        TableDefinition::new("derived_routes");
     /// Ticket id → `TicketRecord`: invitations this node made.
     pub const TICKETS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("tickets");
     /// Ticket id → proton id: invitations this node accepted (each works once).
@@ -128,9 +139,15 @@ impl Store {
                     })
                 }
             }
+            if meta.get(SERVICE_KEY)?.is_none() {
+                let key = SealKey::generate();
+                meta.insert(SERVICE_KEY, key.seed().as_slice())?;
+            }
             drop(meta);
             // Create every table so readers never meet a missing one.
             tx.open_table(tables::PROTONS)?;
+            tx.open_table(tables::GROUPS)?;
+            tx.open_table(tables::DERIVED_ROUTES)?;
             tx.open_table(tables::TICKETS)?;
             tx.open_table(tables::ACCEPTED_TICKETS)?;
             tx.open_table(tables::ADDRESSES)?;
@@ -141,6 +158,19 @@ impl Store {
             Ok(())
         })?;
         Ok(store)
+    }
+
+    /// This node's receiving-service key for derived addresses (made when
+    /// the database was created).
+    pub fn service_key(&self) -> Result<SealKey, StoreError> {
+        self.read(|tx| {
+            let meta = tx.open_table(tables::META)?;
+            let seed = meta
+                .get(SERVICE_KEY)?
+                .and_then(|v| <[u8; 32]>::try_from(v.value()).ok())
+                .ok_or_else(|| StoreError::Worker("the service key is missing".into()))?;
+            Ok(SealKey::from_seed(seed))
+        })
     }
 
     /// Runs `f` on a consistent snapshot.
@@ -232,6 +262,8 @@ impl Store {
             let mut h = Sha256::new();
             table(tx, tables::META, &mut h)?;
             table(tx, tables::PROTONS, &mut h)?;
+            table(tx, tables::GROUPS, &mut h)?;
+            table(tx, tables::DERIVED_ROUTES, &mut h)?;
             table(tx, tables::TICKETS, &mut h)?;
             table(tx, tables::ACCEPTED_TICKETS, &mut h)?;
             table(tx, tables::ADDRESSES, &mut h)?;

@@ -5,8 +5,12 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use serde::Serialize;
 
+use crate::identity::Ipk;
 use crate::model::{Conversation, Picture};
-use crate::records::{Author, HistoryEntry, MessageStatus, ProtonRecord, ProtonState, Provenance};
+use crate::records::{
+    Author, GroupProtonRecord, GroupState, HistoryEntry, MemberStatus, MessageStatus, ProtonRecord,
+    ProtonState, Provenance,
+};
 
 /// Milliseconds since the Unix epoch as RFC 3339 (UTC, milliseconds).
 pub fn rfc3339(ms: u64) -> String {
@@ -144,6 +148,99 @@ pub enum Event {
         contact: ContactView,
         change: ContactChange,
     },
+    /// A group's roster or epoch changed, or we joined or left it.
+    Group {
+        group: String,
+        epoch: u64,
+        change: GroupChange,
+    },
+}
+
+/// What a group change was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupChange {
+    Joined,
+    Changed,
+    Left,
+}
+
+/// A member of a group as `groups` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MemberView {
+    /// The member's key fingerprint: how `connect` and `group remove` name it.
+    pub id: String,
+    pub name: String,
+    /// "self", "placeholder", "claimed", "linked" or "verified".
+    pub status: &'static str,
+    /// Who brought the member in (for a placeholder: who asserts it is this
+    /// person), by the name we know them by.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub introduced_by: Option<String>,
+}
+
+/// A group as `groups` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GroupView {
+    pub id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub epoch: u64,
+    /// Members compare this to know they are in the same state.
+    pub epoch_authenticator: String,
+    /// An introduction we have not claimed or declined yet.
+    pub pending: bool,
+    /// "invited", "active" or "gone".
+    pub state: &'static str,
+    pub members: Vec<MemberView>,
+}
+
+impl GroupView {
+    pub fn of(g: &GroupProtonRecord) -> Self {
+        let name_of = |ipk: &Ipk| {
+            if *ipk == g.own_key.key().ipk() {
+                return "me".to_string();
+            }
+            g.members
+                .iter()
+                .find(|m| m.ipk == *ipk)
+                .map(|m| m.display.name.clone())
+                .unwrap_or_else(|| ipk.fingerprint())
+        };
+        let me = g.own_key.key().ipk();
+        let mut members = vec![MemberView {
+            id: me.fingerprint(),
+            name: g.own_display.name.clone(),
+            status: "self",
+            introduced_by: g.introduced.as_ref().map(|(_, by)| name_of(by)),
+        }];
+        for m in &g.members {
+            members.push(MemberView {
+                id: m.ipk.fingerprint(),
+                name: m.display.name.clone(),
+                status: match m.status {
+                    MemberStatus::Placeholder { .. } => "placeholder",
+                    MemberStatus::Claimed { .. } => "claimed",
+                    MemberStatus::Linked { .. } => "linked",
+                    MemberStatus::Verified => "verified",
+                },
+                introduced_by: m.introduced_by.as_ref().map(name_of),
+            });
+        }
+        Self {
+            id: g.id.to_string(),
+            name: g.name.clone(),
+            epoch: g.epoch,
+            epoch_authenticator: data_encoding::HEXLOWER.encode(&g.authenticator),
+            pending: g.state == GroupState::Invited,
+            state: match g.state {
+                GroupState::Invited => "invited",
+                GroupState::Active => "active",
+                GroupState::Gone => "gone",
+            },
+            members,
+        }
+    }
 }
 
 impl Event {

@@ -250,6 +250,9 @@ pub struct Delivery {
     /// How long `accept` waits for the inviter's node to answer before
     /// leaving the answer queued, in seconds. Default: 10.
     pub accept_wait_secs: u64,
+    /// How long a group commit waits for the group's ordering service before
+    /// moving to the next member in line, in milliseconds. Default: 10000.
+    pub ordering_timeout_ms: u64,
 }
 
 impl Default for Delivery {
@@ -262,6 +265,7 @@ impl Default for Delivery {
             ephemeral_address_ttl_secs: 7 * 24 * 3600,
             long_term_address_ttl_secs: 365 * 24 * 3600,
             accept_wait_secs: 10,
+            ordering_timeout_ms: 10_000,
         }
     }
 }
@@ -284,6 +288,9 @@ impl Delivery {
     }
     pub fn accept_wait(&self) -> Duration {
         Duration::from_secs(self.accept_wait_secs)
+    }
+    pub fn ordering_timeout(&self) -> Duration {
+        Duration::from_millis(self.ordering_timeout_ms)
     }
 }
 
@@ -387,6 +394,12 @@ impl Config {
                     "{} is less than delivery.retry_initial_ms ({})",
                     d.retry_max_ms, d.retry_initial_ms
                 ),
+            );
+        }
+        if d.ordering_timeout_ms < 100 {
+            return invalid(
+                "delivery.ordering_timeout_ms",
+                format!("{} ms is too short (at least 100)", d.ordering_timeout_ms),
             );
         }
         if !(1..=1024).contains(&d.max_batch) {

@@ -43,12 +43,12 @@ pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
 /// Length of a delivery address in bytes.
 pub const DELIVERY_ADDRESS_BYTES: usize = 32;
+/// Longest derived address (see [`DerivedAddress`]).
+pub const MAX_DERIVED_ADDRESS_BYTES: usize = 128;
 
-/// Encoded size of an envelope without its payload and the payload's length
-/// prefix: the version byte and the 32 address bytes.
-const ENVELOPE_FIXED_BYTES: usize = 1 + DELIVERY_ADDRESS_BYTES;
-/// Smallest encoded envelope: the fixed part and a one-byte payload length.
-const MIN_ENVELOPE_BYTES: usize = ENVELOPE_FIXED_BYTES + 1;
+/// Smallest encoded envelope: the version byte, a plain address (its variant
+/// byte and 32 bytes) and a one-byte payload length.
+const MIN_ENVELOPE_BYTES: usize = 1 + 1 + DELIVERY_ADDRESS_BYTES + 1;
 
 /// Opaque 32 random bytes; a receiving node resolves it to one of its
 /// relationships. Says nothing about the sender.
@@ -117,28 +117,83 @@ impl FromStr for DeliveryAddress {
     }
 }
 
+/// An address derived by a third party from one of the receiver's
+/// addresses, that only the receiving service can resolve (DESIGN.md
+/// "address diversification"): opaque bytes, at most
+/// [`MAX_DERIVED_ADDRESS_BYTES`]. What is inside is the receiver's business
+/// (protonode seals a long-term address to the service's published key).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct DerivedAddress(Vec<u8>);
+
+impl DerivedAddress {
+    /// Wraps derived bytes; `None` if they are empty or too long.
+    pub fn new(bytes: Vec<u8>) -> Option<Self> {
+        (!bytes.is_empty() && bytes.len() <= MAX_DERIVED_ADDRESS_BYTES).then_some(Self(bytes))
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for DerivedAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DerivedAddress({} bytes)", self.0.len())
+    }
+}
+
+/// Where an envelope goes: one of the receiver's own addresses, or one
+/// derived from it by a third party.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Address {
+    Plain(DeliveryAddress),
+    Derived(DerivedAddress),
+}
+
+impl From<DeliveryAddress> for Address {
+    fn from(a: DeliveryAddress) -> Self {
+        Address::Plain(a)
+    }
+}
+
+impl From<DerivedAddress> for Address {
+    fn from(a: DerivedAddress) -> Self {
+        Address::Derived(a)
+    }
+}
+
+impl Address {
+    /// Bytes this address takes encoded: the variant, then the address.
+    fn encoded_len(&self) -> usize {
+        1 + match self {
+            Address::Plain(_) => DELIVERY_ADDRESS_BYTES,
+            Address::Derived(d) => varint_len(d.0.len()) + d.0.len(),
+        }
+    }
+}
+
 /// One message between nodes: protocol version, the recipient's delivery
 /// address and an opaque payload. There is no sender field on purpose.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Envelope {
     pub version: u8,
-    pub to: DeliveryAddress,
+    pub to: Address,
     pub payload: Vec<u8>,
 }
 
 impl Envelope {
     /// An envelope of the current [`PROTOCOL_VERSION`].
-    pub fn new(to: DeliveryAddress, payload: Vec<u8>) -> Self {
+    pub fn new(to: impl Into<Address>, payload: Vec<u8>) -> Self {
         Self {
             version: PROTOCOL_VERSION,
-            to,
+            to: to.into(),
             payload,
         }
     }
 
     /// Bytes this envelope takes in an encoded batch.
     pub fn encoded_len(&self) -> usize {
-        ENVELOPE_FIXED_BYTES + varint_len(self.payload.len()) + self.payload.len()
+        1 + self.to.encoded_len() + varint_len(self.payload.len()) + self.payload.len()
     }
 }
 
@@ -150,9 +205,17 @@ impl Envelope {
 #[derive(Deserialize)]
 struct EnvelopeRef<'a> {
     version: u8,
-    to: DeliveryAddress,
+    to: AddressRef<'a>,
     #[serde(borrow)]
     payload: &'a [u8],
+}
+
+/// An address as decoded from a frame, a derived one borrowed so that its
+/// length is checked before it is copied. Same encoding as [`Address`].
+#[derive(Deserialize)]
+enum AddressRef<'a> {
+    Plain(DeliveryAddress),
+    Derived(#[serde(borrow)] &'a [u8]),
 }
 
 /// The receiver's answer for one envelope.
@@ -230,15 +293,18 @@ pub enum WireError {
     Malformed(#[source] postcard::Error),
     #[error("{count} unexpected bytes after the end of the message")]
     TrailingBytes { count: usize },
+    #[error("a derived address of {len} bytes (1 to {MAX_DERIVED_ADDRESS_BYTES} allowed)")]
+    BadAddress { len: usize },
 }
 
 impl WireError {
     /// The refusal a receiver answers with when it meets this error.
     pub fn refusal(&self) -> Refusal {
         match self {
-            WireError::Empty | WireError::Malformed(_) | WireError::TrailingBytes { .. } => {
-                Refusal::Malformed
-            }
+            WireError::Empty
+            | WireError::Malformed(_)
+            | WireError::TrailingBytes { .. }
+            | WireError::BadAddress { .. } => Refusal::Malformed,
             WireError::TooMany { .. } => Refusal::TooMany,
             WireError::PayloadTooLarge { .. } | WireError::FrameTooLarge { .. } => {
                 Refusal::TooLarge
@@ -306,9 +372,16 @@ pub fn decode_batch(frame: &[u8]) -> Result<Vec<Envelope>, WireError> {
                 size: envelope.payload.len(),
             });
         }
+        let to = match envelope.to {
+            AddressRef::Plain(a) => Address::Plain(a),
+            AddressRef::Derived(bytes) => Address::Derived(
+                DerivedAddress::new(bytes.to_vec())
+                    .ok_or(WireError::BadAddress { len: bytes.len() })?,
+            ),
+        };
         envelopes.push(Envelope {
             version: envelope.version,
-            to: envelope.to,
+            to,
             payload: envelope.payload.to_vec(),
         });
         rest = after;
@@ -427,7 +500,7 @@ mod tests {
 
     /// One envelope encoded by hand: version, address, payload length, payload.
     fn raw_envelope(payload_len: usize) -> Vec<u8> {
-        let mut out = vec![PROTOCOL_VERSION];
+        let mut out = vec![PROTOCOL_VERSION, 0x00]; // version; a plain address
         out.extend_from_slice(&[9; 32]);
         out.extend(varint(payload_len as u64));
         out.extend(std::iter::repeat_n(0xab, payload_len));
@@ -446,10 +519,34 @@ mod tests {
     fn the_batch_format_is_pinned() {
         let batch = [Envelope::new(address(0xaa), vec![1, 2, 3])];
         let frame = encode_batch(&batch).unwrap();
-        let mut expected = vec![0x01, 0x01]; // one envelope; version 1
+        let mut expected = vec![0x01, 0x01, 0x00]; // one envelope; version 1; a plain address
         expected.extend_from_slice(&[0xaa; 32]); // address
         expected.extend_from_slice(&[0x03, 1, 2, 3]); // payload length, payload
         assert_eq!(frame, expected);
+
+        let derived = DerivedAddress::new(vec![0xbb; 5]).unwrap();
+        let batch = [Envelope::new(derived, vec![9])];
+        let frame = encode_batch(&batch).unwrap();
+        // one envelope; version 1; a derived address of 5 bytes; payload
+        assert_eq!(
+            frame,
+            [0x01, 0x01, 0x01, 0x05, 0xbb, 0xbb, 0xbb, 0xbb, 0xbb, 0x01, 0x09]
+        );
+        assert_eq!(frame.len(), encoded_batch_len(&batch));
+        assert_eq!(decode_batch(&frame).unwrap(), batch);
+    }
+
+    #[test]
+    fn a_derived_address_over_the_limit_is_refused() {
+        assert!(DerivedAddress::new(vec![1; MAX_DERIVED_ADDRESS_BYTES + 1]).is_none());
+        assert!(DerivedAddress::new(Vec::new()).is_none());
+        let mut frame = vec![0x01, 0x01, 0x01];
+        frame.extend(varint(MAX_DERIVED_ADDRESS_BYTES as u64 + 1));
+        frame.extend(vec![0xcc; MAX_DERIVED_ADDRESS_BYTES + 1]);
+        frame.extend([0x00]);
+        let err = decode_batch(&frame).unwrap_err();
+        assert!(matches!(err, WireError::BadAddress { .. }), "{err}");
+        assert_eq!(err.refusal(), Refusal::Malformed);
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod storage;
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::*;
 use openmls_rust_crypto::RustCrypto;
+use openmls_traits::storage::StorageProvider as _;
 
 use crate::identity::{IdentityKey, Ipk};
 use crate::store::Store;
@@ -251,8 +252,13 @@ pub fn encrypt(
 pub enum Incoming {
     /// An application message from the member with this IPK.
     Application { sender: Option<Ipk>, bytes: Vec<u8> },
-    /// A commit, staged but not merged: the caller checks it, then merges.
-    Commit(Box<StagedCommit>),
+    /// A commit, staged but not merged: the caller checks it (its sender, its
+    /// authenticated data), then merges it or drops it.
+    Commit {
+        staged: Box<StagedCommit>,
+        sender: Option<Ipk>,
+        aad: Vec<u8>,
+    },
     /// A proposal, already stored in the group's proposal queue.
     Proposal,
 }
@@ -288,12 +294,17 @@ pub fn process(
         .members()
         .find(|m| &m.credential == credential)
         .and_then(|m| member_ipk(&m.credential, &m.signature_key));
+    let aad = processed.aad().to_vec();
     match processed.into_content() {
         ProcessedMessageContent::ApplicationMessage(app) => Ok(Incoming::Application {
             sender,
             bytes: app.into_bytes(),
         }),
-        ProcessedMessageContent::StagedCommitMessage(staged) => Ok(Incoming::Commit(staged)),
+        ProcessedMessageContent::StagedCommitMessage(staged) => Ok(Incoming::Commit {
+            staged,
+            sender,
+            aad,
+        }),
         ProcessedMessageContent::ProposalMessage(proposal) => {
             group
                 .store_pending_proposal(provider.storage(), *proposal)
@@ -313,6 +324,175 @@ pub fn merge_staged(
     group
         .merge_staged_commit(provider, staged)
         .map_err(|e| MlsError::MergeCommit(e.to_string()))
+}
+
+/// A key package made for someone else (a placeholder): the public key
+/// package to add, and its private parts (serialised `KeyPackageBundle`) to
+/// hand over. The provider's pending writes hold the bundle too; the caller
+/// drops them (an honest introducer keeps nothing of the placeholder).
+pub fn placeholder_key_package(
+    provider: &Provider,
+    key: &IdentityKey,
+) -> Result<(KeyPackage, Vec<u8>), MlsError> {
+    let bundle = new_key_package(provider, key)?;
+    let bytes = serde_json::to_vec(&bundle).map_err(|e| MlsError::Encode(e.to_string()))?;
+    Ok((bundle.key_package().clone(), bytes))
+}
+
+/// Installs a handed-over placeholder's key package so that its Welcome can
+/// be joined; checks that it is a key package of `expected`.
+pub fn install_placeholder(
+    provider: &Provider,
+    bundle: &[u8],
+    expected: &Ipk,
+) -> Result<(), MlsError> {
+    let bundle: KeyPackageBundle =
+        serde_json::from_slice(bundle).map_err(|e| MlsError::Decode(e.to_string()))?;
+    let kp = bundle.key_package();
+    if key_package_ipk(kp) != Some(*expected) {
+        return Err(MlsError::InvalidKeyPackage(
+            "the placeholder's key package is not for the placeholder's key".into(),
+        ));
+    }
+    let hash_ref = kp
+        .hash_ref(provider.crypto())
+        .map_err(|e| MlsError::InvalidKeyPackage(e.to_string()))?;
+    provider
+        .storage()
+        .write_key_package(&hash_ref, &bundle)
+        .map_err(|e| MlsError::Welcome(e.to_string()))
+}
+
+/// Stages (does not merge) a commit adding `key_packages`; returns the
+/// commit and the Welcome for the new members. Merged once the group's
+/// ordering service accepted it ([`merge_pending`]).
+pub fn stage_add(
+    group: &mut MlsGroup,
+    provider: &Provider,
+    key: &IdentityKey,
+    key_packages: &[KeyPackage],
+) -> Result<(Vec<u8>, Vec<u8>), MlsError> {
+    let (commit, welcome, _) = group
+        .add_members(provider, key, key_packages)
+        .map_err(|e| MlsError::AddMember(e.to_string()))?;
+    Ok((encode_message(&commit)?, encode_message(&welcome)?))
+}
+
+/// Stages a commit removing the members with these IPKs.
+pub fn stage_remove(
+    group: &mut MlsGroup,
+    provider: &Provider,
+    key: &IdentityKey,
+    members: &[Ipk],
+) -> Result<Vec<u8>, MlsError> {
+    let leaves: Vec<LeafNodeIndex> = group
+        .members()
+        .filter(|m| {
+            member_ipk(&m.credential, &m.signature_key).is_some_and(|i| members.contains(&i))
+        })
+        .map(|m| m.index)
+        .collect();
+    if leaves.is_empty() {
+        return Err(MlsError::RemoveMember("no such member".into()));
+    }
+    let (commit, _, _) = group
+        .remove_members(provider, key, &leaves)
+        .map_err(|e| MlsError::RemoveMember(e.to_string()))?;
+    encode_message(&commit)
+}
+
+/// Stages a commit updating our own leaf (fresh encryption keys).
+pub fn stage_self_update(
+    group: &mut MlsGroup,
+    provider: &Provider,
+    key: &IdentityKey,
+) -> Result<Vec<u8>, MlsError> {
+    let bundle = group
+        .self_update(provider, key, LeafNodeParameters::default())
+        .map_err(|e| MlsError::SelfUpdate(e.to_string()))?;
+    encode_message(bundle.commit())
+}
+
+/// Stages a commit that replaces our leaf's identity: `old` (a placeholder)
+/// is followed by `new`, with `aad` (the signed "new follows old"
+/// attestation) in the commit's authenticated data, so that the two are one.
+pub fn stage_claim(
+    group: &mut MlsGroup,
+    provider: &Provider,
+    old: &IdentityKey,
+    new: &IdentityKey,
+    aad: Vec<u8>,
+) -> Result<Vec<u8>, MlsError> {
+    group.set_aad(aad);
+    let bundle = group
+        .self_update_with_new_signer(
+            provider,
+            old,
+            NewSignerBundle {
+                signer: new,
+                credential_with_key: credential(&new.ipk()),
+            },
+            LeafNodeParameters::default(),
+        )
+        .map_err(|e| MlsError::SelfUpdate(e.to_string()));
+    let bundle = bundle?;
+    encode_message(bundle.commit())
+}
+
+/// Merges our own staged commit (the ordering service accepted it).
+pub fn merge_pending(group: &mut MlsGroup, provider: &Provider) -> Result<(), MlsError> {
+    group
+        .merge_pending_commit(provider)
+        .map_err(|e| MlsError::MergeCommit(e.to_string()))
+}
+
+/// Drops our own staged commit (another commit won its epoch).
+pub fn clear_pending(group: &mut MlsGroup, provider: &Provider) -> Result<(), MlsError> {
+    group
+        .clear_pending_commit(provider.storage())
+        .map_err(|e| MlsError::MergeCommit(e.to_string()))
+}
+
+/// What a staged commit changes, in IPKs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CommitSummary {
+    pub added: Vec<Ipk>,
+    pub removed: Vec<Ipk>,
+    /// The committer's leaf identity changed from the first to the second.
+    pub replaced: Option<(Ipk, Ipk)>,
+}
+
+/// Reads what a staged commit from `sender` does to the roster.
+pub fn summarize(group: &MlsGroup, staged: &StagedCommit, sender: Option<Ipk>) -> CommitSummary {
+    let added = staged
+        .add_proposals()
+        .filter_map(|p| key_package_ipk(p.add_proposal().key_package()))
+        .collect();
+    let removed = staged
+        .remove_proposals()
+        .filter_map(|p| group.member_at(p.remove_proposal().removed()))
+        .filter_map(|m| member_ipk(&m.credential, &m.signature_key))
+        .collect();
+    let replaced = staged.update_path_leaf_node().and_then(|leaf| {
+        let new = member_ipk(leaf.credential(), leaf.signature_key().as_slice())?;
+        let old = sender?;
+        (old != new).then_some((old, new))
+    });
+    CommitSummary {
+        added,
+        removed,
+        replaced,
+    }
+}
+
+/// The epoch of an encoded protocol message, read without decrypting it.
+pub fn message_epoch(bytes: &[u8]) -> Result<u64, MlsError> {
+    let message =
+        MlsMessageIn::tls_deserialize_exact(bytes).map_err(|e| MlsError::Decode(e.to_string()))?;
+    let protocol = message
+        .try_into_protocol_message()
+        .map_err(|_| MlsError::Unexpected("expected a protocol message"))?;
+    Ok(protocol.epoch().as_u64())
 }
 
 /// The IPKs of the members, in leaf order.
@@ -453,5 +633,124 @@ mod tests {
         ));
         assert!(decode_key_package(p.crypto(), b"nope").is_err());
         assert!(join_from_welcome(&p, b"").is_err());
+    }
+}
+
+#[cfg(test)]
+mod placeholder_tests {
+    //! The seed's introduction at the MLS level, three stores: Alex makes a
+    //! group with placeholders for Blair and Charlie, hands each theirs, and
+    //! Blair replaces hers with her own key in one commit.
+    use super::*;
+
+    struct Node {
+        _dir: tempfile::TempDir,
+        store: Store,
+    }
+
+    fn node() -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        Node { _dir: dir, store }
+    }
+
+    fn commit(node: &Node, p: &Provider) {
+        let writes = p.mls_storage().take_writes();
+        node.store
+            .write_blocking(|tx| apply_writes(tx, &writes))
+            .unwrap();
+    }
+
+    #[test]
+    fn placeholders_are_handed_over_and_claimed_in_one_commit() {
+        let (alex, blair, charlie) = (node(), node(), node());
+        let gp_a = IdentityKey::generate();
+        let (ph_b, ph_c) = (IdentityKey::generate(), IdentityKey::generate());
+
+        // Alex: placeholders made in a scratch namespace that is never committed.
+        let scratch = Provider::new(alex.store.clone(), [0xee; 8]);
+        let (kp_b, bundle_b) = placeholder_key_package(&scratch, &ph_b).unwrap();
+        let (kp_c, bundle_c) = placeholder_key_package(&scratch, &ph_c).unwrap();
+        scratch.mls_storage().discard_writes();
+        let a = Provider::new(alex.store.clone(), [1; 8]);
+        let mut a_group = create_group(&a, &gp_a).unwrap();
+        let (_, welcome) = stage_add(&mut a_group, &a, &gp_a, &[kp_b, kp_c]).unwrap();
+        merge_pending(&mut a_group, &a).unwrap();
+        commit(&alex, &a);
+
+        // Blair and Charlie join as their placeholders.
+        let b = Provider::new(blair.store.clone(), [2; 8]);
+        install_placeholder(&b, &bundle_b, &ph_b.ipk()).unwrap();
+        let mut b_group = join_from_welcome(&b, &welcome).unwrap();
+        commit(&blair, &b);
+        let c = Provider::new(charlie.store.clone(), [3; 8]);
+        assert!(
+            install_placeholder(&c, &bundle_b, &ph_c.ipk()).is_err(),
+            "a bundle for someone else"
+        );
+        install_placeholder(&c, &bundle_c, &ph_c.ipk()).unwrap();
+        let mut c_group = join_from_welcome(&c, &welcome).unwrap();
+        commit(&charlie, &c);
+        assert_eq!(member_ipks(&b_group).len(), 3);
+
+        // Blair claims: GP_B replaces the placeholder, attestation in the AAD.
+        let gp_b = IdentityKey::generate();
+        let claim = stage_claim(&mut b_group, &b, &ph_b, &gp_b, b"follows".to_vec()).unwrap();
+        for (group, provider) in [(&mut a_group, &a), (&mut c_group, &c)] {
+            match process(group, provider, &claim).unwrap() {
+                Incoming::Commit {
+                    staged,
+                    sender,
+                    aad,
+                } => {
+                    assert_eq!(sender, Some(ph_b.ipk()));
+                    assert_eq!(aad, b"follows");
+                    let summary = summarize(group, &staged, sender);
+                    assert_eq!(summary.replaced, Some((ph_b.ipk(), gp_b.ipk())));
+                    merge_staged(group, provider, *staged).unwrap();
+                }
+                _ => panic!("expected a commit"),
+            }
+        }
+        merge_pending(&mut b_group, &b).unwrap();
+        let auth = epoch_authenticator(&a_group);
+        assert_eq!(epoch_authenticator(&b_group), auth);
+        assert_eq!(epoch_authenticator(&c_group), auth);
+        assert!(member_ipks(&a_group).contains(&gp_b.ipk()));
+        assert!(
+            !member_ipks(&a_group).contains(&ph_b.ipk()),
+            "the placeholder no longer signs"
+        );
+
+        // GP_B speaks; the placeholder's key can no longer speak for that leaf.
+        let hi = encrypt(&mut b_group, &b, &gp_b, b"it's Blair").unwrap();
+        match process(&mut c_group, &c, &hi).unwrap() {
+            Incoming::Application { sender, .. } => assert_eq!(sender, Some(gp_b.ipk())),
+            _ => panic!("expected an application message"),
+        }
+    }
+
+    #[test]
+    fn losing_a_race_clears_the_pending_commit() {
+        let (alex, blair) = (node(), node());
+        let (ka, kb) = (IdentityKey::generate(), IdentityKey::generate());
+        let a = Provider::new(alex.store.clone(), [1; 8]);
+        let b = Provider::new(blair.store.clone(), [2; 8]);
+        let kp = new_key_package(&b, &kb).unwrap();
+        let mut ga = create_group(&a, &ka).unwrap();
+        let (_, welcome) = stage_add(&mut ga, &a, &ka, &[kp.key_package().clone()]).unwrap();
+        merge_pending(&mut ga, &a).unwrap();
+        let mut gb = join_from_welcome(&b, &welcome).unwrap();
+        // Both commit in the same epoch; the ordering service takes Alex's.
+        let winner = stage_self_update(&mut ga, &a, &ka).unwrap();
+        let _loser = stage_self_update(&mut gb, &b, &kb).unwrap();
+        merge_pending(&mut ga, &a).unwrap();
+        clear_pending(&mut gb, &b).unwrap();
+        match process(&mut gb, &b, &winner).unwrap() {
+            Incoming::Commit { staged, .. } => merge_staged(&mut gb, &b, *staged).unwrap(),
+            _ => panic!("expected a commit"),
+        }
+        assert_eq!(epoch_authenticator(&ga), epoch_authenticator(&gb));
+        assert_eq!(message_epoch(&winner).unwrap(), 1);
     }
 }

@@ -65,6 +65,10 @@ impl MlsStorage {
         }
     }
 
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     pub fn namespace(&self) -> [u8; 8] {
         self.namespace
     }

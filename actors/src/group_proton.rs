@@ -1,0 +1,396 @@
+//! The `GroupProton` actor: one per group membership, a thin shell around
+//! [`GroupSession`], shaped like the `Proton` actor: work is queued, run as
+//! one batch into one [`Changes`], and committed in one transaction off the
+//! actor's thread; replies, events and relays go out after the commit.
+//!
+//! Inbox rows for a later epoch (an application message that overtook the
+//! commit before it) stay in the inbox and are tried again after each
+//! commit. A timer checks whether our pending commit waits too long for the
+//! ordering service (failover, see `groups`). Relays (introductions and
+//! equivalences to send through our relationships) are handed to the
+//! manager, which passes them to the protons and reports back when queued.
+
+use std::collections::{HashSet, VecDeque};
+use std::time::Duration;
+
+use actix::prelude::*;
+use redb::ReadableTable;
+use tokio::sync::oneshot;
+
+use crate::changes::Changes;
+use crate::groups::{GroupError, GroupSession, Received};
+use crate::identity::Ipk;
+use crate::model::{now_ms, Conversation, GroupProtonId};
+use crate::proton::Shared;
+use crate::records::{
+    GroupState, HistoryEntry, InboxEntry, Intent, Owner, ProtonRecord, Relay, Source,
+};
+use crate::store::{self, tables, Store, StoreError};
+use crate::views::{Event, GroupChange, MessageView};
+
+/// Most inbox rows processed in one batch.
+const INBOX_BATCH: usize = 512;
+/// How often a pending commit is checked against the ordering timeout.
+const ORDERING_CHECK: Duration = Duration::from_millis(250);
+
+type Reply<T> = oneshot::Sender<Result<T, GroupError>>;
+
+/// Something a group proton was asked to do.
+pub enum Command {
+    Send(String),
+    Claim(Box<ProtonRecord>),
+    Decline,
+    Leave,
+    Intent(Box<Intent>),
+    Add(Vec<ProtonRecord>),
+    Verify(Ipk),
+}
+
+/// What a command answers: a history entry for `Send`, nothing else.
+pub enum Answer {
+    Sent(HistoryEntry),
+    Done,
+}
+
+enum Work {
+    Command(Box<Command>, Reply<Answer>),
+    Inbox,
+    Tick,
+    RelayDone([u8; 16]),
+}
+
+/// Run a command; answers once its effect is durable.
+#[derive(Message)]
+#[rtype(result = "Result<Answer, GroupError>")]
+pub struct Do(pub Command);
+
+/// Process this group proton's inbox rows.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ProcessInbox;
+
+/// A relay was queued by its proton.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RelayDone(pub [u8; 16]);
+
+/// Sent to the manager for each relay to pass to a proton.
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct RelayRequest {
+    pub group: GroupProtonId,
+    pub relay: Relay,
+}
+
+pub struct GroupProton {
+    id: GroupProtonId,
+    shared: Shared,
+    relays: Recipient<RelayRequest>,
+    session: Option<GroupSession>,
+    queue: VecDeque<Work>,
+    busy: bool,
+    /// Relays handed to the manager and not yet reported queued.
+    relaying: HashSet<[u8; 16]>,
+}
+
+impl GroupProton {
+    pub fn new(id: GroupProtonId, shared: Shared, relays: Recipient<RelayRequest>) -> Self {
+        Self {
+            id,
+            shared,
+            relays,
+            session: None,
+            queue: VecDeque::new(),
+            busy: false,
+            relaying: HashSet::new(),
+        }
+    }
+
+    fn push(&mut self, work: Work, ctx: &mut Context<Self>) {
+        self.queue.push_back(work);
+        self.drain(ctx);
+    }
+
+    fn drain(&mut self, ctx: &mut Context<Self>) {
+        if self.busy || self.queue.is_empty() {
+            return;
+        }
+        let Some(session) = self.session.as_mut() else {
+            for work in self.queue.drain(..) {
+                if let Work::Command(_, reply) = work {
+                    let _ = reply.send(Err(GroupError::Unknown(self.id)));
+                }
+            }
+            return;
+        };
+        let now = now_ms();
+        let node = self.shared.node_addrs();
+        let lifetimes = self.shared.lifetimes;
+        let timeout = self.shared.config.ordering_timeout_ms;
+        let conversation = Conversation::Group(self.id);
+        let mut changes = Changes::default();
+        let mut replies: Vec<(Reply<Answer>, Answer)> = Vec::new();
+        let mut events: Vec<Event> = Vec::new();
+        let mut more_inbox = false;
+        let mut inbox_done = false;
+        let epoch_before = session.epoch();
+        let state_before = session.record().state;
+
+        for work in std::mem::take(&mut self.queue) {
+            match work {
+                Work::Command(command, reply) => {
+                    let result = match *command {
+                        Command::Send(text) => session
+                            .send_text(&text, now, &mut changes)
+                            .map(Answer::Sent),
+                        Command::Claim(proton) => session
+                            .claim(&proton, &node, lifetimes, now, &mut changes)
+                            .map(|()| Answer::Done),
+                        Command::Decline => session.decline(&mut changes).map(|()| Answer::Done),
+                        Command::Leave => session.leave(now, &mut changes).map(|()| Answer::Done),
+                        Command::Intent(intent) => session
+                            .push_intent(*intent, now, &mut changes)
+                            .map(|()| Answer::Done),
+                        Command::Add(protons) => session
+                            .add(&self.shared.store, &protons, now, &mut changes)
+                            .map(|()| Answer::Done),
+                        Command::Verify(member) => session
+                            .verify_member(member, &mut changes)
+                            .map(|()| Answer::Done),
+                    };
+                    match result {
+                        Ok(answer) => replies.push((reply, answer)),
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
+                Work::Inbox if !inbox_done => {
+                    inbox_done = true;
+                    match process_inbox(session, &self.shared.store, self.id, now, &mut changes) {
+                        Ok((received, more)) => {
+                            more_inbox = more;
+                            for entry in received {
+                                events.push(Event::Message {
+                                    conversation: conversation.to_string(),
+                                    message: MessageView::of(conversation, &entry),
+                                });
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(group = %self.id, error = %e, "reading the inbox failed")
+                        }
+                    }
+                }
+                Work::Inbox => {}
+                Work::Tick => {
+                    if let Err(e) = session.check_ordering(now, timeout, &mut changes) {
+                        tracing::warn!(group = %self.id, error = %e, "moving to the next ordering service failed");
+                    }
+                }
+                Work::RelayDone(id) => {
+                    self.relaying.remove(&id);
+                    session.relay_done(id, &mut changes);
+                }
+            }
+        }
+        if session.epoch() != epoch_before || session.record().state != state_before {
+            events.push(Event::Group {
+                group: session.id().to_string(),
+                epoch: session.epoch(),
+                change: match session.record().state {
+                    GroupState::Gone => GroupChange::Left,
+                    _ => GroupChange::Changed,
+                },
+            });
+        }
+        session.drain_writes(&mut changes);
+        if changes.is_empty() {
+            for (reply, answer) in replies {
+                let _ = reply.send(Ok(answer));
+            }
+            return;
+        }
+        self.busy = true;
+        let store = self.shared.store.clone();
+        let outbox = self.shared.outbox.clone();
+        let commit = async move {
+            store
+                .write_then(
+                    move |tx| changes.apply(tx),
+                    move |applied| outbox.queued(std::mem::take(&mut applied.outbox)),
+                )
+                .await
+        };
+        ctx.spawn(commit.into_actor(self).map(move |result, act, ctx| {
+            act.busy = false;
+            match result {
+                Ok(_) => {
+                    for (reply, answer) in replies {
+                        let _ = reply.send(Ok(answer));
+                    }
+                    for event in events {
+                        act.shared.emit(event);
+                    }
+                    act.send_relays();
+                    if more_inbox {
+                        act.queue.push_back(Work::Inbox);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(group = %act.id, error = %e, "committing failed; reloading from the store");
+                    for (reply, _) in replies {
+                        let _ = reply.send(Err(GroupError::Store(StoreError::Worker(e.to_string()))));
+                    }
+                    act.reload();
+                }
+            }
+            act.drain(ctx);
+        }));
+    }
+
+    /// Hands every relay not yet in flight to the manager.
+    fn send_relays(&mut self) {
+        let Some(session) = &self.session else { return };
+        for relay in &session.record().relays {
+            if self.relaying.insert(relay.id) {
+                self.relays.do_send(RelayRequest {
+                    group: self.id,
+                    relay: relay.clone(),
+                });
+            }
+        }
+    }
+
+    fn reload(&mut self) {
+        match GroupSession::load(&self.shared.store, self.id) {
+            Ok(session) => self.session = Some(session),
+            Err(e) => {
+                tracing::error!(group = %self.id, error = %e, "loading the group failed");
+                self.session = None;
+            }
+        }
+        self.relaying.clear();
+    }
+}
+
+/// Processes the group's inbox rows; rows for a later epoch stay and are
+/// retried after each commit that moves the group on.
+fn process_inbox(
+    session: &mut GroupSession,
+    store: &Store,
+    id: GroupProtonId,
+    now: u64,
+    changes: &mut Changes,
+) -> Result<(Vec<HistoryEntry>, bool), StoreError> {
+    let rows = read_inbox(store, id)?;
+    let more = rows.len() >= INBOX_BATCH;
+    let mut received = Vec::new();
+    let mut waiting: Vec<(u64, InboxEntry)> = rows;
+    loop {
+        let epoch = session.epoch();
+        let mut deferred = Vec::new();
+        for (seq, entry) in waiting {
+            let relayed = match entry.source {
+                Source::Relationship(p) => Some(p),
+                Source::Network => None,
+            };
+            match session.receive(&entry.payload, relayed, now, changes) {
+                Ok(Received::Text(e)) => {
+                    received.push(e);
+                    changes.inbox_done.push(seq);
+                }
+                Ok(_) => changes.inbox_done.push(seq),
+                Err(GroupError::Deferred) => deferred.push((seq, entry)),
+                Err(e) => {
+                    log_drop(id, &e);
+                    changes.inbox_done.push(seq);
+                }
+            }
+        }
+        // Another pass only if a commit moved us on.
+        if deferred.is_empty() || session.epoch() == epoch {
+            break;
+        }
+        waiting = deferred;
+    }
+    Ok((received, more))
+}
+
+fn log_drop(id: GroupProtonId, e: &GroupError) {
+    match e {
+        GroupError::WrongEpoch { .. }
+        | GroupError::Mls(crate::mls::MlsError::Replay)
+        | GroupError::Gone => {
+            tracing::debug!(group = %id, error = %e, "dropped a stale or repeated message")
+        }
+        _ => tracing::warn!(group = %id, error = %e, "dropped a message that did not process"),
+    }
+}
+
+fn read_inbox(store: &Store, id: GroupProtonId) -> Result<Vec<(u64, InboxEntry)>, StoreError> {
+    store.read(|tx| {
+        let t = tx.open_table(tables::INBOX)?;
+        let mut rows = Vec::new();
+        for e in t.iter()? {
+            let (k, v) = e?;
+            let entry: InboxEntry = store::decode(v.value(), "inbox entry")?;
+            if entry.owner == Owner::Group(id) {
+                rows.push((k.value(), entry));
+                if rows.len() >= INBOX_BATCH {
+                    break;
+                }
+            }
+        }
+        Ok(rows)
+    })
+}
+
+impl Actor for GroupProton {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        self.reload();
+        if self.session.is_none() {
+            ctx.stop();
+            return;
+        }
+        ctx.run_interval(ORDERING_CHECK, |act, ctx| {
+            if act
+                .session
+                .as_ref()
+                .is_some_and(|s| s.record().pending.is_some())
+            {
+                act.push(Work::Tick, ctx);
+            }
+        });
+        self.send_relays();
+        self.push(Work::Inbox, ctx);
+    }
+}
+
+impl Handler<Do> for GroupProton {
+    type Result = ResponseFuture<Result<Answer, GroupError>>;
+
+    fn handle(&mut self, msg: Do, ctx: &mut Self::Context) -> Self::Result {
+        let (reply, rx) = oneshot::channel();
+        self.push(Work::Command(Box::new(msg.0), reply), ctx);
+        Box::pin(async move { rx.await.unwrap_or(Err(GroupError::Gone)) })
+    }
+}
+
+impl Handler<ProcessInbox> for GroupProton {
+    type Result = ();
+
+    fn handle(&mut self, _: ProcessInbox, ctx: &mut Self::Context) {
+        self.push(Work::Inbox, ctx);
+    }
+}
+
+impl Handler<RelayDone> for GroupProton {
+    type Result = ();
+
+    fn handle(&mut self, msg: RelayDone, ctx: &mut Self::Context) {
+        self.push(Work::RelayDone(msg.0), ctx);
+    }
+}

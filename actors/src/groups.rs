@@ -1,0 +1,1847 @@
+//! Groups and introductions (DESIGN.md sections 8.2 to 8.4 and 9), as plain
+//! code: nothing here touches the network or writes to the store; every
+//! operation returns the [`Changes`] its caller commits atomically.
+//!
+//! ```text
+//!  introducer A                                  invitee B (C alike)
+//!  create_group(via = [AB, AC])
+//!   GP_A, placeholders GP_AB, GP_AC, MLS group,
+//!   addresses for B, C derived from theirs ──▶ relays: Introduction inside AB / AC
+//!                                               accept_introduction: joins as GP_AB
+//!                                               (all three can talk at once)
+//!                                               claim: GP_B, "GP_B ≡ P_BtoA" inside AB,
+//!                                               commit "GP_B follows GP_AB" (AAD)
+//!                                                   │ Payload::Commit
+//!                         ordering service ◀────────┘ (a member: the creator's
+//!                         node, or the next one by rank when it is unreachable)
+//!                         accepts the first commit of an epoch, merges it,
+//!                         fans it out signed: Payload::Ordered ──▶ every member
+//! ```
+//!
+//! Every member keeps, for each other member, a status that says how far it
+//! can trust that member's identity: a placeholder made by an introducer
+//! (who may keep its key), claimed by a verified "follows" attestation,
+//! linked to one of its own relationships by an equivalence attestation, or
+//! verified out of band.
+
+use openmls::prelude::{GroupId, MlsGroup};
+use redb::ReadableTable;
+use sha2::{Digest, Sha256};
+
+use crate::attestation::{Attestation, AttestationError, Kind};
+use crate::changes::Changes;
+use crate::identity::{IdentityKey, Ipk, SecretKey, SIGNATURE_LEN};
+use crate::mls::{self, Incoming, MlsError, Provider};
+use crate::model::{
+    validate_text, AddressLease, Conversation, DisplayIdentity, GroupProtonId, InvalidValue,
+    MessageId, TransportInfo,
+};
+use crate::protocol::{self, Body, DecodeError, Introduction, MemberInfo, Payload, Plaintext};
+use crate::records::{
+    AddressKind, AddressRecord, Author, GroupProtonRecord, GroupState, HistoryEntry, Intent,
+    Invitee, Member, MemberStatus, MessageStatus, OutboxEntry, OutboxKind, Owner, PendingCommit,
+    ProtonRecord, Recipient, Relay,
+};
+use crate::relationship::{make_transports, Lifetimes, NodeAddrs, RelationshipError};
+use crate::seal::{self, SealKey};
+use crate::store::{self, tables, Store, StoreError};
+
+const ORDERED_LABEL: &[u8] = b"protonode/v1/ordered-commit";
+/// Removed members kept reachable for the commit that removed them.
+const FORMER_KEPT: usize = 32;
+
+/// What failed in a group operation.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    #[error("the group {0} does not exist")]
+    Unknown(GroupProtonId),
+    #[error("you are already in this group")]
+    AlreadyMember,
+    #[error("the introduction is not valid: {0}")]
+    BadIntroduction(String),
+    #[error("this group is pending: claim it (or decline it) first")]
+    NotClaimed,
+    #[error("there is no placeholder to claim: you already claimed this group")]
+    AlreadyClaimed,
+    #[error("you are no longer in this group")]
+    Gone,
+    #[error("no member matches {0:?}")]
+    UnknownMember(String),
+    #[error("the sender is not a member of the group (removed or never added)")]
+    NotAMember,
+    #[error("this node is not the group's ordering service")]
+    NotOrderer,
+    #[error("the commit is for epoch {got}, the group is at epoch {at}")]
+    WrongEpoch { got: u64, at: u64 },
+    #[error("the message is for a later epoch; kept until the group gets there")]
+    Deferred,
+    #[error("the ordering signature does not verify")]
+    BadOrdering,
+    #[error("the claim's attestation is invalid: {0}")]
+    BadClaim(AttestationError),
+    #[error("the attestation is invalid: {0}")]
+    Attestation(#[from] AttestationError),
+    #[error("{0} has no address we can derive a group address from (an older node?)")]
+    NoDerivableAddress(String),
+    #[error("unexpected message: {0}")]
+    Unexpected(&'static str),
+    #[error("message not valid: {0}")]
+    Invalid(#[from] InvalidValue),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Mls(#[from] MlsError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Relationship(#[from] RelationshipError),
+}
+
+impl From<seal::SealError> for GroupError {
+    fn from(e: seal::SealError) -> Self {
+        GroupError::BadIntroduction(e.to_string())
+    }
+}
+
+/// The context that binds derived addresses to one group.
+pub fn context_of(group_id: &[u8]) -> [u8; 16] {
+    let digest = Sha256::new()
+        .chain_update(b"protonode/v1/group-context")
+        .chain_update(group_id)
+        .finalize();
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&digest[..16]);
+    out
+}
+
+/// The transports of a relationship's peer, with addresses derived from its
+/// long-term ones for this group: how the group reaches that person's
+/// placeholder before they answer, resolvable only by their node.
+fn derived_transports(
+    peer: &ProtonRecord,
+    context: &[u8; 16],
+) -> Result<Vec<TransportInfo>, GroupError> {
+    let mut out = Vec::new();
+    for t in &peer.peer_transports {
+        let (Some(base), Some(key)) = (t.long_term.plain(), t.service_key) else {
+            continue;
+        };
+        let lease = AddressLease {
+            address: seal::derive_address(&key, &base, context)?.into(),
+            valid_until: t.long_term.valid_until,
+        };
+        let mut derived = t.clone();
+        derived.long_term = lease.clone();
+        derived.ephemeral = lease;
+        out.push(derived);
+    }
+    if out.is_empty() {
+        return Err(GroupError::NoDerivableAddress(
+            peer.peer_display.name.clone(),
+        ));
+    }
+    Ok(out)
+}
+
+/// The address rows of our own transports in a group.
+fn own_address_rows(
+    id: GroupProtonId,
+    transports: &[TransportInfo],
+) -> Vec<(transports::DeliveryAddress, AddressRecord)> {
+    transports
+        .iter()
+        .flat_map(|t| {
+            [
+                (&t.long_term, AddressKind::LongTerm),
+                (&t.ephemeral, AddressKind::Ephemeral),
+            ]
+        })
+        .filter_map(|(lease, kind)| {
+            Some((
+                lease.plain()?,
+                AddressRecord {
+                    owner: Owner::Group(id),
+                    kind,
+                    valid_until: lease.valid_until,
+                    used_by: None,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Placeholders for the peers of `via`, made in a scratch namespace that is
+/// never committed: an honest introducer keeps none of their keys.
+fn make_invitees(
+    store: &Store,
+    via: &[ProtonRecord],
+    introducer: Ipk,
+    context: &[u8; 16],
+) -> Result<(Vec<Invitee>, Vec<openmls::prelude::KeyPackage>), GroupError> {
+    let scratch = Provider::new(store.clone(), rand::random());
+    let mut invitees = Vec::new();
+    let mut packages = Vec::new();
+    for proton in via {
+        let key = IdentityKey::generate();
+        let (kp, bundle) = mls::placeholder_key_package(&scratch, &key)?;
+        invitees.push(Invitee {
+            via: proton.id,
+            placeholder: SecretKey::from(&key),
+            bundle,
+            member: Member {
+                ipk: key.ipk(),
+                display: proton.peer_display.clone(),
+                transports: derived_transports(proton, context)?,
+                status: MemberStatus::Placeholder {
+                    asserted_by: introducer,
+                },
+                introduced_by: Some(introducer),
+                direct_key: None,
+                via: Some(proton.id),
+                claim: None,
+            },
+        });
+        packages.push(kp);
+    }
+    scratch.mls_storage().discard_writes();
+    Ok((invitees, packages))
+}
+
+fn member_info(m: &Member) -> MemberInfo {
+    MemberInfo {
+        ipk: m.ipk,
+        display: m.display.clone(),
+        transports: m.transports.clone(),
+        direct_key: m.direct_key,
+        placeholder_of: match m.status {
+            MemberStatus::Placeholder { asserted_by } => Some(asserted_by),
+            _ => None,
+        },
+        claim: m.claim.clone(),
+    }
+}
+
+/// The introductions of `invitees` into a group we are in (`record`, under
+/// `key`), each to go inside its relationship.
+fn introductions(
+    record: &GroupProtonRecord,
+    key: &IdentityKey,
+    via: &[ProtonRecord],
+    invitees: &[Invitee],
+    welcome: &[u8],
+    now: u64,
+) -> Result<Vec<Relay>, GroupError> {
+    let me = MemberInfo {
+        ipk: key.ipk(),
+        display: record.own_display.clone(),
+        transports: record.own_transports.clone(),
+        direct_key: Some(SealKey::from_seed(record.direct_seed).public()),
+        placeholder_of: None,
+        claim: None,
+    };
+    let mut out = Vec::new();
+    for invitee in invitees {
+        let proton = via
+            .iter()
+            .find(|p| p.id == invitee.via)
+            .ok_or(GroupError::Unexpected(
+                "an invitee without its relationship",
+            ))?;
+        let members = record
+            .members
+            .iter()
+            .filter(|m| m.ipk != invitee.member.ipk)
+            .map(member_info)
+            .collect();
+        out.push(Relay {
+            id: rand::random(),
+            via: proton.id,
+            body: Body::Introduction(Box::new(Introduction {
+                group_id: record.group_id.clone(),
+                name: record.name.clone(),
+                welcome: welcome.to_vec(),
+                placeholder_key: invitee.placeholder.clone(),
+                placeholder_bundle: invitee.bundle.clone(),
+                introducer: me.clone(),
+                equivalence: Attestation::equivalent(key, &proton.own_key.key(), now),
+                members,
+                your_transports: invitee.member.transports.clone(),
+                orderer_rank: record.orderer_rank,
+            })),
+        });
+    }
+    Ok(out)
+}
+
+/// A new group of ours with placeholders for the peers of `via`: the
+/// seed's introduction when `via` holds two relationships.
+pub fn create_group(
+    store: &Store,
+    node: &NodeAddrs,
+    display: DisplayIdentity,
+    lifetimes: Lifetimes,
+    via: &[ProtonRecord],
+    name: Option<String>,
+    now: u64,
+) -> Result<(GroupProtonRecord, Changes), GroupError> {
+    if let Some(name) = &name {
+        protocol::validate_group_name(name)?;
+    }
+    let id = GroupProtonId::random();
+    let key = IdentityKey::generate();
+    let provider = Provider::new(store.clone(), id.0);
+    let mut group = mls::create_group(&provider, &key)?;
+    let group_id = group.group_id().as_slice().to_vec();
+    let context = context_of(&group_id);
+    let (invitees, packages) = make_invitees(store, via, key.ipk(), &context)?;
+    let (_commit, welcome) = mls::stage_add(&mut group, &provider, &key, &packages)?;
+    // We are the only member and the ordering service: nothing to order.
+    mls::merge_pending(&mut group, &provider)?;
+    let own_transports = make_transports(node, lifetimes, now)?;
+    let mut record = GroupProtonRecord {
+        id,
+        created_at: now,
+        name,
+        group_id,
+        context,
+        state: GroupState::Active,
+        own_key: SecretKey::from(&key),
+        own_display: display,
+        own_transports: own_transports.clone(),
+        direct_seed: SealKey::generate().seed(),
+        introduced: None,
+        members: invitees.iter().map(|i| i.member.clone()).collect(),
+        orderer_rank: 0,
+        pending: None,
+        intents: Vec::new(),
+        pending_links: Vec::new(),
+        relays: Vec::new(),
+        former: Vec::new(),
+        epoch: 0,
+        authenticator: Vec::new(),
+    };
+    record.relays = introductions(&record, &key, via, &invitees, &welcome, now)?;
+    record.epoch = group.epoch().as_u64();
+    record.authenticator = mls::epoch_authenticator(&group);
+    let mut changes = Changes {
+        mls: provider.mls_storage().take_writes(),
+        ..Changes::default()
+    };
+    changes.addresses = own_address_rows(id, &own_transports);
+    changes.groups.push(record.clone());
+    Ok((record, changes))
+}
+
+/// The invitee's side: an introduction arrived inside our relationship
+/// `proton`. Verifies the introducer's equivalence, joins the group as the
+/// placeholder, and routes the group's derived addresses to it.
+pub fn accept_introduction(
+    store: &Store,
+    proton: &ProtonRecord,
+    intro: &Introduction,
+    now: u64,
+) -> Result<(GroupProtonRecord, Changes), GroupError> {
+    let known = store.read(|tx| {
+        let t = tx.open_table(tables::GROUPS)?;
+        for e in t.iter()? {
+            let (_, v) = e?;
+            let g: GroupProtonRecord = store::decode(v.value(), "group")?;
+            if g.group_id == intro.group_id && g.state != GroupState::Gone {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    })?;
+    if known {
+        return Err(GroupError::AlreadyMember);
+    }
+    intro
+        .equivalence
+        .verify_as(Kind::Equivalent, &intro.introducer.ipk, &proton.peer_ipk)
+        .map_err(|e| GroupError::BadIntroduction(format!("the introducer's equivalence: {e}")))?;
+    let placeholder = intro.placeholder_key.key();
+    let id = GroupProtonId::random();
+    let provider = Provider::new(store.clone(), id.0);
+    mls::install_placeholder(&provider, &intro.placeholder_bundle, &placeholder.ipk())?;
+    let group = mls::join_from_welcome(&provider, &intro.welcome)?;
+    if group.group_id().as_slice() != intro.group_id.as_slice() {
+        return Err(GroupError::BadIntroduction(
+            "the Welcome is for another group".into(),
+        ));
+    }
+    let roster = mls::member_ipks(&group);
+    if !roster.contains(&placeholder.ipk()) || !roster.contains(&intro.introducer.ipk) {
+        return Err(GroupError::BadIntroduction(
+            "the group does not hold the introducer and our placeholder".into(),
+        ));
+    }
+    let introducer = intro.introducer.ipk;
+    let mut members = vec![Member {
+        ipk: introducer,
+        display: intro.introducer.display.clone(),
+        transports: intro.introducer.transports.clone(),
+        status: MemberStatus::Linked { proton: proton.id },
+        introduced_by: None,
+        direct_key: intro.introducer.direct_key,
+        via: None,
+        claim: None,
+    }];
+    for info in &intro.members {
+        if info.ipk == placeholder.ipk() || info.ipk == introducer || !roster.contains(&info.ipk) {
+            continue;
+        }
+        members.push(member_from_info(info, introducer));
+    }
+    let context = context_of(&intro.group_id);
+    let mut record = GroupProtonRecord {
+        id,
+        created_at: now,
+        name: intro.name.clone(),
+        group_id: intro.group_id.clone(),
+        context,
+        state: GroupState::Invited,
+        own_key: intro.placeholder_key.clone(),
+        own_display: proton.own_display.clone(),
+        own_transports: intro.your_transports.clone(),
+        direct_seed: SealKey::generate().seed(),
+        introduced: Some((proton.id, introducer)),
+        members,
+        orderer_rank: intro.orderer_rank,
+        pending: None,
+        intents: Vec::new(),
+        pending_links: Vec::new(),
+        relays: Vec::new(),
+        former: Vec::new(),
+        epoch: 0,
+        authenticator: Vec::new(),
+    };
+    record.epoch = group.epoch().as_u64();
+    record.authenticator = mls::epoch_authenticator(&group);
+    let mut changes = Changes {
+        mls: provider.mls_storage().take_writes(),
+        ..Changes::default()
+    };
+    changes.routes.push((proton.id, context, id));
+    changes.groups.push(record.clone());
+    Ok((record, changes))
+}
+
+/// A member as another member describes it: claimed if its claim
+/// attestation verifies from a placeholder, else a placeholder asserted by
+/// whoever made it (or by the describer).
+fn member_from_info(info: &MemberInfo, describer: Ipk) -> Member {
+    let claimed = info.claim.as_ref().and_then(|a| {
+        (a.kind == Kind::Follows && a.second == info.ipk && a.verify().is_ok()).then_some(a.first)
+    });
+    let status = match claimed {
+        Some(placeholder) => MemberStatus::Claimed { placeholder },
+        None => MemberStatus::Placeholder {
+            asserted_by: info.placeholder_of.unwrap_or(describer),
+        },
+    };
+    Member {
+        ipk: info.ipk,
+        display: info.display.clone(),
+        transports: info.transports.clone(),
+        status,
+        introduced_by: Some(info.placeholder_of.unwrap_or(describer)),
+        direct_key: info.direct_key,
+        via: None,
+        claim: info.claim.clone(),
+    }
+}
+
+/// What processing one inbox row did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Received {
+    Text(HistoryEntry),
+    /// A commit was merged: the roster or keys changed.
+    Committed,
+    /// Anything else that changed no history.
+    Other,
+}
+
+/// One group proton's live state.
+pub struct GroupSession {
+    record: GroupProtonRecord,
+    key: IdentityKey,
+    group: MlsGroup,
+    provider: Provider,
+}
+
+impl GroupSession {
+    pub fn load(store: &Store, id: GroupProtonId) -> Result<Self, GroupError> {
+        let record: GroupProtonRecord = store
+            .read(|tx| store::get(&tx.open_table(tables::GROUPS)?, id.0, "group"))?
+            .ok_or(GroupError::Unknown(id))?;
+        let provider = Provider::new(store.clone(), id.0);
+        let group = mls::load_group(&provider, &GroupId::from_slice(&record.group_id))?;
+        Ok(Self {
+            key: record.own_key.key(),
+            record,
+            group,
+            provider,
+        })
+    }
+
+    pub fn record(&self) -> &GroupProtonRecord {
+        &self.record
+    }
+
+    pub fn id(&self) -> GroupProtonId {
+        self.record.id
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.group.epoch().as_u64()
+    }
+
+    pub fn epoch_authenticator(&self) -> Vec<u8> {
+        mls::epoch_authenticator(&self.group)
+    }
+
+    pub fn own_ipk(&self) -> Ipk {
+        self.key.ipk()
+    }
+
+    /// Moves the pending MLS writes into `changes`, with the record.
+    pub fn drain_writes(&self, changes: &mut Changes) {
+        changes
+            .mls
+            .extend(self.provider.mls_storage().take_writes());
+    }
+
+    /// The record as it is now, for the caller to store.
+    fn save(&mut self, changes: &mut Changes) {
+        self.record.epoch = self.epoch();
+        self.record.authenticator = self.epoch_authenticator();
+        changes.groups.retain(|g| g.id != self.record.id);
+        changes.groups.push(self.record.clone());
+    }
+
+    /// Runs one step so that its failure leaves the session as before it
+    /// (see `ProtonSession::isolated`).
+    fn isolated<R>(
+        &mut self,
+        changes: &mut Changes,
+        step: impl FnOnce(&mut Self, &mut Changes) -> Result<R, GroupError>,
+    ) -> Result<R, GroupError> {
+        let writes = self.provider.mls_storage().snapshot();
+        let record = self.record.clone();
+        let mut scratch = Changes::default();
+        match step(self, &mut scratch) {
+            Ok(r) => {
+                changes.extend(scratch);
+                Ok(r)
+            }
+            Err(e) => {
+                self.provider.mls_storage().restore(writes);
+                self.record = record;
+                self.key = self.record.own_key.key();
+                self.group = mls::load_group(&self.provider, self.group.group_id())?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Every member's group IPK (ours too), in leaf order.
+    pub fn roster(&self) -> Vec<Ipk> {
+        mls::member_ipks(&self.group)
+    }
+
+    /// The ordering service at a rank: the member at that position (modulo
+    /// the size of the group) in leaf order, so every member computes the
+    /// same one from the same epoch.
+    pub fn orderer_at(&self, rank: u32) -> Option<Ipk> {
+        let roster = self.roster();
+        if roster.is_empty() {
+            return None;
+        }
+        roster.get(rank as usize % roster.len()).copied()
+    }
+
+    pub fn orderer(&self) -> Option<Ipk> {
+        self.orderer_at(self.record.orderer_rank)
+    }
+
+    pub fn is_orderer(&self) -> bool {
+        self.orderer() == Some(self.key.ipk())
+    }
+
+    /// One outbox row per other member (or one member), same payload.
+    fn fan_out(
+        &self,
+        payload: &[u8],
+        kind: OutboxKind,
+        message: Option<MessageId>,
+        only: Option<Ipk>,
+        changes: &mut Changes,
+        now: u64,
+    ) -> u32 {
+        let mut count = 0;
+        for m in &self.record.members {
+            if only.is_some_and(|o| o != m.ipk) {
+                continue;
+            }
+            changes.outbox.push(OutboxEntry {
+                conversation: Conversation::Group(self.record.id),
+                recipient: Recipient::Member(m.ipk),
+                kind,
+                message,
+                history: None,
+                address: None,
+                payload: payload.to_vec(),
+                created_at: now,
+            });
+            count += 1;
+        }
+        count
+    }
+
+    /// Encrypts `body` for the group.
+    fn encrypt(&mut self, body: Body) -> Result<Vec<u8>, GroupError> {
+        let plaintext = Plaintext {
+            body,
+            transports: None,
+        };
+        let ciphertext = mls::encrypt(
+            &mut self.group,
+            &self.provider,
+            &self.key,
+            &plaintext.encode(),
+        )?;
+        Ok(Payload::Mls(ciphertext).encode())
+    }
+
+    /// Sends a text to every member.
+    pub fn send_text(
+        &mut self,
+        text: &str,
+        now: u64,
+        changes: &mut Changes,
+    ) -> Result<HistoryEntry, GroupError> {
+        validate_text(text)?;
+        if self.record.state == GroupState::Gone {
+            return Err(GroupError::Gone);
+        }
+        let id = MessageId::random();
+        self.isolated(changes, |s, changes| {
+            let payload = s.encrypt(Body::Text {
+                id,
+                text: text.to_string(),
+                sent_at: now,
+            })?;
+            let pending = s.fan_out(
+                &payload,
+                OutboxKind::GroupText,
+                Some(id),
+                None,
+                changes,
+                now,
+            );
+            let entry = HistoryEntry {
+                id,
+                author: Author::Me,
+                text: text.to_string(),
+                sent_at: now,
+                stored_at: now,
+                // With nobody else in the group, nothing waits.
+                status: if pending == 0 {
+                    MessageStatus::Delivered
+                } else {
+                    MessageStatus::Queued
+                },
+                pending,
+            };
+            changes
+                .history
+                .push((Conversation::Group(s.record.id), entry.clone()));
+            Ok(entry)
+        })
+    }
+
+    /// Tells every member who we are and how to reach us (and, for
+    /// placeholders we made, who they are for).
+    fn announce(
+        &mut self,
+        infos: Vec<MemberInfo>,
+        now: u64,
+        changes: &mut Changes,
+    ) -> Result<(), GroupError> {
+        for info in infos {
+            let payload = self.encrypt(Body::MemberInfo(info))?;
+            self.fan_out(&payload, OutboxKind::Control, None, None, changes, now);
+        }
+        Ok(())
+    }
+
+    fn own_info(&self) -> MemberInfo {
+        MemberInfo {
+            ipk: self.key.ipk(),
+            display: self.record.own_display.clone(),
+            transports: self.record.own_transports.clone(),
+            direct_key: Some(SealKey::from_seed(self.record.direct_seed).public()),
+            placeholder_of: None,
+            claim: None,
+        }
+    }
+
+    /// Claims our placeholder: a fresh group key, its equivalence to our key
+    /// in the relationship we were introduced through (to tell the
+    /// introducer), and the commit that replaces the placeholder.
+    pub fn claim(
+        &mut self,
+        proton: &ProtonRecord,
+        node: &NodeAddrs,
+        lifetimes: Lifetimes,
+        now: u64,
+        changes: &mut Changes,
+    ) -> Result<(), GroupError> {
+        if self.record.state != GroupState::Invited {
+            return Err(GroupError::AlreadyClaimed);
+        }
+        if self
+            .record
+            .intents
+            .iter()
+            .any(|i| matches!(i, Intent::Claim { .. }))
+            || self
+                .record
+                .pending
+                .as_ref()
+                .is_some_and(|p| matches!(p.intent, Intent::Claim { .. }))
+        {
+            return Ok(()); // already on its way
+        }
+        let key = IdentityKey::generate();
+        let transports = make_transports(node, lifetimes, now)?;
+        changes
+            .addresses
+            .extend(own_address_rows(self.record.id, &transports));
+        self.record.relays.push(Relay {
+            id: rand::random(),
+            via: proton.id,
+            body: Body::Equivalence {
+                group_id: self.record.group_id.clone(),
+                attestation: Attestation::equivalent(&key, &proton.own_key.key(), now),
+            },
+        });
+        let follows = Attestation::follows(&self.key, &key, now);
+        self.record.intents.push(Intent::Claim {
+            key: SecretKey::from(&key),
+            transports,
+            follows: Box::new(follows),
+        });
+        self.advance(now, changes)?;
+        self.save(changes);
+        Ok(())
+    }
+
+    /// Queues a change that needs a commit and starts it if we can.
+    pub fn push_intent(
+        &mut self,
+        intent: Intent,
+        now: u64,
+        changes: &mut Changes,
+    ) -> Result<(), GroupError> {
+        if self.record.state == GroupState::Gone {
+            return Err(GroupError::Gone);
+        }
+        self.record.intents.push(intent);
+        self.advance(now, changes)?;
+        self.save(changes);
+        Ok(())
+    }
+
+    /// Adds placeholders for the peers of `via` (we introduce them).
+    pub fn add(
+        &mut self,
+        store: &Store,
+        via: &[ProtonRecord],
+        now: u64,
+        changes: &mut Changes,
+    ) -> Result<(), GroupError> {
+        if self.record.state != GroupState::Active {
+            return Err(GroupError::NotClaimed);
+        }
+        let (invitees, _) = make_invitees(store, via, self.key.ipk(), &self.record.context)?;
+        self.push_intent(Intent::Add { invitees }, now, changes)
+    }
+
+    /// Stages the first queued intent, unless a commit of ours is pending.
+    /// The ordering service applies it at once; anyone else sends it there.
+    fn advance(&mut self, now: u64, changes: &mut Changes) -> Result<(), GroupError> {
+        while self.record.pending.is_none() && !self.record.intents.is_empty() {
+            let intent = self.record.intents.remove(0);
+            let epoch = self.epoch();
+            let staged = self.isolated(changes, |s, _| s.stage(&intent));
+            let (commit, welcome) = match staged {
+                Ok(c) => c,
+                Err(e) => {
+                    // An intent that no longer applies (its member left).
+                    tracing::warn!(group = %self.record.id, error = %e, "dropped a change that no longer applies");
+                    continue;
+                }
+            };
+            self.record.pending = Some(PendingCommit {
+                epoch,
+                commit: commit.clone(),
+                welcome,
+                intent,
+                sent_at: now,
+            });
+            if self.is_orderer() {
+                self.order_own(now, changes)?;
+            } else {
+                self.send_to_orderer(commit, now, changes);
+            }
+        }
+        Ok(())
+    }
+
+    fn stage(&mut self, intent: &Intent) -> Result<(Vec<u8>, Option<Vec<u8>>), GroupError> {
+        Ok(match intent {
+            Intent::Claim { key, follows, .. } => {
+                let aad =
+                    postcard::to_allocvec(follows).map_err(|e| MlsError::Encode(e.to_string()))?;
+                (
+                    mls::stage_claim(&mut self.group, &self.provider, &self.key, &key.key(), aad)?,
+                    None,
+                )
+            }
+            Intent::Add { invitees } => {
+                let packages = invitees
+                    .iter()
+                    .map(|i| decode_bundle_key_package(&i.bundle))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let (commit, welcome) =
+                    mls::stage_add(&mut self.group, &self.provider, &self.key, &packages)?;
+                (commit, Some(welcome))
+            }
+            Intent::Remove { members } => {
+                let present: Vec<Ipk> = members
+                    .iter()
+                    .copied()
+                    .filter(|m| self.roster().contains(m))
+                    .collect();
+                (
+                    mls::stage_remove(&mut self.group, &self.provider, &self.key, &present)?,
+                    None,
+                )
+            }
+            Intent::Update => (
+                mls::stage_self_update(&mut self.group, &self.provider, &self.key)?,
+                None,
+            ),
+        })
+    }
+
+    fn send_to_orderer(&mut self, commit: Vec<u8>, now: u64, changes: &mut Changes) {
+        let Some(orderer) = self.orderer() else {
+            return;
+        };
+        self.fan_out(
+            &Payload::Commit(commit).encode(),
+            OutboxKind::Control,
+            None,
+            Some(orderer),
+            changes,
+            now,
+        );
+    }
+
+    /// We are the ordering service and our own commit is staged: it wins its
+    /// epoch. Merge it, fan it out, and finish its intent.
+    fn order_own(&mut self, now: u64, changes: &mut Changes) -> Result<(), GroupError> {
+        let Some(pending) = self.record.pending.take() else {
+            return Ok(());
+        };
+        let summary_before = self.roster();
+        mls::merge_pending(&mut self.group, &self.provider)?;
+        let ordered = self.sign_ordered(&pending.commit, pending.epoch)?;
+        // Everyone but us, including members the commit removes (they learn
+        // they are out) and not those it adds (they join by Welcome).
+        for ipk in summary_before.iter().filter(|i| **i != self.key.ipk()) {
+            self.outbox_to(*ipk, &ordered, changes, now);
+        }
+        self.finish_intent(pending, now, changes)
+    }
+
+    fn outbox_to(&self, ipk: Ipk, payload: &[u8], changes: &mut Changes, now: u64) {
+        changes.outbox.push(OutboxEntry {
+            conversation: Conversation::Group(self.record.id),
+            recipient: Recipient::Member(ipk),
+            kind: OutboxKind::Control,
+            message: None,
+            history: None,
+            address: None,
+            payload: payload.to_vec(),
+            created_at: now,
+        });
+    }
+
+    fn sign_ordered(&self, commit: &[u8], epoch: u64) -> Result<Vec<u8>, GroupError> {
+        let signature = self.key.sign_bytes(&ordered_message(
+            &self.record.group_id,
+            epoch,
+            self.record.orderer_rank,
+            commit,
+        ));
+        Ok(Payload::Ordered {
+            commit: commit.to_vec(),
+            rank: self.record.orderer_rank,
+            signature,
+        }
+        .encode())
+    }
+
+    /// Our commit was accepted and merged: do what it was for.
+    fn finish_intent(
+        &mut self,
+        pending: PendingCommit,
+        now: u64,
+        changes: &mut Changes,
+    ) -> Result<(), GroupError> {
+        match pending.intent {
+            Intent::Claim {
+                key,
+                transports,
+                follows,
+            } => {
+                self.key = key.key();
+                self.record.own_key = key;
+                self.record.own_transports = transports;
+                self.record.state = GroupState::Active;
+                let mut info = self.own_info();
+                info.claim = Some(*follows);
+                self.announce(vec![info], now, changes)?;
+            }
+            Intent::Add { invitees } => {
+                for i in &invitees {
+                    self.record.members.retain(|m| m.ipk != i.member.ipk);
+                    self.record.members.push(i.member.clone());
+                }
+                // Existing members learn who the placeholders are for.
+                let infos: Vec<MemberInfo> =
+                    invitees.iter().map(|i| member_info(&i.member)).collect();
+                self.announce(infos, now, changes)?;
+                let via = load_protons(&self.provider_store(), invitees.iter().map(|i| i.via))?;
+                let welcome = pending.welcome.unwrap_or_default();
+                let relays =
+                    introductions(&self.record, &self.key, &via, &invitees, &welcome, now)?;
+                self.record.relays.extend(relays);
+            }
+            Intent::Remove { .. } => {}
+            Intent::Update => {}
+        }
+        self.sync_roster();
+        self.save(changes);
+        Ok(())
+    }
+
+    fn provider_store(&self) -> Store {
+        self.provider.mls_storage().store().clone()
+    }
+
+    /// Keeps the member list equal to the MLS roster (minus us).
+    fn sync_roster(&mut self) {
+        let roster = self.roster();
+        let me = self.key.ipk();
+        let (kept, gone): (Vec<Member>, Vec<Member>) = std::mem::take(&mut self.record.members)
+            .into_iter()
+            .partition(|m| roster.contains(&m.ipk));
+        self.record.members = kept;
+        self.record.former.extend(gone);
+        let excess = self.record.former.len().saturating_sub(FORMER_KEPT);
+        self.record.former.drain(..excess);
+        for ipk in roster {
+            if ipk != me && !self.record.members.iter().any(|m| m.ipk == ipk) {
+                self.record.members.push(Member {
+                    ipk,
+                    display: DisplayIdentity {
+                        name: format!("member {}", ipk.fingerprint()),
+                        pronouns: None,
+                        picture: None,
+                    },
+                    transports: Vec::new(),
+                    status: MemberStatus::Placeholder { asserted_by: ipk },
+                    introduced_by: None,
+                    direct_key: None,
+                    via: None,
+                    claim: None,
+                });
+            }
+        }
+    }
+
+    /// If our commit waited too long for the ordering service, move to the
+    /// next one (by rank) and send it there; if that is us, apply it.
+    pub fn check_ordering(
+        &mut self,
+        now: u64,
+        timeout_ms: u64,
+        changes: &mut Changes,
+    ) -> Result<bool, GroupError> {
+        let Some(pending) = &self.record.pending else {
+            return Ok(false);
+        };
+        if now < pending.sent_at.saturating_add(timeout_ms) {
+            return Ok(false);
+        }
+        self.record.orderer_rank = self.record.orderer_rank.wrapping_add(1);
+        tracing::info!(group = %self.record.id, rank = self.record.orderer_rank, "the ordering service did not answer; moving to the next one");
+        if self.is_orderer() {
+            self.order_own(now, changes)?;
+            self.advance(now, changes)?;
+        } else if let Some(p) = self.record.pending.as_mut() {
+            p.sent_at = now;
+            let commit = p.commit.clone();
+            self.send_to_orderer(commit, now, changes);
+        }
+        self.save(changes);
+        Ok(true)
+    }
+
+    /// Processes one inbox row. `Err(Deferred)` means: keep the row and try
+    /// again after the next commit.
+    pub fn receive(
+        &mut self,
+        payload: &[u8],
+        relayed_from: Option<crate::model::ProtonId>,
+        now: u64,
+        changes: &mut Changes,
+    ) -> Result<Received, GroupError> {
+        if self.record.state == GroupState::Gone {
+            return Err(GroupError::Gone);
+        }
+        let payload = Payload::decode(payload)?;
+        self.isolated(changes, |s, changes| match payload {
+            Payload::Mls(bytes) => s.receive_application(&bytes, now, changes),
+            Payload::Commit(bytes) => s.receive_commit_request(&bytes, now, changes),
+            Payload::Ordered {
+                commit,
+                rank,
+                signature,
+            } => s.receive_ordered(&commit, rank, &signature, now, changes),
+            Payload::Relayed(body) => match relayed_from {
+                Some(proton) => s.receive_relayed(proton, *body, now, changes),
+                None => Err(GroupError::Unexpected("a relayed message from the network")),
+            },
+            Payload::Sealed { .. } => Err(GroupError::Unexpected(
+                "sealed messages are not handled here",
+            )),
+            Payload::Welcome { .. } => {
+                Err(GroupError::Unexpected("a Welcome sent to a group address"))
+            }
+        })
+    }
+
+    fn check_epoch(&self, bytes: &[u8]) -> Result<(), GroupError> {
+        let epoch = mls::message_epoch(bytes)?;
+        if epoch > self.epoch() {
+            return Err(GroupError::Deferred);
+        }
+        Ok(())
+    }
+
+    fn receive_application(
+        &mut self,
+        bytes: &[u8],
+        now: u64,
+        changes: &mut Changes,
+    ) -> Result<Received, GroupError> {
+        self.check_epoch(bytes)?;
+        let (sender, plain) = match mls::process(&mut self.group, &self.provider, bytes)? {
+            Incoming::Application { sender, bytes } => (sender, bytes),
+            Incoming::Commit { .. } => {
+                return Err(GroupError::Unexpected(
+                    "a commit that bypassed the ordering service",
+                ))
+            }
+            Incoming::Proposal => return Err(GroupError::Unexpected("a standalone proposal")),
+        };
+        // A message from the past epochs of someone no longer in the group.
+        let sender = sender
+            .filter(|s| self.roster().contains(s))
+            .ok_or(GroupError::NotAMember)?;
+        let plaintext = Plaintext::decode(&plain)?;
+        let received = match plaintext.body {
+            Body::Text { id, text, sent_at } => {
+                let entry = HistoryEntry {
+                    id,
+                    author: Author::Peer(sender),
+                    text,
+                    sent_at,
+                    stored_at: now,
+                    status: MessageStatus::Received,
+                    pending: 0,
+                };
+                changes
+                    .history
+                    .push((Conversation::Group(self.record.id), entry.clone()));
+                Received::Text(entry)
+            }
+            Body::MemberInfo(info) => {
+                self.apply_member_info(sender, info);
+                self.save(changes);
+                Received::Other
+            }
+            Body::Leave => {
+                if self.is_orderer() {
+                    self.record.intents.push(Intent::Remove {
+                        members: vec![sender],
+                    });
+                    self.advance(now, changes)?;
+                }
+                self.save(changes);
+                Received::Other
+            }
+            _ => return Err(GroupError::Unexpected("a relationship message in a group")),
+        };
+        Ok(received)
+    }
+
+    fn apply_member_info(&mut self, sender: Ipk, info: MemberInfo) {
+        if info.ipk == self.key.ipk() {
+            return;
+        }
+        let about_self = info.ipk == sender;
+        let Some(member) = self.record.members.iter_mut().find(|m| m.ipk == info.ipk) else {
+            return;
+        };
+        if about_self {
+            member.display = info.display;
+            member.transports = info.transports;
+            member.direct_key = info.direct_key;
+            if let Some(claim) = info.claim {
+                if claim.kind == Kind::Follows && claim.second == info.ipk && claim.verify().is_ok()
+                {
+                    if matches!(member.status, MemberStatus::Placeholder { .. }) {
+                        member.status = MemberStatus::Claimed {
+                            placeholder: claim.first,
+                        };
+                    }
+                    member.claim = Some(claim);
+                }
+            }
+        } else if info.placeholder_of == Some(sender) {
+            // Who a placeholder the sender made is for.
+            if matches!(member.status, MemberStatus::Placeholder { .. }) {
+                member.display = info.display;
+                member.transports = info.transports;
+                member.status = MemberStatus::Placeholder {
+                    asserted_by: sender,
+                };
+                member.introduced_by = Some(sender);
+            }
+        }
+    }
+
+    /// As the ordering service: a member's commit for an epoch.
+    fn receive_commit_request(
+        &mut self,
+        bytes: &[u8],
+        now: u64,
+        changes: &mut Changes,
+    ) -> Result<Received, GroupError> {
+        if !self.is_orderer() {
+            return Err(GroupError::NotOrderer);
+        }
+        let epoch = mls::message_epoch(bytes)?;
+        if epoch != self.epoch() {
+            // Lost the race (or arrived late): the winner reaches its author.
+            return Err(GroupError::WrongEpoch {
+                got: epoch,
+                at: self.epoch(),
+            });
+        }
+        let before = self.roster();
+        let Incoming::Commit {
+            staged,
+            sender,
+            aad,
+        } = mls::process(&mut self.group, &self.provider, bytes)?
+        else {
+            return Err(GroupError::Unexpected("not a commit"));
+        };
+        let summary = mls::summarize(&self.group, &staged, sender);
+        // Claims must prove themselves before they are ordered.
+        if let Some((old, new)) = summary.replaced {
+            verify_claim(&aad, old, new).map_err(GroupError::BadClaim)?;
+        }
+        // Our own pending commit, if any, lost to this one.
+        if self.record.pending.is_some() {
+            mls::clear_pending(&mut self.group, &self.provider)?;
+            self.requeue_pending();
+        }
+        mls::merge_staged(&mut self.group, &self.provider, *staged)?;
+        let ordered = self.sign_ordered(bytes, epoch)?;
+        for ipk in before.iter().filter(|i| **i != self.key.ipk()) {
+            self.outbox_to(*ipk, &ordered, changes, now);
+        }
+        self.apply_summary(&summary, &aad);
+        self.advance(now, changes)?;
+        self.save(changes);
+        Ok(Received::Committed)
+    }
+
+    fn requeue_pending(&mut self) {
+        if let Some(p) = self.record.pending.take() {
+            self.record.intents.insert(0, p.intent);
+        }
+    }
+
+    /// A commit the ordering service accepted.
+    fn receive_ordered(
+        &mut self,
+        commit: &[u8],
+        rank: u32,
+        signature: &[u8; SIGNATURE_LEN],
+        now: u64,
+        changes: &mut Changes,
+    ) -> Result<Received, GroupError> {
+        let epoch = mls::message_epoch(commit)?;
+        if epoch < self.epoch() {
+            return Ok(Received::Other); // already applied
+        }
+        if epoch > self.epoch() {
+            return Err(GroupError::Deferred);
+        }
+        let orderer = self.orderer_at(rank).ok_or(GroupError::BadOrdering)?;
+        orderer
+            .verify(
+                &ordered_message(&self.record.group_id, epoch, rank, commit),
+                signature,
+            )
+            .map_err(|_| GroupError::BadOrdering)?;
+        if rank > self.record.orderer_rank {
+            self.record.orderer_rank = rank;
+        }
+        // Our own commit, accepted.
+        if self
+            .record
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.commit == commit)
+        {
+            let Some(pending) = self.record.pending.take() else {
+                return Ok(Received::Other);
+            };
+            mls::merge_pending(&mut self.group, &self.provider)?;
+            self.finish_intent(pending, now, changes)?;
+            self.advance(now, changes)?;
+            self.save(changes);
+            return Ok(Received::Committed);
+        }
+        if self.record.pending.is_some() {
+            mls::clear_pending(&mut self.group, &self.provider)?;
+            self.requeue_pending();
+        }
+        let Incoming::Commit {
+            staged,
+            sender,
+            aad,
+        } = mls::process(&mut self.group, &self.provider, commit)?
+        else {
+            return Err(GroupError::Unexpected(
+                "an ordered message that is not a commit",
+            ));
+        };
+        let summary = mls::summarize(&self.group, &staged, sender);
+        let removed_us = staged.self_removed();
+        mls::merge_staged(&mut self.group, &self.provider, *staged)?;
+        if removed_us {
+            self.record.state = GroupState::Gone;
+            self.record.intents.clear();
+            self.save(changes);
+            return Ok(Received::Committed);
+        }
+        self.apply_summary(&summary, &aad);
+        self.advance(now, changes)?;
+        self.save(changes);
+        Ok(Received::Committed)
+    }
+
+    /// Updates the member list after someone else's commit.
+    fn apply_summary(&mut self, summary: &mls::CommitSummary, aad: &[u8]) {
+        if let Some((old, new)) = summary.replaced {
+            let verified = verify_claim(aad, old, new).ok();
+            let linked = self
+                .record
+                .pending_links
+                .iter()
+                .find(|(i, _)| *i == new)
+                .map(|(_, p)| *p);
+            if let Some(m) = self.record.members.iter_mut().find(|m| m.ipk == old) {
+                m.ipk = new;
+                m.claim = verified.clone();
+                m.status = match (linked, &verified) {
+                    (Some(proton), Some(_)) => MemberStatus::Linked { proton },
+                    (None, Some(_)) => MemberStatus::Claimed { placeholder: old },
+                    // A claim the ordering service let through unproven:
+                    // stay in step with the group, trust nothing new.
+                    (_, None) => m.status.clone(),
+                };
+            }
+            self.record.pending_links.retain(|(i, _)| *i != new);
+        }
+        self.sync_roster();
+    }
+
+    /// A control message our relationship's peer sent about this group.
+    fn receive_relayed(
+        &mut self,
+        proton: crate::model::ProtonId,
+        body: Body,
+        now: u64,
+        changes: &mut Changes,
+    ) -> Result<Received, GroupError> {
+        match body {
+            Body::Equivalence { attestation, .. } => {
+                let peer = load_protons(&self.provider_store(), [proton])?
+                    .into_iter()
+                    .next()
+                    .ok_or(GroupError::Unexpected("the relationship is gone"))?;
+                let member_key = if attestation.first == peer.peer_ipk {
+                    attestation.second
+                } else {
+                    attestation.first
+                };
+                attestation.verify_as(Kind::Equivalent, &member_key, &peer.peer_ipk)?;
+                match self.record.members.iter_mut().find(|m| m.ipk == member_key) {
+                    Some(m) => m.status = MemberStatus::Linked { proton },
+                    // The claim commit has not arrived yet.
+                    None => self.record.pending_links.push((member_key, proton)),
+                }
+                self.save(changes);
+                Ok(Received::Other)
+            }
+            Body::Decline { .. } => {
+                let placeholders: Vec<Ipk> = self
+                    .record
+                    .members
+                    .iter()
+                    .filter(|m| {
+                        m.via == Some(proton)
+                            && matches!(m.status, MemberStatus::Placeholder { .. })
+                    })
+                    .map(|m| m.ipk)
+                    .collect();
+                if !placeholders.is_empty() {
+                    self.push_intent(
+                        Intent::Remove {
+                            members: placeholders,
+                        },
+                        now,
+                        changes,
+                    )?;
+                }
+                Ok(Received::Other)
+            }
+            _ => Err(GroupError::Unexpected(
+                "a relayed message of a kind not relayed",
+            )),
+        }
+    }
+
+    /// Leaves the group: the ordering service removes us. We stop at once.
+    pub fn leave(&mut self, now: u64, changes: &mut Changes) -> Result<(), GroupError> {
+        if self.record.state == GroupState::Gone {
+            return Err(GroupError::Gone);
+        }
+        let payload = self.encrypt(Body::Leave)?;
+        // If we are the ordering service, the next one removes us.
+        let target = if self.is_orderer() {
+            self.orderer_at(self.record.orderer_rank.wrapping_add(1))
+        } else {
+            self.orderer()
+        };
+        if let Some(t) = target.filter(|t| *t != self.key.ipk()) {
+            self.outbox_to(t, &payload, changes, now);
+        }
+        self.record.state = GroupState::Gone;
+        self.record.intents.clear();
+        self.record.pending = None;
+        self.save(changes);
+        Ok(())
+    }
+
+    /// Declines an introduction: the introducer removes the placeholder; we
+    /// drop the group.
+    pub fn decline(&mut self, changes: &mut Changes) -> Result<(), GroupError> {
+        if self.record.state != GroupState::Invited {
+            return Err(GroupError::AlreadyClaimed);
+        }
+        if let Some((via, _)) = self.record.introduced {
+            self.record.relays.push(Relay {
+                id: rand::random(),
+                via,
+                body: Body::Decline {
+                    group_id: self.record.group_id.clone(),
+                },
+            });
+        }
+        self.record.state = GroupState::Gone;
+        self.save(changes);
+        Ok(())
+    }
+
+    /// A relay was queued by its proton: forget it.
+    pub fn relay_done(&mut self, id: [u8; 16], changes: &mut Changes) {
+        let before = self.record.relays.len();
+        self.record.relays.retain(|r| r.id != id);
+        if self.record.relays.len() != before {
+            self.save(changes);
+        }
+    }
+
+    /// Marks a member verified (checked out of band).
+    pub fn verify_member(&mut self, member: Ipk, changes: &mut Changes) -> Result<(), GroupError> {
+        let m = self
+            .record
+            .members
+            .iter_mut()
+            .find(|m| m.ipk == member)
+            .ok_or_else(|| GroupError::UnknownMember(member.fingerprint()))?;
+        m.status = MemberStatus::Verified;
+        self.save(changes);
+        Ok(())
+    }
+}
+
+/// The bytes the ordering service signs for a commit it accepted.
+fn ordered_message(group_id: &[u8], epoch: u64, rank: u32, commit: &[u8]) -> Vec<u8> {
+    let mut m = ORDERED_LABEL.to_vec();
+    m.push(0);
+    m.extend_from_slice(&(group_id.len() as u32).to_be_bytes());
+    m.extend_from_slice(group_id);
+    m.extend_from_slice(&epoch.to_be_bytes());
+    m.extend_from_slice(&rank.to_be_bytes());
+    m.extend_from_slice(&Sha256::digest(commit));
+    m
+}
+
+/// A claim commit's authenticated data must be "`new` follows `old`",
+/// signed by both.
+fn verify_claim(aad: &[u8], old: Ipk, new: Ipk) -> Result<Attestation, AttestationError> {
+    let attestation: Attestation =
+        postcard::from_bytes(aad).map_err(|_| AttestationError::Mismatch)?;
+    attestation.verify_as(Kind::Follows, &old, &new)?;
+    Ok(attestation)
+}
+
+fn decode_bundle_key_package(bundle: &[u8]) -> Result<openmls::prelude::KeyPackage, GroupError> {
+    let bundle: openmls::prelude::KeyPackageBundle =
+        serde_json::from_slice(bundle).map_err(|e| MlsError::Decode(e.to_string()))?;
+    Ok(bundle.key_package().clone())
+}
+
+/// Reads the records of some protons.
+pub fn load_protons(
+    store: &Store,
+    ids: impl IntoIterator<Item = crate::model::ProtonId>,
+) -> Result<Vec<ProtonRecord>, StoreError> {
+    let ids: Vec<_> = ids.into_iter().collect();
+    store.read(|tx| {
+        let t = tx.open_table(tables::PROTONS)?;
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some(p) = store::get(&t, id.0, "proton")? {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    })
+}
+
+/// Every group proton.
+pub fn all_groups(store: &Store) -> Result<Vec<GroupProtonRecord>, StoreError> {
+    store.read(|tx| {
+        let t = tx.open_table(tables::GROUPS)?;
+        let mut out = Vec::new();
+        for e in t.iter()? {
+            let (_, v) = e?;
+            out.push(store::decode(v.value(), "group")?);
+        }
+        Ok(out)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    //! Alex introduces Blair and Charlie, three stores, no network: each
+    //! outbox row is handed to its recipient by hand.
+    use super::*;
+    use crate::relationship::{accept_invite, create_invite, receive_welcome, ProtonSession};
+    use std::time::Duration;
+
+    const LIFETIMES: Lifetimes = Lifetimes {
+        ephemeral: Duration::from_secs(3600),
+        long_term: Duration::from_secs(365 * 24 * 3600),
+    };
+
+    struct Person {
+        name: &'static str,
+        _dir: tempfile::TempDir,
+        store: Store,
+        node: NodeAddrs,
+    }
+
+    fn person(name: &'static str) -> Person {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let node = NodeAddrs {
+            peer: transports::PeerId::random(),
+            addrs: vec![
+                "/ip4/127.0.0.1/tcp/4001".parse().unwrap(),
+                "/ip4/127.0.0.1/udp/4001/quic-v1".parse().unwrap(),
+            ],
+            service_key: store.service_key().unwrap().public(),
+        };
+        Person {
+            name,
+            _dir: dir,
+            store,
+            node,
+        }
+    }
+
+    fn display(name: &str) -> DisplayIdentity {
+        DisplayIdentity {
+            name: name.into(),
+            pronouns: None,
+            picture: None,
+        }
+    }
+
+    fn commit(p: &Person, changes: Changes) -> crate::changes::Applied {
+        p.store.write_blocking(move |tx| changes.apply(tx)).unwrap()
+    }
+
+    /// `inviter` invites `other`; returns (proton at inviter, proton at other).
+    fn befriend(
+        inviter: &Person,
+        other: &Person,
+    ) -> (crate::model::ProtonId, crate::model::ProtonId) {
+        let invite = create_invite(
+            &inviter.store,
+            &inviter.node,
+            display(inviter.name),
+            LIFETIMES,
+            Duration::from_secs(60),
+            1,
+        )
+        .unwrap();
+        let ticket = invite.ticket.clone();
+        commit(inviter, invite.changes);
+        let acceptance = accept_invite(
+            &other.store,
+            &other.node,
+            display(other.name),
+            LIFETIMES,
+            &invite.text,
+            2,
+        )
+        .unwrap();
+        let answer = acceptance.changes.outbox[0].payload.clone();
+        let theirs = acceptance.proton.id;
+        commit(other, acceptance.changes);
+        let (ours, changes) = receive_welcome(
+            &inviter.store,
+            &ticket,
+            &Payload::decode(&answer).unwrap(),
+            0,
+            3,
+        )
+        .unwrap();
+        commit(inviter, changes);
+        let mut session = ProtonSession::load(&other.store, theirs).unwrap();
+        let mut c = Changes::default();
+        session.set_state(crate::records::ProtonState::Active);
+        c.protons.push(session.record().clone());
+        commit(other, c);
+        (ours.id, theirs)
+    }
+
+    /// Sends a relay through its proton and has the peer's proton process it.
+    fn relay(
+        from: &Person,
+        to: &Person,
+        to_proton: crate::model::ProtonId,
+        relay: &Relay,
+    ) -> crate::relationship::Received {
+        let mut s = ProtonSession::load(&from.store, relay.via).unwrap();
+        let mut c = Changes::default();
+        s.send_control(relay.body.clone(), &from.node, LIFETIMES, 10, &mut c)
+            .unwrap();
+        s.drain_writes(&mut c);
+        let payload = c.outbox[0].payload.clone();
+        commit(from, c);
+        let mut r = ProtonSession::load(&to.store, to_proton).unwrap();
+        let mut c = Changes::default();
+        let got = r.receive(&payload, 11, &mut c).unwrap();
+        r.drain_writes(&mut c);
+        commit(to, c);
+        got
+    }
+
+    fn group_of(p: &Person) -> GroupSession {
+        let g = all_groups(&p.store).unwrap().into_iter().next().unwrap();
+        GroupSession::load(&p.store, g.id).unwrap()
+    }
+
+    /// Runs `f` on a session and commits; returns the outbox rows.
+    fn step(
+        p: &Person,
+        s: &mut GroupSession,
+        f: impl FnOnce(&mut GroupSession, &mut Changes),
+    ) -> Vec<OutboxEntry> {
+        let mut c = Changes::default();
+        f(s, &mut c);
+        s.drain_writes(&mut c);
+        let rows = c.outbox.clone();
+        commit(p, c);
+        rows
+    }
+
+    fn deliver(p: &Person, s: &mut GroupSession, payload: &[u8]) -> Result<Received, GroupError> {
+        let mut c = Changes::default();
+        let r = s.receive(payload, None, 20, &mut c);
+        s.drain_writes(&mut c);
+        commit(p, c);
+        r
+    }
+
+    fn rows_for(rows: &[OutboxEntry], ipk: Ipk) -> Vec<Vec<u8>> {
+        rows.iter()
+            .filter(|r| r.recipient == Recipient::Member(ipk))
+            .map(|r| r.payload.clone())
+            .collect()
+    }
+
+    #[test]
+    fn alex_introduces_blair_and_charlie_who_claim_their_placeholders() {
+        let (alex, blair, charlie) = (person("Alex"), person("Blair"), person("Charlie"));
+        let (ab, ba) = befriend(&alex, &blair);
+        let (ac, ca) = befriend(&alex, &charlie);
+        let via = load_protons(&alex.store, [ab, ac]).unwrap();
+
+        // Alex forms the group with placeholders; introductions go inside AB and AC.
+        let (record, changes) = create_group(
+            &alex.store,
+            &alex.node,
+            display("Alex"),
+            LIFETIMES,
+            &via,
+            Some("Trio".into()),
+            5,
+        )
+        .unwrap();
+        commit(&alex, changes);
+        assert_eq!(record.relays.len(), 2);
+        assert!(record
+            .members
+            .iter()
+            .all(|m| matches!(m.status, MemberStatus::Placeholder { .. })));
+        for (r, (to, proton)) in record.relays.iter().zip([(&blair, ba), (&charlie, ca)]) {
+            assert!(matches!(
+                relay(&alex, to, proton, r),
+                crate::relationship::Received::Joined(_)
+            ));
+        }
+        let (mut a, mut b, mut c) = (group_of(&alex), group_of(&blair), group_of(&charlie));
+        assert_eq!(b.record().state, GroupState::Invited);
+        assert_eq!(a.epoch_authenticator(), b.epoch_authenticator());
+        assert_eq!(a.epoch_authenticator(), c.epoch_authenticator());
+        // Blair sees Alex linked (Alex's equivalence verified) and Charlie as a placeholder Alex asserts.
+        let alex_ipk = a.own_ipk();
+        let seen = |s: &GroupSession, ipk: Ipk| {
+            s.record()
+                .members
+                .iter()
+                .find(|m| m.ipk == ipk)
+                .unwrap()
+                .status
+                .clone()
+        };
+        assert_eq!(seen(&b, alex_ipk), MemberStatus::Linked { proton: ba });
+        assert_eq!(
+            seen(&b, c.own_ipk()),
+            MemberStatus::Placeholder {
+                asserted_by: alex_ipk
+            }
+        );
+        assert_eq!(
+            b.record()
+                .members
+                .iter()
+                .find(|m| m.ipk == c.own_ipk())
+                .unwrap()
+                .display
+                .name,
+            "Charlie"
+        );
+
+        // All three can message at once: Alex to the placeholders' derived addresses.
+        let rows = step(&alex, &mut a, |s, ch| {
+            s.send_text("welcome, both", 30, ch).unwrap();
+        });
+        assert_eq!(rows.len(), 2);
+        for (p, s) in [(&blair, &mut b), (&charlie, &mut c)] {
+            let got = rows_for(&rows, s.own_ipk());
+            match deliver(p, s, &got[0]).unwrap() {
+                Received::Text(e) => assert_eq!(e.text, "welcome, both"),
+                other => panic!("{other:?}"),
+            }
+        }
+
+        // Blair claims: the equivalence goes to Alex inside BA, the commit to the orderer (Alex).
+        let ba_record = load_protons(&blair.store, [ba]).unwrap().pop().unwrap();
+        let placeholder_b = b.own_ipk();
+        let rows = step(&blair, &mut b, |s, ch| {
+            s.claim(&ba_record, &blair.node, LIFETIMES, 40, ch).unwrap()
+        });
+        let to_orderer = rows_for(&rows, alex_ipk);
+        assert_eq!(
+            to_orderer.len(),
+            1,
+            "the commit goes to the ordering service only"
+        );
+        let equivalence = b
+            .record()
+            .relays
+            .iter()
+            .find(|r| matches!(r.body, Body::Equivalence { .. }))
+            .unwrap()
+            .clone();
+        assert!(matches!(
+            relay(&blair, &alex, ab, &equivalence),
+            crate::relationship::Received::Relayed(_)
+        ));
+        // Alex's group processes the relayed equivalence (an inbox row his proton wrote).
+        let relayed = alex
+            .store
+            .read(|tx| {
+                let t = tx.open_table(tables::INBOX)?;
+                let mut out = Vec::new();
+                for e in t.iter()? {
+                    let (_, v) = e?;
+                    out.push(store::decode::<crate::records::InboxEntry>(
+                        v.value(),
+                        "inbox",
+                    )?);
+                }
+                Ok(out)
+            })
+            .unwrap();
+        let entry = relayed
+            .iter()
+            .find(|e| e.owner == Owner::Group(a.id()))
+            .unwrap();
+        let mut ch = Changes::default();
+        a.receive(&entry.payload, Some(ab), 41, &mut ch).unwrap();
+        a.drain_writes(&mut ch);
+        commit(&alex, ch);
+
+        // The ordering service accepts the claim and fans it out, signed.
+        let mut ch = Changes::default();
+        assert_eq!(
+            a.receive(&to_orderer[0], None, 42, &mut ch).unwrap(),
+            Received::Committed
+        );
+        a.drain_writes(&mut ch);
+        let fanned = ch.outbox.clone();
+        commit(&alex, ch);
+        for (p, s) in [(&blair, &mut b), (&charlie, &mut c)] {
+            let got = rows_for(&fanned, s.own_ipk());
+            assert_eq!(deliver(p, s, &got[0]).unwrap(), Received::Committed);
+        }
+        let gp_b = b.own_ipk();
+        assert_ne!(gp_b, placeholder_b);
+        assert_eq!(b.record().state, GroupState::Active);
+        assert_eq!(
+            seen(&a, gp_b),
+            MemberStatus::Linked { proton: ab },
+            "Alex links Blair through AB"
+        );
+        assert_eq!(
+            seen(&c, gp_b),
+            MemberStatus::Claimed {
+                placeholder: placeholder_b
+            },
+            "Charlie sees a verified claim"
+        );
+        let auth = a.epoch_authenticator();
+        assert_eq!(b.epoch_authenticator(), auth);
+        assert_eq!(c.epoch_authenticator(), auth);
+
+        // Charlie claims too; then nobody is a placeholder and all agree.
+        let ca_record = load_protons(&charlie.store, [ca]).unwrap().pop().unwrap();
+        let rows = step(&charlie, &mut c, |s, ch| {
+            s.claim(&ca_record, &charlie.node, LIFETIMES, 50, ch)
+                .unwrap()
+        });
+        let mut ch = Changes::default();
+        a.receive(&rows_for(&rows, alex_ipk)[0], None, 51, &mut ch)
+            .unwrap();
+        a.drain_writes(&mut ch);
+        let fanned = ch.outbox.clone();
+        commit(&alex, ch);
+        for (p, s) in [(&blair, &mut b), (&charlie, &mut c)] {
+            let got = rows_for(&fanned, s.own_ipk());
+            deliver(p, s, &got[0]).unwrap();
+        }
+        for s in [&a, &b, &c] {
+            assert_eq!(s.epoch(), 3, "creation, two claims");
+            assert_eq!(s.epoch_authenticator(), a.epoch_authenticator());
+            assert_eq!(s.record().members.len(), 2);
+            assert!(s
+                .record()
+                .members
+                .iter()
+                .all(|m| !matches!(m.status, MemberStatus::Placeholder { .. })));
+        }
+        assert!(
+            matches!(seen(&b, c.own_ipk()), MemberStatus::Claimed { .. }),
+            "Blair sees Charlie's claim"
+        );
+        assert!(
+            matches!(seen(&a, c.own_ipk()), MemberStatus::Claimed { .. }),
+            "before Charlie's equivalence arrives"
+        );
+        // This time the equivalence arrives after the claim commit.
+        let equivalence = c
+            .record()
+            .relays
+            .iter()
+            .find(|r| matches!(r.body, Body::Equivalence { .. }))
+            .unwrap()
+            .clone();
+        relay(&charlie, &alex, ac, &equivalence);
+        let rows = alex
+            .store
+            .read(|tx| {
+                let t = tx.open_table(tables::INBOX)?;
+                let mut out = Vec::new();
+                for e in t.iter()? {
+                    let (k, v) = e?;
+                    out.push((
+                        k.value(),
+                        store::decode::<crate::records::InboxEntry>(v.value(), "inbox")?,
+                    ));
+                }
+                Ok(out)
+            })
+            .unwrap();
+        let (_, entry) = rows
+            .iter()
+            .filter(|(_, e)| e.owner == Owner::Group(a.id()))
+            .last()
+            .unwrap();
+        let mut ch = Changes::default();
+        a.receive(&entry.payload, Some(ac), 60, &mut ch).unwrap();
+        a.drain_writes(&mut ch);
+        commit(&alex, ch);
+        assert_eq!(seen(&a, c.own_ipk()), MemberStatus::Linked { proton: ac });
+    }
+}
