@@ -19,14 +19,15 @@ use tokio::sync::oneshot;
 
 use crate::changes::Changes;
 use crate::groups::{GroupError, GroupSession, Received};
-use crate::identity::Ipk;
+use crate::identity::{Ipk, SecretKey};
 use crate::model::{now_ms, Conversation, GroupProtonId};
 use crate::proton::Shared;
 use crate::records::{
     GroupState, HistoryEntry, InboxEntry, Intent, Owner, ProtonRecord, Relay, Source,
 };
+use crate::relationship::{accept_invite, SideLink};
 use crate::store::{self, tables, Store, StoreError};
-use crate::views::{Event, GroupChange, MessageView};
+use crate::views::{ContactChange, Event, GroupChange, MessageView};
 
 /// Most inbox rows processed in one batch.
 const INBOX_BATCH: usize = 512;
@@ -44,6 +45,13 @@ pub enum Command {
     Intent(Box<Intent>),
     Add(Vec<ProtonRecord>),
     Verify(Ipk),
+    /// Seal this side-relationship ticket (and commit its changes with it).
+    Connect {
+        member: Ipk,
+        ticket: String,
+        key: SecretKey,
+        changes: Box<Changes>,
+    },
 }
 
 /// What a command answers: a history entry for `Send`, nothing else.
@@ -157,6 +165,21 @@ impl GroupProton {
                         Command::Verify(member) => session
                             .verify_member(member, &mut changes)
                             .map(|()| Answer::Done),
+                        Command::Connect {
+                            member,
+                            ticket,
+                            key,
+                            changes: invite,
+                        } => {
+                            // The ticket and its sealed delivery commit together.
+                            let mut step = *invite;
+                            session
+                                .connect(member, ticket, &key.key(), now, &mut step)
+                                .map(|()| {
+                                    changes.extend(step);
+                                    Answer::Done
+                                })
+                        }
                     };
                     match result {
                         Ok(answer) => replies.push((reply, answer)),
@@ -168,8 +191,37 @@ impl GroupProton {
                 Work::Inbox if !inbox_done => {
                     inbox_done = true;
                     match process_inbox(session, &self.shared.store, self.id, now, &mut changes) {
-                        Ok((received, more)) => {
+                        Ok((received, invitations, more)) => {
                             more_inbox = more;
+                            // Side relationships offered by members: accept them
+                            // in the same transaction that consumes the offer.
+                            for (ticket, from) in invitations {
+                                let link = SideLink {
+                                    group_key: session.key(),
+                                    group: self.id,
+                                    member: from,
+                                };
+                                match accept_invite(
+                                    &self.shared.store,
+                                    &node,
+                                    session.record().own_display.clone(),
+                                    lifetimes,
+                                    &ticket,
+                                    Some(link),
+                                    now,
+                                ) {
+                                    Ok(acceptance) => {
+                                        events.push(Event::contact(
+                                            &acceptance.proton,
+                                            ContactChange::Added,
+                                        ));
+                                        changes.extend(acceptance.changes);
+                                    }
+                                    Err(e) => {
+                                        tracing::warn!(group = %self.id, error = %e, "a side invitation could not be accepted")
+                                    }
+                                }
+                            }
                             for entry in received {
                                 events.push(Event::Message {
                                     conversation: conversation.to_string(),
@@ -276,16 +328,18 @@ impl GroupProton {
 
 /// Processes the group's inbox rows; rows for a later epoch stay and are
 /// retried after each commit that moves the group on.
+#[allow(clippy::type_complexity)]
 fn process_inbox(
     session: &mut GroupSession,
     store: &Store,
     id: GroupProtonId,
     now: u64,
     changes: &mut Changes,
-) -> Result<(Vec<HistoryEntry>, bool), StoreError> {
+) -> Result<(Vec<HistoryEntry>, Vec<(String, Ipk)>, bool), StoreError> {
     let rows = read_inbox(store, id)?;
     let more = rows.len() >= INBOX_BATCH;
     let mut received = Vec::new();
+    let mut invitations = Vec::new();
     let mut waiting: Vec<(u64, InboxEntry)> = rows;
     loop {
         let epoch = session.epoch();
@@ -298,6 +352,10 @@ fn process_inbox(
             match session.receive(&entry.payload, relayed, now, changes) {
                 Ok(Received::Text(e)) => {
                     received.push(e);
+                    changes.inbox_done.push(seq);
+                }
+                Ok(Received::SideInvitation { ticket, from }) => {
+                    invitations.push((ticket, from));
                     changes.inbox_done.push(seq);
                 }
                 Ok(_) => changes.inbox_done.push(seq),
@@ -314,7 +372,7 @@ fn process_inbox(
         }
         waiting = deferred;
     }
-    Ok((received, more))
+    Ok((received, invitations, more))
 }
 
 fn log_drop(id: GroupProtonId, e: &GroupError) {

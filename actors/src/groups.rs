@@ -47,6 +47,8 @@ use crate::seal::{self, SealKey};
 use crate::store::{self, tables, Store, StoreError};
 
 const ORDERED_LABEL: &[u8] = b"protonode/v1/ordered-commit";
+const SIDE_INFO: &[u8] = b"protonode/v1/side-invitation";
+const SIDE_LABEL: &[u8] = b"protonode/v1/side-invitation/signature";
 /// Removed members kept reachable for the commit that removed them.
 const FORMER_KEPT: usize = 32;
 
@@ -457,6 +459,11 @@ pub enum Received {
     Text(HistoryEntry),
     /// A commit was merged: the roster or keys changed.
     Committed,
+    /// A member invites us to a side relationship: its verified ticket.
+    SideInvitation {
+        ticket: String,
+        from: Ipk,
+    },
     /// Anything else that changed no history.
     Other,
 }
@@ -502,6 +509,11 @@ impl GroupSession {
 
     pub fn own_ipk(&self) -> Ipk {
         self.key.ipk()
+    }
+
+    /// Our group key (a side relationship links to it).
+    pub fn key(&self) -> &IdentityKey {
+        &self.key
     }
 
     /// Moves the pending MLS writes into `changes`, with the record.
@@ -856,13 +868,12 @@ impl GroupSession {
         let Some(pending) = self.record.pending.take() else {
             return Ok(());
         };
-        let summary_before = self.roster();
+        let before = self.roster();
         mls::merge_pending(&mut self.group, &self.provider)?;
         let ordered = self.sign_ordered(&pending.commit, pending.epoch)?;
-        // Everyone but us, including members the commit removes (they learn
-        // they are out) and not those it adds (they join by Welcome).
-        for ipk in summary_before.iter().filter(|i| **i != self.key.ipk()) {
-            self.outbox_to(*ipk, &ordered, changes, now);
+        let me = self.key.ipk();
+        for ipk in before.into_iter().filter(|i| *i != me) {
+            self.outbox_to(ipk, &ordered, changes, now);
         }
         self.finish_intent(pending, now, changes)
     }
@@ -1027,9 +1038,11 @@ impl GroupSession {
                 Some(proton) => s.receive_relayed(proton, *body, now, changes),
                 None => Err(GroupError::Unexpected("a relayed message from the network")),
             },
-            Payload::Sealed { .. } => Err(GroupError::Unexpected(
-                "sealed messages are not handled here",
-            )),
+            Payload::Sealed {
+                from,
+                sealed,
+                signature,
+            } => s.receive_sealed(from, &sealed, &signature),
             Payload::Welcome { .. } => {
                 Err(GroupError::Unexpected("a Welcome sent to a group address"))
             }
@@ -1060,10 +1073,7 @@ impl GroupSession {
             }
             Incoming::Proposal => return Err(GroupError::Unexpected("a standalone proposal")),
         };
-        // A message from the past epochs of someone no longer in the group.
-        let sender = sender
-            .filter(|s| self.roster().contains(s))
-            .ok_or(GroupError::NotAMember)?;
+        let sender = self.current_identity(sender.ok_or(GroupError::NotAMember)?)?;
         let plaintext = Plaintext::decode(&plain)?;
         let received = match plaintext.body {
             Body::Text { id, text, sent_at } => {
@@ -1099,6 +1109,21 @@ impl GroupSession {
             _ => return Err(GroupError::Unexpected("a relationship message in a group")),
         };
         Ok(received)
+    }
+
+    /// Who sent a message: a member, or the member who since claimed the
+    /// placeholder it was sent from (the claim proves it is them). Anyone
+    /// else (a removed member, on past epochs' keys) is refused.
+    fn current_identity(&self, sender: Ipk) -> Result<Ipk, GroupError> {
+        if self.roster().contains(&sender) {
+            return Ok(sender);
+        }
+        self.record
+            .members
+            .iter()
+            .find(|m| m.claim.as_ref().is_some_and(|a| a.first == sender))
+            .map(|m| m.ipk)
+            .ok_or(GroupError::NotAMember)
     }
 
     fn apply_member_info(&mut self, sender: Ipk, info: MemberInfo) {
@@ -1176,10 +1201,18 @@ impl GroupSession {
         }
         mls::merge_staged(&mut self.group, &self.provider, *staged)?;
         let ordered = self.sign_ordered(bytes, epoch)?;
-        for ipk in before.iter().filter(|i| **i != self.key.ipk()) {
-            self.outbox_to(*ipk, &ordered, changes, now);
-        }
         self.apply_summary(&summary, &aad);
+        // Everyone who was in the group before this commit, us excepted:
+        // members it removes learn they are out, those it adds join by
+        // Welcome instead, and a claimer is reached under its new key.
+        let me = self.key.ipk();
+        for ipk in before.into_iter().filter(|i| *i != me) {
+            let ipk = match summary.replaced {
+                Some((old, new)) if old == ipk => new,
+                _ => ipk,
+            };
+            self.outbox_to(ipk, &ordered, changes, now);
+        }
         self.advance(now, changes)?;
         self.save(changes);
         Ok(Received::Committed)
@@ -1344,6 +1377,86 @@ impl GroupSession {
         }
     }
 
+    /// Invites a member to a side relationship: `ticket` (made for it) and
+    /// the ticket key's equivalence to our group key, sealed to the member's
+    /// direct key and sent straight to its node.
+    pub fn connect(
+        &mut self,
+        member: Ipk,
+        ticket: String,
+        ticket_key: &IdentityKey,
+        now: u64,
+        changes: &mut Changes,
+    ) -> Result<(), GroupError> {
+        if self.record.state != GroupState::Active {
+            return Err(GroupError::NotClaimed);
+        }
+        let m = self
+            .record
+            .members
+            .iter()
+            .find(|m| m.ipk == member)
+            .ok_or_else(|| GroupError::UnknownMember(member.fingerprint()))?;
+        let direct = m.direct_key.ok_or(GroupError::Unexpected(
+            "the member has not told the group how to reach it privately yet",
+        ))?;
+        let invitation = protocol::SideInvitation {
+            ticket,
+            equivalence: Attestation::equivalent(ticket_key, &self.key, now),
+        };
+        let bytes =
+            postcard::to_allocvec(&invitation).map_err(|e| MlsError::Encode(e.to_string()))?;
+        let sealed = seal::seal(&direct, SIDE_INFO, &bytes)?;
+        let signature = self.key.sign_bytes(&side_message(
+            &self.record.group_id,
+            &self.key.ipk(),
+            &sealed,
+        ));
+        let payload = Payload::Sealed {
+            from: self.key.ipk(),
+            sealed,
+            signature,
+        }
+        .encode();
+        self.outbox_to(member, &payload, changes, now);
+        Ok(())
+    }
+
+    fn receive_sealed(
+        &mut self,
+        from: Ipk,
+        sealed: &[u8],
+        signature: &[u8; SIGNATURE_LEN],
+    ) -> Result<Received, GroupError> {
+        if !self.roster().contains(&from) || from == self.key.ipk() {
+            return Err(GroupError::NotAMember);
+        }
+        from.verify(
+            &side_message(&self.record.group_id, &from, sealed),
+            signature,
+        )
+        .map_err(|_| GroupError::BadIntroduction("the side invitation's signature".into()))?;
+        let bytes = SealKey::from_seed(self.record.direct_seed)
+            .open(SIDE_INFO, sealed)
+            .ok_or(GroupError::BadIntroduction(
+                "the side invitation does not open".into(),
+            ))?;
+        let invitation: protocol::SideInvitation = postcard::from_bytes(&bytes)
+            .map_err(|e| GroupError::BadIntroduction(format!("the side invitation: {e}")))?;
+        let verified = crate::ticket::Ticket::parse(
+            &invitation.ticket,
+            &openmls_rust_crypto::RustCrypto::default(),
+        )
+        .map_err(|e| GroupError::BadIntroduction(e.to_string()))?;
+        invitation
+            .equivalence
+            .verify_as(Kind::Equivalent, &verified.ipk, &from)?;
+        Ok(Received::SideInvitation {
+            ticket: invitation.ticket,
+            from,
+        })
+    }
+
     /// Leaves the group: the ordering service removes us. We stop at once.
     pub fn leave(&mut self, now: u64, changes: &mut Changes) -> Result<(), GroupError> {
         if self.record.state == GroupState::Gone {
@@ -1418,6 +1531,17 @@ fn ordered_message(group_id: &[u8], epoch: u64, rank: u32, commit: &[u8]) -> Vec
     m.extend_from_slice(&epoch.to_be_bytes());
     m.extend_from_slice(&rank.to_be_bytes());
     m.extend_from_slice(&Sha256::digest(commit));
+    m
+}
+
+/// The bytes a side invitation's sender signs.
+fn side_message(group_id: &[u8], from: &Ipk, sealed: &[u8]) -> Vec<u8> {
+    let mut m = SIDE_LABEL.to_vec();
+    m.push(0);
+    m.extend_from_slice(&(group_id.len() as u32).to_be_bytes());
+    m.extend_from_slice(group_id);
+    m.extend_from_slice(from.as_bytes());
+    m.extend_from_slice(&Sha256::digest(sealed));
     m
 }
 
@@ -1529,6 +1653,7 @@ mod tests {
             display(inviter.name),
             LIFETIMES,
             Duration::from_secs(60),
+            None,
             1,
         )
         .unwrap();
@@ -1540,6 +1665,7 @@ mod tests {
             display(other.name),
             LIFETIMES,
             &invite.text,
+            None,
             2,
         )
         .unwrap();
@@ -1752,11 +1878,16 @@ mod tests {
         a.drain_writes(&mut ch);
         let fanned = ch.outbox.clone();
         commit(&alex, ch);
+        // One signed copy for each member, Blair reached under her new key.
+        assert_eq!(fanned.len(), 2);
+        assert!(rows_for(&fanned, placeholder_b).is_empty());
+        assert_eq!(rows_for(&fanned, c.own_ipk()).len(), 1);
+        let ordered = fanned[0].payload.clone();
         for (p, s) in [(&blair, &mut b), (&charlie, &mut c)] {
-            let got = rows_for(&fanned, s.own_ipk());
-            assert_eq!(deliver(p, s, &got[0]).unwrap(), Received::Committed);
+            assert_eq!(deliver(p, s, &ordered).unwrap(), Received::Committed);
         }
         let gp_b = b.own_ipk();
+        assert_eq!(rows_for(&fanned, gp_b).len(), 1);
         assert_ne!(gp_b, placeholder_b);
         assert_eq!(b.record().state, GroupState::Active);
         assert_eq!(
@@ -1787,9 +1918,9 @@ mod tests {
         a.drain_writes(&mut ch);
         let fanned = ch.outbox.clone();
         commit(&alex, ch);
+        let ordered = fanned[0].payload.clone();
         for (p, s) in [(&blair, &mut b), (&charlie, &mut c)] {
-            let got = rows_for(&fanned, s.own_ipk());
-            deliver(p, s, &got[0]).unwrap();
+            deliver(p, s, &ordered).unwrap();
         }
         for s in [&a, &b, &c] {
             assert_eq!(s.epoch(), 3, "creation, two claims");

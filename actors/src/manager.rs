@@ -41,6 +41,10 @@ use crate::views::{
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(600);
 /// Listen addresses settle for this long before peers are told.
 const REFRESH_DEBOUNCE: Duration = Duration::from_secs(2);
+/// How often inbox rows still waiting are routed again. Actors are told of
+/// new rows as they are committed; this sweep makes sure that a row is
+/// processed even if such a notice was ever lost (a stopping actor).
+const INBOX_SWEEP_EVERY: Duration = Duration::from_secs(3);
 
 /// What a user-facing request can fail with. Each message says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +150,14 @@ pub struct CreateGroup {
 #[derive(Message)]
 #[rtype(result = "Result<Vec<GroupView>, Error>")]
 pub struct ListGroups;
+
+/// Starts a side relationship with a member of a group (DESIGN.md 8.4).
+#[derive(Message)]
+#[rtype(result = "Result<AcceptView, Error>")]
+pub struct Connect {
+    pub group: String,
+    pub member: String,
+}
 
 /// Something to do in one group.
 #[derive(Debug, Clone)]
@@ -503,6 +515,13 @@ impl Actor for RelationshipManager {
         self.dial_known_peers();
         self.housekeeping(ctx);
         ctx.run_interval(HOUSEKEEPING_EVERY, |act, ctx| act.housekeeping(ctx));
+        ctx.run_interval(INBOX_SWEEP_EVERY, |act, ctx| {
+            match inbox_owners(&act.shared.store) {
+                Ok(owners) if !owners.is_empty() => ctx.notify(InboxReady(owners)),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "reading the inbox failed"),
+            }
+        });
     }
 }
 
@@ -517,6 +536,7 @@ impl Handler<CreateInvite> for RelationshipManager {
             self.display(),
             self.shared.lifetimes,
             ttl,
+            None,
             now_ms(),
         );
         let store = self.shared.store.clone();
@@ -542,6 +562,7 @@ impl Handler<AcceptInvite> for RelationshipManager {
             self.display(),
             self.shared.lifetimes,
             &msg.ticket,
+            None,
             now_ms(),
         );
         let shared = self.shared.clone();
@@ -766,6 +787,72 @@ impl Handler<GroupCommand> for RelationshipManager {
                 .find(|g| g.id == id)
                 .ok_or(Error::UnknownGroup(id.to_string()))?;
             Ok(GroupView::of(&record))
+        })
+    }
+}
+
+impl Handler<Connect> for RelationshipManager {
+    type Result = ResponseFuture<Result<AcceptView, Error>>;
+
+    fn handle(&mut self, msg: Connect, ctx: &mut Self::Context) -> Self::Result {
+        let prepared = (|| {
+            let g = self.resolve_group(&msg.group)?;
+            if g.state != GroupState::Active {
+                return Err(Error::Group(GroupError::NotClaimed));
+            }
+            let member = resolve_member(&g, &msg.member)?;
+            let name = g
+                .members
+                .iter()
+                .find(|m| m.ipk == member)
+                .map(|m| m.display.name.clone())
+                .unwrap_or_default();
+            let invite = relationship::create_invite(
+                &self.shared.store,
+                &self.shared.node_addrs(),
+                g.own_display.clone(),
+                self.shared.lifetimes,
+                self.config.delivery.ticket_ttl(),
+                Some((g.id, member)),
+                now_ms(),
+            )?;
+            Ok((g.id, member, name, invite))
+        })();
+        let prepared =
+            prepared.map(|(id, member, name, invite)| (self.group(id, ctx), member, name, invite));
+        let shared = self.shared.clone();
+        let wait = self.config.delivery.accept_wait();
+        Box::pin(async move {
+            let (actor, member, name, invite) = prepared?;
+            let contact = invite.ticket.proton;
+            let mut events = shared.events.subscribe();
+            actor
+                .send(Do(Command::Connect {
+                    member,
+                    ticket: invite.text,
+                    key: invite.ticket.own_key.clone(),
+                    changes: Box::new(invite.changes),
+                }))
+                .await
+                .map_err(|_| Error::Stopped)??;
+            // The member's node accepts and answers; we see the new contact then.
+            let wanted = contact.to_string();
+            let arrived = tokio::time::timeout(wait, async {
+                loop {
+                    match events.recv().await {
+                        Ok(Event::Contact { contact, .. }) if contact.id == wanted => return true,
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => return false,
+                    }
+                }
+            })
+            .await
+            .unwrap_or(false);
+            Ok(AcceptView {
+                contact: contact.to_string(),
+                name,
+                delivered: arrived,
+            })
         })
     }
 }
@@ -1063,7 +1150,8 @@ fn inbox_owners(store: &store::Store) -> Result<Vec<Owner>, StoreError> {
         for e in t.iter()? {
             let (_, v) = e?;
             let entry: InboxEntry = store::decode(v.value(), "inbox entry")?;
-            if !owners.contains(&entry.owner) {
+            // Rows for an address derived from ours wait for their group.
+            if entry.context.is_none() && !owners.contains(&entry.owner) {
                 owners.push(entry.owner);
             }
         }

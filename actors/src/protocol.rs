@@ -134,6 +134,9 @@ pub enum Body {
     Hello {
         display: DisplayIdentity,
         transports: Vec<TransportInfo>,
+        /// For a side relationship: the acceptor's new key is equivalent to
+        /// its group proton, signed by both.
+        link: Option<Attestation>,
     },
     /// A text message.
     Text {
@@ -179,6 +182,15 @@ impl MemberInfo {
     }
 }
 
+/// A side relationship's invitation, sealed to one group member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SideInvitation {
+    /// A ticket, as `protonode invite` makes (for the receiver only).
+    pub ticket: String,
+    /// The ticket's key is equivalent to the sender's group proton.
+    pub equivalence: Attestation,
+}
+
 /// What an introducer sends each person it introduces, inside their
 /// relationship.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -216,6 +228,7 @@ impl Plaintext {
             Body::Hello {
                 display,
                 transports,
+                ..
             } => {
                 display.validate()?;
                 validate_transports(transports)?;

@@ -10,12 +10,15 @@ use crate::model::{
 };
 
 /// Where a relationship came from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Provenance {
     /// We made a ticket and the peer accepted it.
     InvitedByUs { ticket: TicketId },
     /// The peer made a ticket and we accepted it.
     AcceptedTicket { ticket: TicketId },
+    /// A side relationship with a member of one of our groups (each end
+    /// attested equivalent to its group proton).
+    MetInGroup { group: GroupProtonId, member: Ipk },
 }
 
 /// Life cycle of a proton.
@@ -69,6 +72,8 @@ pub struct TicketRecord {
     pub welcome_address: DeliveryAddress,
     /// Set when the Welcome arrived; a ticket works once.
     pub used: bool,
+    /// For a side relationship: the group and member it was sealed to.
+    pub origin: Option<(GroupProtonId, Ipk)>,
 }
 
 /// What a delivery address resolves to.

@@ -13,8 +13,9 @@ use openmls_rust_crypto::RustCrypto;
 use redb::ReadableTable;
 use transports::{DeliveryAddress, Multiaddr, PeerId};
 
+use crate::attestation::{Attestation, Kind};
 use crate::changes::Changes;
-use crate::identity::{IdentityKey, SecretKey};
+use crate::identity::{IdentityKey, Ipk, SecretKey};
 use crate::mls::{self, Incoming, MlsError, Provider};
 use crate::model::{
     validate_text, AddressLease, Conversation, DisplayIdentity, GroupProtonId, InvalidValue,
@@ -179,13 +180,15 @@ pub struct Invite {
     pub changes: Changes,
 }
 
-/// Makes an invitation ticket valid for `ttl`.
+/// Makes an invitation ticket valid for `ttl`. `origin` marks a side
+/// relationship's ticket, sealed to a member of one of our groups.
 pub fn create_invite(
     store: &Store,
     node: &NodeAddrs,
     display: DisplayIdentity,
     lifetimes: Lifetimes,
     ttl: Duration,
+    origin: Option<(GroupProtonId, Ipk)>,
     now: u64,
 ) -> Result<Invite, RelationshipError> {
     let proton = ProtonId::random();
@@ -214,6 +217,7 @@ pub fn create_invite(
         own_transports: transports.clone(),
         welcome_address: ticket.welcome_address,
         used: false,
+        origin,
     };
     let mut changes = Changes {
         mls: provider.mls_storage().take_writes(),
@@ -247,14 +251,24 @@ pub struct Acceptance {
     pub changes: Changes,
 }
 
+/// For a side relationship: our group proton's key, the group, and the
+/// member whose ticket we accept.
+pub struct SideLink<'a> {
+    pub group_key: &'a IdentityKey,
+    pub group: GroupProtonId,
+    pub member: Ipk,
+}
+
 /// Accepts a ticket: a fresh proton, the 2-member MLS group, and the answer
-/// (Welcome plus our Hello) queued for the ticket's one-time address.
+/// (Welcome plus our Hello) queued for the ticket's one-time address. With
+/// `link`, the Hello carries our new key's equivalence to our group proton.
 pub fn accept_invite(
     store: &Store,
     node: &NodeAddrs,
     display: DisplayIdentity,
     lifetimes: Lifetimes,
     text: &str,
+    link: Option<SideLink<'_>>,
     now: u64,
 ) -> Result<Acceptance, RelationshipError> {
     let verified = Ticket::parse(text, &RustCrypto::default())?;
@@ -284,6 +298,9 @@ pub fn accept_invite(
         body: Body::Hello {
             display: display.clone(),
             transports: transports.clone(),
+            link: link
+                .as_ref()
+                .map(|l| Attestation::equivalent(&key, l.group_key, now)),
         },
         transports: None,
     };
@@ -292,7 +309,13 @@ pub fn accept_invite(
         id,
         created_at: now,
         state: ProtonState::Pending,
-        provenance: Provenance::AcceptedTicket { ticket: ticket.id },
+        provenance: match &link {
+            Some(l) => Provenance::MetInGroup {
+                group: l.group,
+                member: l.member,
+            },
+            None => Provenance::AcceptedTicket { ticket: ticket.id },
+        },
         own_key: SecretKey::from(&key),
         own_display: display,
         own_transports: transports.clone(),
@@ -403,15 +426,32 @@ pub fn receive_welcome(
     let Body::Hello {
         display,
         transports,
+        link,
     } = Plaintext::decode(&bytes)?.body
     else {
         return Err(RelationshipError::BadWelcome("expected a Hello".into()));
+    };
+    // A side relationship's answer must come from the member it was for.
+    let provenance = match ticket.origin {
+        None => Provenance::InvitedByUs { ticket: ticket.id },
+        Some((group, member)) => {
+            let link = link.ok_or_else(|| {
+                RelationshipError::BadWelcome("the answer is not linked to the group member".into())
+            })?;
+            link.verify_as(Kind::Equivalent, &peer, &member)
+                .map_err(|e| {
+                    RelationshipError::BadWelcome(format!(
+                        "the answer's link to the group member: {e}"
+                    ))
+                })?;
+            Provenance::MetInGroup { group, member }
+        }
     };
     let record = ProtonRecord {
         id: ticket.proton,
         created_at: now,
         state: ProtonState::Active,
-        provenance: Provenance::InvitedByUs { ticket: ticket.id },
+        provenance,
         own_key: ticket.own_key.clone(),
         own_display: ticket.own_display.clone(),
         own_transports: ticket.own_transports.clone(),
@@ -885,6 +925,7 @@ mod tests {
             display("Alex"),
             LIFETIMES,
             Duration::from_secs(60),
+            None,
             1_000,
         )
         .unwrap();
@@ -897,6 +938,7 @@ mod tests {
             display("Blair"),
             LIFETIMES,
             &invite.text,
+            None,
             2_000,
         )
         .unwrap();
@@ -969,6 +1011,7 @@ mod tests {
             display("Alex"),
             LIFETIMES,
             Duration::from_secs(60),
+            None,
             1_000,
         )
         .unwrap();
@@ -979,13 +1022,14 @@ mod tests {
             display("Blair"),
             LIFETIMES,
             &invite.text,
+            None,
             2_000,
         )
         .unwrap();
         let contact = first.proton.id;
         commit(&blair, first.changes);
         assert!(matches!(
-            accept_invite(&blair.store, &blair.node, display("Blair"), LIFETIMES, &invite.text, 2_000),
+            accept_invite(&blair.store, &blair.node, display("Blair"), LIFETIMES, &invite.text, None, 2_000),
             Err(RelationshipError::AlreadyAccepted { contact: c }) if c == contact
         ));
         let charlie = side();
@@ -996,6 +1040,7 @@ mod tests {
                 display("Charlie"),
                 LIFETIMES,
                 &invite.text,
+                None,
                 61_001
             ),
             Err(RelationshipError::Ticket(TicketError::Expired(_)))
@@ -1007,6 +1052,7 @@ mod tests {
                 display("Alex"),
                 LIFETIMES,
                 &invite.text,
+                None,
                 2_000
             ),
             Err(RelationshipError::OwnTicket)
@@ -1022,6 +1068,7 @@ mod tests {
             display("Alex"),
             LIFETIMES,
             Duration::from_secs(60),
+            None,
             1_000,
         )
         .unwrap();
@@ -1032,6 +1079,7 @@ mod tests {
                 display("Blair"),
                 LIFETIMES,
                 text,
+                None,
                 2_000,
             )
         };

@@ -60,6 +60,9 @@ impl ContactView {
             origin: match p.provenance {
                 Provenance::InvitedByUs { .. } => "they accepted our invitation".into(),
                 Provenance::AcceptedTicket { .. } => "we accepted their invitation".into(),
+                Provenance::MetInGroup { group, member } => {
+                    format!("met in group {group} (member {})", member.fingerprint())
+                }
             },
             since: rfc3339(p.created_at),
         }

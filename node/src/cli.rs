@@ -36,6 +36,32 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum GroupCommand {
+    /// Create a group with contacts (each is introduced and claims their place).
+    Create {
+        /// The group's name.
+        name: String,
+        /// Contacts to invite (ids or unambiguous names).
+        #[arg(required = true)]
+        contacts: Vec<String>,
+    },
+    /// Add a contact to a group.
+    Add { group: String, contact: String },
+    /// Remove a member from a group.
+    Remove {
+        group: String,
+        /// The member's id (as `groups` shows it) or unambiguous name.
+        member: String,
+    },
+    /// Leave a group.
+    Leave { group: String },
+    /// Rotate your keys in a group.
+    Update { group: String },
+    /// Mark a member as verified (you checked their fingerprint out of band).
+    Verify { group: String, member: String },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create the data directory, its configuration and the node key.
     Init {
@@ -75,9 +101,9 @@ pub enum Command {
     },
     /// List your contacts.
     Contacts,
-    /// Send a text message to a contact.
+    /// Send a text message to a contact or a group.
     Send {
-        /// Contact id or unambiguous name.
+        /// Contact or group: id or unambiguous name.
         contact: String,
         /// The message.
         text: String,
@@ -88,11 +114,43 @@ pub enum Command {
         #[arg(long, value_name = "SECONDS", default_value_t = 60, requires = "wait")]
         timeout: u64,
     },
-    /// Show the conversation with a contact, oldest first.
+    /// Show the conversation with a contact or a group, oldest first.
     History {
-        /// Contact id or unambiguous name.
+        /// Contact or group: id or unambiguous name.
         contact: String,
     },
+    /// Introduce two contacts to each other: a group of the three of you.
+    Introduce {
+        /// The first contact (id or unambiguous name).
+        contact_b: String,
+        /// The second contact.
+        contact_c: String,
+        /// A name for the group.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List your groups with their members and how far you trust each.
+    Groups,
+    /// Accept an introduction: replace the placeholder made for you with your own key.
+    Claim {
+        /// Group id or unambiguous name.
+        group: String,
+    },
+    /// Decline an introduction: the introducer removes the placeholder made for you.
+    Decline {
+        /// Group id or unambiguous name.
+        group: String,
+    },
+    /// Start a 1:1 relationship with a member of a group (the introducer learns nothing of it).
+    Connect {
+        /// Group id or unambiguous name.
+        group: String,
+        /// The member's id (as `groups` shows it) or unambiguous name.
+        member: String,
+    },
+    /// Manage groups: create, add, remove, leave.
+    #[command(subcommand)]
+    Group(GroupCommand),
     /// Show the node's state: peer id, addresses, connections, warnings.
     Status,
     /// Stream events (messages, deliveries, contacts) until interrupted.

@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use actix::Addr;
 use actors::manager::{
-    self, AcceptInvite, CreateInvite, GetHistory, GetStatus, ListContacts, RelationshipManager,
-    SendMessage,
+    self, AcceptInvite, Connect, CreateGroup, CreateInvite, GetHistory, GetStatus, GroupAction,
+    GroupCommand, ListContacts, ListGroups, RelationshipManager, SendMessage,
 };
 use actors::relationship::RelationshipError;
 use actors::views::Event;
@@ -75,6 +75,68 @@ pub enum Call {
     },
     Status {},
     Watch {},
+    Introduce {
+        contacts: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    Groups {},
+    Claim {
+        group: String,
+    },
+    Decline {
+        group: String,
+    },
+    Connect {
+        group: String,
+        member: String,
+    },
+    GroupCreate {
+        name: String,
+        contacts: Vec<String>,
+    },
+    GroupAdd {
+        group: String,
+        contact: String,
+    },
+    GroupRemove {
+        group: String,
+        member: String,
+    },
+    GroupLeave {
+        group: String,
+    },
+    GroupUpdate {
+        group: String,
+    },
+    GroupVerify {
+        group: String,
+        member: String,
+    },
+}
+
+impl Call {
+    /// Every method name (a test keeps this equal to the variants).
+    pub const METHODS: [&'static str; 18] = [
+        "invite",
+        "accept",
+        "contacts",
+        "send",
+        "history",
+        "status",
+        "watch",
+        "introduce",
+        "groups",
+        "claim",
+        "decline",
+        "connect",
+        "group_create",
+        "group_add",
+        "group_remove",
+        "group_leave",
+        "group_update",
+        "group_verify",
+    ];
 }
 
 /// A JSON-RPC error object.
@@ -98,7 +160,13 @@ impl From<manager::Error> for RpcError {
     fn from(e: manager::Error) -> Self {
         use manager::Error as E;
         let code = match &e {
-            E::UnknownContact(_) | E::AmbiguousContact { .. } => codes::UNKNOWN_CONTACT,
+            E::UnknownContact(_)
+            | E::AmbiguousContact { .. }
+            | E::UnknownConversation(_)
+            | E::UnknownGroup(_)
+            | E::AmbiguousGroup { .. }
+            | E::AmbiguousConversation { .. }
+            | E::UnknownMember(_) => codes::UNKNOWN_CONTACT,
             E::TicketRefused => codes::TICKET_REFUSED,
             E::NotYetDelivered(_) => codes::NOT_DELIVERED,
             E::Relationship(
@@ -148,10 +216,7 @@ pub fn parse_request(line: &[u8]) -> Result<(Value, Call), (Value, RpcError)> {
         None | Some(Value::Null) => json!({}),
         Some(p) => p,
     };
-    const METHODS: [&str; 7] = [
-        "invite", "accept", "contacts", "send", "history", "status", "watch",
-    ];
-    if !METHODS.contains(&method.as_str()) {
+    if !Call::METHODS.contains(&method.as_str()) {
         return Err((
             id,
             RpcError::new(codes::METHOD_NOT_FOUND, format!("no method {method:?}")),
@@ -321,7 +386,67 @@ async fn dispatch(manager: &Addr<RelationshipManager>, call: Call) -> Result<Val
             codes::INVALID_REQUEST,
             "watch is served on its own",
         )),
+        Call::Introduce { contacts, name } => {
+            if contacts.len() != 2 {
+                return Err(RpcError::new(
+                    codes::INVALID_PARAMS,
+                    "introduce takes exactly two contacts",
+                ));
+            }
+            let group = manager
+                .send(CreateGroup { contacts, name })
+                .await
+                .map_err(stopped)??;
+            Ok(json!({ "group": group.id }))
+        }
+        Call::GroupCreate { name, contacts } => {
+            let group = manager
+                .send(CreateGroup {
+                    contacts,
+                    name: Some(name),
+                })
+                .await
+                .map_err(stopped)??;
+            to_json(serde_json::to_value(group))
+        }
+        Call::Groups {} => {
+            let groups = manager.send(ListGroups).await.map_err(stopped)??;
+            to_json(serde_json::to_value(groups))
+        }
+        Call::Connect { group, member } => {
+            let contact = manager
+                .send(Connect { group, member })
+                .await
+                .map_err(stopped)??;
+            to_json(serde_json::to_value(contact))
+        }
+        Call::Claim { group } => group_command(manager, group, GroupAction::Claim).await,
+        Call::Decline { group } => group_command(manager, group, GroupAction::Decline).await,
+        Call::GroupAdd { group, contact } => {
+            group_command(manager, group, GroupAction::Add(contact)).await
+        }
+        Call::GroupRemove { group, member } => {
+            group_command(manager, group, GroupAction::Remove(member)).await
+        }
+        Call::GroupLeave { group } => group_command(manager, group, GroupAction::Leave).await,
+        Call::GroupUpdate { group } => group_command(manager, group, GroupAction::Update).await,
+        Call::GroupVerify { group, member } => {
+            group_command(manager, group, GroupAction::Verify(member)).await
+        }
     }
+}
+
+async fn group_command(
+    manager: &Addr<RelationshipManager>,
+    group: String,
+    action: GroupAction,
+) -> Result<Value, RpcError> {
+    let view = manager
+        .send(GroupCommand { group, action })
+        .await
+        .map_err(|_| RpcError::new(codes::INTERNAL, "the node is shutting down"))??;
+    serde_json::to_value(view)
+        .map_err(|e| RpcError::new(codes::INTERNAL, format!("encoding the answer failed: {e}")))
 }
 
 enum Line {
@@ -490,6 +615,64 @@ mod tests {
         let (id, _) =
             parse_request(br#"{"jsonrpc":"2.0","id":"x","method":"reboot"}"#).unwrap_err();
         assert_eq!(id, json!("x"), "the id is echoed even on errors");
+    }
+
+    #[test]
+    fn every_variant_is_a_listed_method() {
+        let s = || "x".to_string();
+        let all = [
+            Call::Invite {
+                expires_in_secs: None,
+            },
+            Call::Accept { ticket: s() },
+            Call::Contacts {},
+            Call::Send {
+                to: s(),
+                text: s(),
+                wait_secs: None,
+            },
+            Call::History { of: s() },
+            Call::Status {},
+            Call::Watch {},
+            Call::Introduce {
+                contacts: vec![],
+                name: None,
+            },
+            Call::Groups {},
+            Call::Claim { group: s() },
+            Call::Decline { group: s() },
+            Call::Connect {
+                group: s(),
+                member: s(),
+            },
+            Call::GroupCreate {
+                name: s(),
+                contacts: vec![],
+            },
+            Call::GroupAdd {
+                group: s(),
+                contact: s(),
+            },
+            Call::GroupRemove {
+                group: s(),
+                member: s(),
+            },
+            Call::GroupLeave { group: s() },
+            Call::GroupUpdate { group: s() },
+            Call::GroupVerify {
+                group: s(),
+                member: s(),
+            },
+        ];
+        assert_eq!(all.len(), Call::METHODS.len());
+        for call in all {
+            let v = serde_json::to_value(&call).unwrap();
+            let method = v["method"].as_str().unwrap().to_string();
+            assert!(
+                Call::METHODS.contains(&method.as_str()),
+                "{method} is not listed"
+            );
+        }
     }
 
     #[test]

@@ -88,6 +88,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Prints a group command's answer: the group as JSON, or a sentence and
+/// the roster.
+fn group_result(v: &Value, json: bool, done: &str) {
+    if json {
+        println!("{v}");
+    } else {
+        println!("{done}");
+        print!("{}", output::groups(&Value::Array(vec![v.clone()])));
+    }
+}
+
 async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::Result<()> {
     let mut daemon = control::Client::connect(&paths.control_socket()).await?;
     let print_json = |v: &Value| println!("{v}");
@@ -172,8 +183,17 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
             if json {
                 print_json(&v);
             } else {
-                let contacts = daemon.call(&Call::Contacts {}).await?;
-                print!("{}", output::history(&v, &contacts));
+                // Authors are contacts (1:1) or group members (by key id).
+                let mut names = daemon.call(&Call::Contacts {}).await?;
+                let groups = daemon.call(&Call::Groups {}).await?;
+                if let (Some(list), Some(groups)) = (names.as_array_mut(), groups.as_array()) {
+                    for g in groups {
+                        for m in g["members"].as_array().into_iter().flatten() {
+                            list.push(serde_json::json!({ "id": m["id"], "name": m["name"] }));
+                        }
+                    }
+                }
+                print!("{}", output::history(&v, &names));
             }
         }
         Command::Status => {
@@ -198,6 +218,91 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
                 }
             }
             anyhow::bail!("the daemon stopped");
+        }
+        Command::Introduce {
+            contact_b,
+            contact_c,
+            name,
+        } => {
+            let v = daemon
+                .call(&Call::Introduce {
+                    contacts: vec![contact_b.clone(), contact_c.clone()],
+                    name,
+                })
+                .await?;
+            if json {
+                print_json(&v);
+            } else {
+                println!(
+                    "Introduced {contact_b} and {contact_c} in group {}. They see each other as placeholders you assert, until they claim.",
+                    v["group"].as_str().unwrap_or("")
+                );
+            }
+        }
+        Command::Groups => {
+            let v = daemon.call(&Call::Groups {}).await?;
+            if json {
+                print_json(&v);
+            } else {
+                print!("{}", output::groups(&v));
+            }
+        }
+        Command::Claim { group } => {
+            let v = daemon.call(&Call::Claim { group }).await?;
+            group_result(&v, json, "Claimed: your own key replaces the placeholder (members see it once the group orders the change).");
+        }
+        Command::Decline { group } => {
+            let v = daemon.call(&Call::Decline { group }).await?;
+            group_result(
+                &v,
+                json,
+                "Declined: the introducer will remove the placeholder made for you.",
+            );
+        }
+        Command::Connect { group, member } => {
+            let v = daemon.call(&Call::Connect { group, member }).await?;
+            if json {
+                print_json(&v);
+            } else if v["delivered"] == Value::Bool(true) {
+                println!(
+                    "Connected with {} (contact {}).",
+                    v["name"].as_str().unwrap_or("them"),
+                    v["contact"].as_str().unwrap_or("")
+                );
+            } else {
+                println!(
+                    "Invitation sent to {}; the contact appears once their node answers (contact {}).",
+                    v["name"].as_str().unwrap_or("them"),
+                    v["contact"].as_str().unwrap_or("")
+                );
+            }
+        }
+        Command::Group(command) => {
+            use protonode::cli::GroupCommand as G;
+            let (call, done) = match command {
+                G::Create { name, contacts } => (
+                    Call::GroupCreate { name, contacts },
+                    "Group created; the people you invited claim their places.",
+                ),
+                G::Add { group, contact } => (
+                    Call::GroupAdd { group, contact },
+                    "Added: they are introduced and claim their place.",
+                ),
+                G::Remove { group, member } => (
+                    Call::GroupRemove { group, member },
+                    "Removed (once the group orders the change).",
+                ),
+                G::Leave { group } => (Call::GroupLeave { group }, "You left the group."),
+                G::Update { group } => (
+                    Call::GroupUpdate { group },
+                    "Your keys in the group are being rotated.",
+                ),
+                G::Verify { group, member } => {
+                    (Call::GroupVerify { group, member }, "Marked as verified.")
+                }
+            };
+            let v = daemon.call(&call).await?;
+            group_result(&v, json, done);
         }
         Command::Init { .. } | Command::Daemon { .. } | Command::Demo => {
             anyhow::bail!("this command does not talk to the daemon")

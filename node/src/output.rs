@@ -79,6 +79,56 @@ pub fn history(list: &Value, contacts: &Value) -> String {
     out
 }
 
+/// Groups with their rosters.
+pub fn groups(list: &Value) -> String {
+    let Some(items) = list.as_array() else {
+        return String::new();
+    };
+    if items.is_empty() {
+        return "No groups yet. Introduce two contacts with `protonode introduce A B`, or `protonode group create NAME CONTACT...`.\n".into();
+    }
+    let mut out = String::new();
+    for g in items {
+        let name = g
+            .get("name")
+            .and_then(Value::as_str)
+            .map(|n| format!(" \"{n}\""))
+            .unwrap_or_default();
+        let state = if g["pending"] == Value::Bool(true) {
+            "pending: `protonode claim` or `protonode decline`".to_string()
+        } else {
+            s(g, "state").to_string()
+        };
+        out += &format!(
+            "group {}{}  epoch {}  ({})\n",
+            s(g, "id"),
+            name,
+            g.get("epoch").and_then(Value::as_u64).unwrap_or(0),
+            state
+        );
+        for m in g
+            .get("members")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let by = m
+                .get("introduced_by")
+                .and_then(Value::as_str)
+                .map(|b| format!("  (introduced by {b})"))
+                .unwrap_or_default();
+            out += &format!(
+                "  {:<20}  {:<24}  {:<11}{}\n",
+                s(m, "id"),
+                s(m, "name"),
+                s(m, "status"),
+                by
+            );
+        }
+    }
+    out
+}
+
 pub fn status(v: &Value) -> String {
     let mut out = format!("peer id:   {}\n", s(v, "peer_id"));
     for a in v

@@ -60,7 +60,7 @@ fn malformed_and_oversize_frames_are_refused_and_change_nothing() {
         Envelope::new(DeliveryAddress::random(), vec![1; 10]),
         Envelope {
             version: 9,
-            to: DeliveryAddress::random(),
+            to: DeliveryAddress::random().into(),
             payload: vec![2; 10],
         },
     ];
