@@ -21,6 +21,9 @@ use crate::records::{
 };
 use crate::store::{self, tables, StoreError};
 
+/// Epochs of accepted commits each group keeps for members who fell behind.
+pub const ORDERED_LOG_KEPT: u64 = 64;
+
 /// How a message's delivery state changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StatusChange {
@@ -44,6 +47,9 @@ pub struct Changes {
     pub delete_routes: Vec<(ProtonId, [u8; 16])>,
     /// New inbox rows written by us (relayed control messages).
     pub inbox: Vec<InboxEntry>,
+    /// Accepted commits to log: (group, epoch they ended, signed payload).
+    /// Only the last `ORDERED_LOG_KEPT` epochs of a group are kept.
+    pub ordered_log: Vec<(GroupProtonId, u64, Vec<u8>)>,
     pub tickets: Vec<TicketRecord>,
     pub delete_tickets: Vec<TicketId>,
     pub accepted_tickets: Vec<(TicketId, ProtonId)>,
@@ -88,6 +94,7 @@ impl Changes {
             && self.routes.is_empty()
             && self.delete_routes.is_empty()
             && self.inbox.is_empty()
+            && self.ordered_log.is_empty()
             && self.tickets.is_empty()
             && self.delete_tickets.is_empty()
             && self.accepted_tickets.is_empty()
@@ -114,6 +121,7 @@ impl Changes {
         self.routes.extend(other.routes);
         self.delete_routes.extend(other.delete_routes);
         self.inbox.extend(other.inbox);
+        self.ordered_log.extend(other.ordered_log);
         self.tickets.extend(other.tickets);
         self.delete_tickets.extend(other.delete_tickets);
         self.accepted_tickets.extend(other.accepted_tickets);
@@ -164,6 +172,21 @@ impl Changes {
             }
             for (p, c, g) in &self.routes {
                 t.insert((p.0, *c), g.0)?;
+            }
+        }
+        if !self.ordered_log.is_empty() {
+            let mut t = tx.open_table(tables::ORDERED_LOG)?;
+            for (group, epoch, payload) in &self.ordered_log {
+                t.insert((group.0, *epoch), payload.as_slice())?;
+                if let Some(old) = epoch.checked_sub(ORDERED_LOG_KEPT) {
+                    let stale: Vec<u64> = t
+                        .range((group.0, 0)..=(group.0, old))?
+                        .map(|e| e.map(|(k, _)| k.value().1))
+                        .collect::<Result<_, _>>()?;
+                    for e in stale {
+                        t.remove((group.0, e))?;
+                    }
+                }
             }
         }
         {

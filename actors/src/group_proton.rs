@@ -190,7 +190,14 @@ impl GroupProton {
                 }
                 Work::Inbox if !inbox_done => {
                     inbox_done = true;
-                    match process_inbox(session, &self.shared.store, self.id, now, &mut changes) {
+                    match process_inbox(
+                        session,
+                        &self.shared.store,
+                        self.id,
+                        now,
+                        timeout,
+                        &mut changes,
+                    ) {
                         Ok((received, invitations, more)) => {
                             more_inbox = more;
                             // Side relationships offered by members: accept them
@@ -334,6 +341,7 @@ fn process_inbox(
     store: &Store,
     id: GroupProtonId,
     now: u64,
+    timeout_ms: u64,
     changes: &mut Changes,
 ) -> Result<(Vec<HistoryEntry>, Vec<(String, Ipk)>, bool), StoreError> {
     let rows = read_inbox(store, id)?;
@@ -359,7 +367,10 @@ fn process_inbox(
                     changes.inbox_done.push(seq);
                 }
                 Ok(_) => changes.inbox_done.push(seq),
-                Err(GroupError::Deferred) => deferred.push((seq, entry)),
+                Err(GroupError::Deferred) => {
+                    deferred.push((seq, entry));
+                    session.request_catch_up(now, timeout_ms, changes);
+                }
                 Err(e) => {
                     log_drop(id, &e);
                     changes.inbox_done.push(seq);

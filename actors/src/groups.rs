@@ -47,6 +47,9 @@ use crate::seal::{self, SealKey};
 use crate::store::{self, tables, Store, StoreError};
 
 const ORDERED_LABEL: &[u8] = b"protonode/v1/ordered-commit";
+/// How long an ordering service that took over waits for members' missed
+/// commits before ordering (ms).
+const SYNC_WAIT_MS: u64 = 2_000;
 const SIDE_INFO: &[u8] = b"protonode/v1/side-invitation";
 const SIDE_LABEL: &[u8] = b"protonode/v1/side-invitation/signature";
 /// Removed members kept reachable for the commit that removed them.
@@ -314,6 +317,7 @@ pub fn create_group(
         introduced: None,
         members: invitees.iter().map(|i| i.member.clone()).collect(),
         orderer_rank: 0,
+        synced_rank: 0,
         pending: None,
         intents: Vec::new(),
         pending_links: Vec::new(),
@@ -409,6 +413,7 @@ pub fn accept_introduction(
         introduced: Some((proton.id, introducer)),
         members,
         orderer_rank: intro.orderer_rank,
+        synced_rank: 0,
         pending: None,
         intents: Vec::new(),
         pending_links: Vec::new(),
@@ -474,6 +479,10 @@ pub struct GroupSession {
     key: IdentityKey,
     group: MlsGroup,
     provider: Provider,
+    /// When we last asked for missed commits (ms); not stored.
+    last_catch_up: u64,
+    /// While taking over as ordering service: order nothing before this (ms).
+    sync_until: Option<u64>,
 }
 
 impl GroupSession {
@@ -488,6 +497,8 @@ impl GroupSession {
             record,
             group,
             provider,
+            last_catch_up: 0,
+            sync_until: None,
         })
     }
 
@@ -803,12 +814,52 @@ impl GroupSession {
                 sent_at: now,
             });
             if self.is_orderer() {
+                if !self.ready_to_order(now, changes) {
+                    // Ordered once we have synced (see `ready_to_order`).
+                    break;
+                }
                 self.order_own(now, changes)?;
             } else {
                 self.send_to_orderer(commit, now, changes);
             }
         }
         Ok(())
+    }
+
+    /// Whether we, the ordering service, may order now. The first ordering
+    /// service (rank 0) always may. One that took over after a failover
+    /// first asks every member for commits it may have missed (the previous
+    /// one may have got its last commit to some of them before it stopped)
+    /// and waits half an ordering timeout, so that it continues from the
+    /// latest epoch instead of forking the group.
+    fn ready_to_order(&mut self, now: u64, changes: &mut Changes) -> bool {
+        let rank = self.record.orderer_rank;
+        if rank == 0 || self.record.synced_rank >= rank {
+            return true;
+        }
+        match self.sync_until {
+            Some(until) if now >= until => {
+                self.record.synced_rank = rank;
+                self.sync_until = None;
+                true
+            }
+            Some(_) => false,
+            None => {
+                let payload = Payload::CatchUp {
+                    epoch: self.epoch(),
+                    from: self.key.ipk(),
+                }
+                .encode();
+                self.fan_out(&payload, OutboxKind::Control, None, None, changes, now);
+                self.sync_until = Some(now.saturating_add(SYNC_WAIT_MS));
+                false
+            }
+        }
+    }
+
+    /// Whether a timer should call [`GroupSession::check_ordering`].
+    pub fn needs_tick(&self) -> bool {
+        self.record.pending.is_some() || self.sync_until.is_some()
     }
 
     fn stage(&mut self, intent: &Intent) -> Result<(Vec<u8>, Option<Vec<u8>>), GroupError> {
@@ -871,6 +922,9 @@ impl GroupSession {
         let before = self.roster();
         mls::merge_pending(&mut self.group, &self.provider)?;
         let ordered = self.sign_ordered(&pending.commit, pending.epoch)?;
+        changes
+            .ordered_log
+            .push((self.record.id, pending.epoch, ordered.clone()));
         let me = self.key.ipk();
         for ipk in before.into_iter().filter(|i| *i != me) {
             self.outbox_to(ipk, &ordered, changes, now);
@@ -986,13 +1040,23 @@ impl GroupSession {
     }
 
     /// If our commit waited too long for the ordering service, move to the
-    /// next one (by rank) and send it there; if that is us, apply it.
+    /// next one (by rank) and send it there; if that is us, apply it once
+    /// synced. Also ends a sync that has waited long enough.
     pub fn check_ordering(
         &mut self,
         now: u64,
         timeout_ms: u64,
         changes: &mut Changes,
     ) -> Result<bool, GroupError> {
+        if self.is_orderer() {
+            if self.record.pending.is_some() && self.ready_to_order(now, changes) {
+                self.order_own(now, changes)?;
+                self.advance(now, changes)?;
+                self.save(changes);
+                return Ok(true);
+            }
+            return Ok(false);
+        }
         let Some(pending) = &self.record.pending else {
             return Ok(false);
         };
@@ -1002,12 +1066,17 @@ impl GroupSession {
         self.record.orderer_rank = self.record.orderer_rank.wrapping_add(1);
         tracing::info!(group = %self.record.id, rank = self.record.orderer_rank, "the ordering service did not answer; moving to the next one");
         if self.is_orderer() {
-            self.order_own(now, changes)?;
-            self.advance(now, changes)?;
+            if self.ready_to_order(now, changes) {
+                self.order_own(now, changes)?;
+                self.advance(now, changes)?;
+            }
         } else if let Some(p) = self.record.pending.as_mut() {
             p.sent_at = now;
             let commit = p.commit.clone();
             self.send_to_orderer(commit, now, changes);
+            // We may have missed commits the old ordering service made.
+            self.last_catch_up = 0;
+            self.request_catch_up(now, timeout_ms, changes);
         }
         self.save(changes);
         Ok(true)
@@ -1026,6 +1095,15 @@ impl GroupSession {
             return Err(GroupError::Gone);
         }
         let payload = Payload::decode(payload)?;
+        // An ordering service that is still syncing keeps commit requests for
+        // later; starting the sync (asking members) must not be rolled back.
+        if matches!(payload, Payload::Commit(_))
+            && self.is_orderer()
+            && !self.ready_to_order(now, changes)
+        {
+            self.save(changes);
+            return Err(GroupError::Deferred);
+        }
         self.isolated(changes, |s, changes| match payload {
             Payload::Mls(bytes) => s.receive_application(&bytes, now, changes),
             Payload::Commit(bytes) => s.receive_commit_request(&bytes, now, changes),
@@ -1034,6 +1112,7 @@ impl GroupSession {
                 rank,
                 signature,
             } => s.receive_ordered(&commit, rank, &signature, now, changes),
+            Payload::CatchUp { epoch, from } => s.serve_catch_up(epoch, from, now, changes),
             Payload::Relayed(body) => match relayed_from {
                 Some(proton) => s.receive_relayed(proton, *body, now, changes),
                 None => Err(GroupError::Unexpected("a relayed message from the network")),
@@ -1201,6 +1280,9 @@ impl GroupSession {
         }
         mls::merge_staged(&mut self.group, &self.provider, *staged)?;
         let ordered = self.sign_ordered(bytes, epoch)?;
+        changes
+            .ordered_log
+            .push((self.record.id, epoch, ordered.clone()));
         self.apply_summary(&summary, &aad);
         // Everyone who was in the group before this commit, us excepted:
         // members it removes learn they are out, those it adds join by
@@ -1250,6 +1332,17 @@ impl GroupSession {
         if rank > self.record.orderer_rank {
             self.record.orderer_rank = rank;
         }
+        // Kept to serve members who fall behind, should we order later.
+        changes.ordered_log.push((
+            self.record.id,
+            epoch,
+            Payload::Ordered {
+                commit: commit.to_vec(),
+                rank,
+                signature: *signature,
+            }
+            .encode(),
+        ));
         // Our own commit, accepted.
         if self
             .record
@@ -1455,6 +1548,55 @@ impl GroupSession {
             ticket: invitation.ticket,
             from,
         })
+    }
+
+    /// Asks the ordering service for the commits we missed (we hold
+    /// messages of a later epoch, or our commit got no answer). At most
+    /// once per half ordering timeout.
+    pub fn request_catch_up(&mut self, now: u64, timeout_ms: u64, changes: &mut Changes) {
+        if now < self.last_catch_up.saturating_add(timeout_ms / 2) {
+            return;
+        }
+        let Some(orderer) = self.orderer().filter(|o| *o != self.key.ipk()) else {
+            return;
+        };
+        self.last_catch_up = now;
+        let payload = Payload::CatchUp {
+            epoch: self.epoch(),
+            from: self.key.ipk(),
+        }
+        .encode();
+        self.outbox_to(orderer, &payload, changes, now);
+    }
+
+    /// Sends a member that fell behind the accepted commits since `epoch`.
+    fn serve_catch_up(
+        &mut self,
+        epoch: u64,
+        from: Ipk,
+        now: u64,
+        changes: &mut Changes,
+    ) -> Result<Received, GroupError> {
+        if from == self.key.ipk() || !self.record.members.iter().any(|m| m.ipk == from) {
+            return Err(GroupError::NotAMember);
+        }
+        if epoch >= self.epoch() {
+            return Ok(Received::Other);
+        }
+        let group = self.record.id.0;
+        let until = self.epoch();
+        let missed: Vec<Vec<u8>> = self.provider_store().read(|tx| {
+            let t = tx.open_table(tables::ORDERED_LOG)?;
+            let mut out = Vec::new();
+            for e in t.range((group, epoch)..(group, until))? {
+                out.push(e?.1.value().to_vec());
+            }
+            Ok(out)
+        })?;
+        for payload in missed {
+            self.outbox_to(from, &payload, changes, now);
+        }
+        Ok(Received::Other)
     }
 
     /// Leaves the group: the ordering service removes us. We stop at once.

@@ -81,6 +81,10 @@ pub enum Payload {
         #[serde(with = "crate::identity::signature_serde")]
         signature: [u8; crate::identity::SIGNATURE_LEN],
     },
+    /// A member that fell behind asks for the commits it missed since this
+    /// epoch (answered from the log of accepted commits; they are signed and
+    /// encrypted, so answering anyone costs only bandwidth).
+    CatchUp { epoch: u64, from: Ipk },
     /// A control message our own proton received from its peer for a group
     /// (an equivalence, a decline). Only in inbox rows our proton wrote.
     Relayed(Box<Body>),

@@ -322,6 +322,9 @@ pub struct GroupProtonRecord {
     /// Failover count of the ordering service: it is the member at this
     /// position (modulo the group's size) in leaf order.
     pub orderer_rank: u32,
+    /// The highest rank at which we, as the ordering service, have synced
+    /// (collected commits the previous one may have made) before ordering.
+    pub synced_rank: u32,
     pub pending: Option<PendingCommit>,
     pub intents: Vec<Intent>,
     /// Equivalences heard through relationships before the member showed up

@@ -42,6 +42,10 @@ pub mod tables {
     /// derived from that proton's address with that context go.
     pub const DERIVED_ROUTES: TableDefinition<([u8; 8], [u8; 16]), [u8; 8]> =
         TableDefinition::new("derived_routes");
+    /// (group proton id, epoch) → the accepted commit that ended that epoch,
+    /// as the ordering service signed it: served to members who fell behind.
+    pub const ORDERED_LOG: TableDefinition<([u8; 8], u64), &[u8]> =
+        TableDefinition::new("ordered_log");
     /// Ticket id → `TicketRecord`: invitations this node made.
     pub const TICKETS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("tickets");
     /// Ticket id → proton id: invitations this node accepted (each works once).
@@ -148,6 +152,7 @@ impl Store {
             tx.open_table(tables::PROTONS)?;
             tx.open_table(tables::GROUPS)?;
             tx.open_table(tables::DERIVED_ROUTES)?;
+            tx.open_table(tables::ORDERED_LOG)?;
             tx.open_table(tables::TICKETS)?;
             tx.open_table(tables::ACCEPTED_TICKETS)?;
             tx.open_table(tables::ADDRESSES)?;
@@ -264,6 +269,7 @@ impl Store {
             table(tx, tables::PROTONS, &mut h)?;
             table(tx, tables::GROUPS, &mut h)?;
             table(tx, tables::DERIVED_ROUTES, &mut h)?;
+            table(tx, tables::ORDERED_LOG, &mut h)?;
             table(tx, tables::TICKETS, &mut h)?;
             table(tx, tables::ACCEPTED_TICKETS, &mut h)?;
             table(tx, tables::ADDRESSES, &mut h)?;
