@@ -63,6 +63,8 @@ pub struct Person {
     pub name: String,
     dir: tempfile::TempDir,
     pub port: u16,
+    /// Extra environment for this person's daemon (config overrides).
+    pub env: Vec<(String, String)>,
 }
 
 impl Person {
@@ -76,6 +78,7 @@ impl Person {
             name: name.to_string(),
             dir,
             port: free_port(),
+            env: Vec::new(),
         };
         let out = p.cli(&["init", "--name", name]);
         assert!(
@@ -88,6 +91,18 @@ impl Person {
 
     pub fn data_dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Sets a configuration override for this person's daemon, e.g.
+    /// `("PROTONODE_DELIVERY_RETRY_MAX_MS", "1000")`.
+    pub fn with_env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// `groups --json`.
+    pub fn groups(&self) -> Vec<Value> {
+        self.ok(&["groups"]).as_array().cloned().unwrap_or_default()
     }
 
     /// The listen flags of this person's daemon (loopback, fixed ports).
@@ -230,6 +245,7 @@ impl Daemon {
             .arg("daemon")
             .args(args)
             .env("RUST_LOG", "warn")
+            .envs(person.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -1,0 +1,376 @@
+//! The seed's introductions over real daemons (separate processes on
+//! loopback), driven through the CLI: Alex introduces Blair and Charlie,
+//! they see placeholders, claim them, talk in the group and on the side.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use harness::{wait_for, Person};
+use serde_json::Value;
+
+const SETTLE: Duration = Duration::from_secs(20);
+
+fn person(name: &str) -> Person {
+    Person::init(name)
+        .with_env("PROTONODE_DELIVERY_RETRY_MAX_MS", "1000")
+        .with_env("PROTONODE_DELIVERY_ORDERING_TIMEOUT_MS", "1500")
+}
+
+/// Alex befriends each of `others`, waiting until Alex's node knows them.
+fn befriend_all(alex: &Person, others: &[&Person]) {
+    for o in others {
+        alex.befriend(o);
+    }
+}
+
+/// The one group `p` is in (waits for it to show up).
+fn the_group(p: &Person) -> Value {
+    wait_for(SETTLE, || p.groups().into_iter().next())
+        .unwrap_or_else(|| panic!("{} has no group", p.name))
+}
+
+fn statuses(group: &Value) -> HashMap<String, String> {
+    group["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["name"].as_str().unwrap().to_string(),
+                m["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until every person's group agrees: same epoch and authenticator,
+/// `n` members, exactly one self, no placeholder.
+fn wait_for_agreement(people: &[&Person], n: usize) -> Vec<Value> {
+    wait_for(SETTLE, || {
+        let groups: Vec<Value> = people.iter().map(|p| the_group(p)).collect();
+        let same = groups.windows(2).all(|w| {
+            w[0]["epoch"] == w[1]["epoch"]
+                && w[0]["epoch_authenticator"] == w[1]["epoch_authenticator"]
+        });
+        let shaped = groups.iter().all(|g| {
+            let members = g["members"].as_array().unwrap();
+            members.len() == n
+                && members.iter().filter(|m| m["status"] == "self").count() == 1
+                && members.iter().all(|m| m["status"] != "placeholder")
+        });
+        (same && shaped).then_some(groups)
+    })
+    .unwrap_or_else(|| {
+        let now: Vec<Value> = people.iter().map(|p| the_group(p)).collect();
+        panic!("the members never agreed: {now:#?}")
+    })
+}
+
+/// The texts of a group history, in order.
+fn texts(p: &Person, group: &str) -> Vec<String> {
+    p.history(group)
+        .iter()
+        .map(|m| m["text"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn alex_introduces_blair_and_charlie_who_claim_talk_and_connect() {
+    let (alex, blair, charlie) = (person("Alex"), person("Blair"), person("Charlie"));
+    let _a = alex.start();
+    let _b = blair.start();
+    let _c = charlie.start();
+    befriend_all(&alex, &[&blair, &charlie]);
+
+    let introduced = alex.ok(&["introduce", "Blair", "Charlie", "--name", "Trio"]);
+    assert!(introduced["group"].is_string());
+
+    // Figure 3.3.1: a group of three with two placeholders Alex asserts.
+    let at_blair = the_group(&blair);
+    assert_eq!(at_blair["pending"], true, "Blair has not claimed yet");
+    let seen = statuses(&at_blair);
+    assert_eq!(seen["Blair"], "self");
+    assert_eq!(
+        seen["Alex"], "linked",
+        "Alex's equivalence to the relationship Blair has with Alex"
+    );
+    assert_eq!(
+        seen["Charlie"], "placeholder",
+        "only Alex's word that this is Charlie"
+    );
+    let at_alex = statuses(&the_group(&alex));
+    assert_eq!(
+        (at_alex["Blair"].as_str(), at_alex["Charlie"].as_str()),
+        ("placeholder", "placeholder")
+    );
+
+    // All three can message at once, before anyone answers.
+    alex.ok(&["send", "Trio", "welcome, you two", "--wait"]);
+    for p in [&blair, &charlie] {
+        wait_for(SETTLE, || {
+            (texts(p, "Trio") == ["welcome, you two"]).then_some(())
+        })
+        .unwrap_or_else(|| panic!("{} did not get the first message", p.name));
+    }
+
+    // Figure 3.3.2: both claim; everyone agrees, nobody is a placeholder.
+    blair.ok(&["claim", "Trio"]);
+    charlie.ok(&["claim", "Trio"]);
+    let groups = wait_for_agreement(&[&alex, &blair, &charlie], 3);
+    let epoch = groups[0]["epoch"].as_u64().unwrap();
+    assert!(epoch >= 3, "creation plus two claims: {epoch}");
+    let at_alex = statuses(&groups[0]);
+    assert_eq!(
+        (at_alex["Blair"].as_str(), at_alex["Charlie"].as_str()),
+        ("linked", "linked")
+    );
+    let at_blair = statuses(&groups[1]);
+    assert_eq!(
+        at_blair["Charlie"], "claimed",
+        "a verified claim, but no new trust that Charlie is not Alex"
+    );
+    assert_eq!(at_blair["Alex"], "linked");
+
+    // Group messages reach everyone exactly once, in order per sender.
+    blair.ok(&["send", "Trio", "hi from Blair", "--wait"]);
+    charlie.ok(&["send", "Trio", "hi from Charlie", "--wait"]);
+    for p in [&alex, &blair, &charlie] {
+        let all = wait_for(SETTLE, || {
+            let t = texts(p, "Trio");
+            (t.len() == 3).then_some(t)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{} does not have the three messages: {:?}",
+                p.name,
+                texts(p, "Trio")
+            )
+        });
+        for text in ["welcome, you two", "hi from Blair", "hi from Charlie"] {
+            assert_eq!(
+                all.iter().filter(|t| *t == text).count(),
+                1,
+                "{}: {text:?} exactly once",
+                p.name
+            );
+        }
+    }
+
+    // Figure 3.3.3: a side relationship Alex learns nothing of.
+    let connected = charlie.ok(&["connect", "Trio", "Blair"]);
+    assert_eq!(connected["name"], "Blair");
+    wait_for(SETTLE, || {
+        let b = blair.ok(&["contacts"]);
+        b.as_array()?
+            .iter()
+            .find(|c| c["name"] == "Charlie" && c["state"] == "active")?;
+        Some(())
+    })
+    .expect("Blair sees Charlie as a contact");
+    charlie.ok(&["send", "Blair", "just between us", "--wait"]);
+    let side = wait_for(SETTLE, || {
+        let h = blair.history("Charlie");
+        (!h.is_empty()).then_some(h)
+    })
+    .unwrap();
+    assert_eq!(side[0]["text"], "just between us");
+    let alex_contacts = alex.ok(&["contacts"]);
+    assert_eq!(
+        alex_contacts.as_array().unwrap().len(),
+        2,
+        "Alex's contacts are unchanged"
+    );
+    let origin = blair
+        .ok(&["contacts"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "Charlie")
+        .unwrap()["origin"]
+        .clone();
+    assert!(
+        origin.as_str().unwrap().starts_with("met in group"),
+        "{origin}"
+    );
+}
+
+#[test]
+fn a_declined_introduction_removes_the_placeholder() {
+    let (alex, blair, charlie) = (person("Alex"), person("Blair"), person("Charlie"));
+    let _a = alex.start();
+    let _b = blair.start();
+    let _c = charlie.start();
+    befriend_all(&alex, &[&blair, &charlie]);
+    alex.ok(&["introduce", "Blair", "Charlie"]);
+    let group = the_group(&blair);
+    blair.ok(&["decline", group["id"].as_str().unwrap()]);
+    assert!(
+        wait_for(SETTLE, || blair.groups().is_empty().then_some(())).is_some(),
+        "Blair no longer lists it"
+    );
+    for p in [&alex, &charlie] {
+        wait_for(SETTLE, || {
+            let g = the_group(p);
+            (g["members"].as_array()?.len() == 2 && !statuses(&g).contains_key("Blair"))
+                .then_some(())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{} still has Blair's placeholder: {:#?}",
+                p.name,
+                the_group(p)
+            )
+        });
+    }
+}
+
+#[test]
+fn a_plain_group_grows_and_shrinks() {
+    let (alex, blair, charlie) = (person("Alex"), person("Blair"), person("Charlie"));
+    let _a = alex.start();
+    let _b = blair.start();
+    let _c = charlie.start();
+    befriend_all(&alex, &[&blair, &charlie]);
+
+    alex.ok(&["group", "create", "Book club", "Blair"]);
+    the_group(&blair);
+    blair.ok(&["claim", "Book club"]);
+    wait_for_agreement(&[&alex, &blair], 2);
+
+    alex.ok(&["group", "add", "Book club", "Charlie"]);
+    wait_for(SETTLE, || (!charlie.groups().is_empty()).then_some(()))
+        .expect("Charlie is introduced");
+    charlie.ok(&["claim", "Book club"]);
+    wait_for_agreement(&[&alex, &blair, &charlie], 3);
+    charlie.ok(&["send", "Book club", "thanks for adding me", "--wait"]);
+    wait_for(SETTLE, || {
+        texts(&blair, "Book club")
+            .contains(&"thanks for adding me".to_string())
+            .then_some(())
+    })
+    .expect("Blair reads Charlie");
+
+    alex.ok(&["group", "remove", "Book club", "Charlie"]);
+    wait_for_agreement(&[&alex, &blair], 2);
+    wait_for(SETTLE, || charlie.groups().is_empty().then_some(()))
+        .expect("Charlie learns she was removed");
+
+    blair.ok(&["group", "leave", "Book club"]);
+    assert!(blair.groups().is_empty());
+    wait_for(SETTLE, || {
+        (the_group(&alex)["members"].as_array()?.len() == 1).then_some(())
+    })
+    .expect("Alex is alone in the group");
+}
+
+/// Alex, Blair and Charlie in a claimed group "Trio"; their daemons.
+fn trio() -> ([Person; 3], [harness::Daemon; 3]) {
+    let (alex, blair, charlie) = (person("Alex"), person("Blair"), person("Charlie"));
+    let daemons = [alex.start(), blair.start(), charlie.start()];
+    befriend_all(&alex, &[&blair, &charlie]);
+    alex.ok(&["introduce", "Blair", "Charlie", "--name", "Trio"]);
+    the_group(&blair);
+    the_group(&charlie);
+    blair.ok(&["claim", "Trio"]);
+    charlie.ok(&["claim", "Trio"]);
+    wait_for_agreement(&[&alex, &blair, &charlie], 3);
+    ([alex, blair, charlie], daemons)
+}
+
+#[test]
+fn group_messages_reach_everyone_once_across_kill_9_of_any_member() {
+    let (people, mut daemons) = trio();
+    let mut acknowledged: Vec<(usize, String)> = Vec::new();
+    let mut n = 0;
+    let mut send_round = |people: &[Person; 3], acknowledged: &mut Vec<(usize, String)>| {
+        for _ in 0..4 {
+            for (i, p) in people.iter().enumerate() {
+                n += 1;
+                let text = format!("{} #{n}", p.name);
+                // A daemon that is down does not acknowledge: not counted.
+                if p.json(&["send", "Trio", &text]).is_ok() {
+                    acknowledged.push((i, text));
+                }
+            }
+        }
+    };
+    // Blair, then Alex (the ordering member), are killed and come back.
+    for victim in [1, 0] {
+        send_round(&people, &mut acknowledged);
+        daemons[victim].kill9();
+        send_round(&people, &mut acknowledged);
+        daemons[victim] = people[victim].start();
+        send_round(&people, &mut acknowledged);
+    }
+    for p in &people {
+        let history = wait_for(Duration::from_secs(60), || {
+            let t = texts(p, "Trio");
+            acknowledged.iter().all(|(_, a)| t.contains(a)).then_some(t)
+        })
+        .unwrap_or_else(|| panic!("{} is missing acknowledged messages", p.name));
+        for (_, text) in &acknowledged {
+            assert_eq!(
+                history.iter().filter(|t| *t == text).count(),
+                1,
+                "{}: {text:?} exactly once",
+                p.name
+            );
+        }
+        // Each sender's messages keep their order.
+        for sender in 0..3 {
+            let sent: Vec<&String> = acknowledged
+                .iter()
+                .filter(|(s, _)| *s == sender)
+                .map(|(_, t)| t)
+                .collect();
+            let seen: Vec<&String> = history.iter().filter(|t| sent.contains(t)).collect();
+            assert_eq!(
+                seen, sent,
+                "{}: order of {}'s messages",
+                p.name, people[sender].name
+            );
+        }
+    }
+    println!(
+        "{} acknowledged group messages, each in every history exactly once",
+        acknowledged.len()
+    );
+}
+
+#[test]
+fn the_group_goes_on_when_the_ordering_node_dies() {
+    let ([alex, blair, charlie], [mut a, _b, _c]) = trio();
+    let before = the_group(&blair)["epoch"].as_u64().unwrap();
+    a.kill9();
+    drop(alex);
+    // Both rotate their keys: commits that need an ordering service.
+    blair.ok(&["group", "update", "Trio"]);
+    charlie.ok(&["group", "update", "Trio"]);
+    let groups = wait_for(SETTLE, || {
+        let (b, c) = (the_group(&blair), the_group(&charlie));
+        let done = b["epoch"].as_u64()? >= before + 2
+            && b["epoch"] == c["epoch"]
+            && b["epoch_authenticator"] == c["epoch_authenticator"];
+        done.then_some((b, c))
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "Blair and Charlie did not move on: {:#?} {:#?}",
+            the_group(&blair),
+            the_group(&charlie)
+        )
+    });
+    println!(
+        "epoch {before} -> {} without the ordering node",
+        groups.0["epoch"]
+    );
+    // Not --wait: "delivered" means every member's node has it, and Alex's
+    // node is gone; it stays queued for Alex.
+    blair.ok(&["send", "Trio", "still here"]);
+    wait_for(SETTLE, || {
+        texts(&charlie, "Trio")
+            .contains(&"still here".to_string())
+            .then_some(())
+    })
+    .expect("Charlie reads Blair");
+}
