@@ -317,18 +317,14 @@ fn group_messages_reach_everyone_once_across_kill_9_of_any_member() {
             );
         }
         // Each sender's messages keep their order.
-        for sender in 0..3 {
+        for (sender, who) in people.iter().enumerate() {
             let sent: Vec<&String> = acknowledged
                 .iter()
                 .filter(|(s, _)| *s == sender)
                 .map(|(_, t)| t)
                 .collect();
             let seen: Vec<&String> = history.iter().filter(|t| sent.contains(t)).collect();
-            assert_eq!(
-                seen, sent,
-                "{}: order of {}'s messages",
-                p.name, people[sender].name
-            );
+            assert_eq!(seen, sent, "{}: order of {}'s messages", p.name, who.name);
         }
     }
     println!(
