@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 
 use actix::Addr;
 use actors::manager::{
-    AcceptInvite, CreateInvite, GetHistory, ListContacts, RelationshipManager, SendMessage,
+    AcceptInvite, Connect, CreateGroup, CreateInvite, GetHistory, GroupAction, GroupCommand,
+    ListContacts, ListGroups, RelationshipManager, SendMessage,
 };
 use actors::runtime::Node;
 use actors::store::Store;
-use actors::views::{ContactView, MessageView};
+use actors::views::{ContactView, GroupView, MessageView};
 use anyhow::Context as _;
 use serde_json::json;
 
@@ -109,12 +110,13 @@ async fn story(json_output: bool) -> anyhow::Result<serde_json::Value> {
         step: 0,
     };
     if !json_output {
-        println!("protonode demo: real nodes on loopback, each with its own data directory, redb file and libp2p swarm.\n");
+        println!("protonode demo: the seed's story on real nodes on loopback, each with its own");
+        println!("data directory, redb file and libp2p swarm (TCP and QUIC on 127.0.0.1).\n");
     }
-
     let alex = Person::start("Alex").await?;
     let blair = Person::start("Blair").await?;
-    for p in [&alex, &blair] {
+    let charlie = Person::start("Charlie").await?;
+    for p in [&alex, &blair, &charlie] {
         let addrs: Vec<String> = p
             .node
             .listen_addrs()
@@ -130,66 +132,208 @@ async fn story(json_output: bool) -> anyhow::Result<serde_json::Value> {
         say.detail(&format!("listening on {}", addrs.join(" and ")));
     }
 
-    let invite = alex.rm().send(CreateInvite { ttl: None }).await??;
-    say.step(&format!(
-        "Alex makes an invitation ticket ({} characters, valid until {}):",
-        invite.ticket.len(),
-        invite.expires_at
-    ));
-    say.detail(&format!(
-        "{}…{}",
-        &invite.ticket[..48.min(invite.ticket.len())],
-        &invite.ticket[invite.ticket.len().saturating_sub(12)..]
-    ));
-    say.detail(
-        "It carries a fresh identity key (just for Blair), an MLS key package, two transports",
-    );
-    say.detail(
-        "(TCP and QUIC) with new delivery addresses, and a one-time address for the answer.",
-    );
+    // Figure 3.3.0: two independent relationships, AB and AC.
+    let ticket = befriend(&mut say, &alex, &blair).await?;
+    talk(
+        &mut say,
+        &[
+            (&blair, "Alex", "Hi Alex! Got your invitation."),
+            (
+                &alex,
+                "Blair",
+                "Welcome, Blair. End-to-end encrypted with MLS.",
+            ),
+        ],
+    )
+    .await?;
+    befriend(&mut say, &alex, &charlie).await?;
+    let reuse = charlie.rm().send(AcceptInvite { ticket }).await?;
+    say.step("Charlie tries to use Blair's ticket too:");
+    let reuse_refused = reuse.is_err();
+    match &reuse {
+        Err(e) => say.detail(&format!("refused: {e}")),
+        Ok(_) => say.detail("it was accepted, which must not happen"),
+    }
 
-    let accepted = blair
+    // Figure 3.3.1: Alex introduces Blair and Charlie.
+    let group = alex
+        .rm()
+        .send(CreateGroup {
+            contacts: vec!["Blair".into(), "Charlie".into()],
+            name: Some("Trio".into()),
+        })
+        .await??;
+    say.step("Alex introduces Blair and Charlie: a new group key for Alex (attested equivalent to");
+    say.detail(
+        "the key each of them knows), placeholder identities made for Blair and Charlie, and",
+    );
+    say.detail("addresses for them derived from theirs, so the group starts before they answer.");
+    say.detail(&format!(
+        "Group {} is at epoch {}. Blair's node, as soon as the introduction arrives:",
+        group.id, group.epoch
+    ));
+    let pending = wait_for_group(&blair, |_| true).await?;
+    roster(&say, &pending);
+    alex.send("Trio", "Blair, Charlie: meet each other!")
+        .await?;
+    say.detail("Alex writes to the group at once: both placeholders receive it.");
+
+    // Figure 3.3.2: both claim.
+    for p in [&blair, &charlie] {
+        p.rm()
+            .send(GroupCommand {
+                group: "Trio".into(),
+                action: GroupAction::Claim,
+            })
+            .await??;
+    }
+    say.step("Blair and Charlie claim: each makes a fresh group key, attests to Alex (inside the");
+    say.detail(
+        "relationship) that it is equivalent to the key Alex knows, and replaces the placeholder",
+    );
+    say.detail("in one commit carrying \"new key follows placeholder\", ordered by Alex's node.");
+    let mut views = Vec::new();
+    for p in [&alex, &blair, &charlie] {
+        let g = wait_for_group(p, |g| {
+            g.members.iter().all(|m| m.status != "placeholder") && g.epoch >= 3
+        })
+        .await?;
+        views.push(g);
+    }
+    for (p, g) in [&alex, &blair, &charlie].iter().zip(&views) {
+        say.detail(&format!(
+            "{}'s view (epoch {}, authenticator {}…):",
+            p.name,
+            g.epoch,
+            &g.epoch_authenticator[..12]
+        ));
+        roster(&say, g);
+    }
+    let agree = views
+        .windows(2)
+        .all(|w| w[0].epoch_authenticator == w[1].epoch_authenticator);
+    say.detail(if agree {
+        "All three share one epoch authenticator."
+    } else {
+        "The views disagree, which must not happen."
+    });
+    say.detail(
+        "Blair and Charlie see each other as claimed: no new trust that the other is not Alex.",
+    );
+    talk(
+        &mut say,
+        &[
+            (
+                &blair,
+                "Trio",
+                "Hi Charlie, Blair here, with my own key now.",
+            ),
+            (&charlie, "Trio", "Hi Blair! Hi Alex!"),
+        ],
+    )
+    .await?;
+
+    // Figure 3.3.3: a side relationship.
+    let side = charlie
+        .rm()
+        .send(Connect {
+            group: "Trio".into(),
+            member: "Blair".into(),
+        })
+        .await??;
+    say.step("Charlie starts a 1:1 relationship with Blair: a fresh ticket and its equivalence to");
+    say.detail(
+        "Charlie's group key, sealed to a key only Blair's group proton holds, sent straight",
+    );
+    say.detail(&format!(
+        "to Blair's node. Alex is not on the path. New contact: {} ({}).",
+        side.name, side.contact
+    ));
+    wait_for_contact_named(&blair, "Charlie").await?;
+    talk(
+        &mut say,
+        &[
+            (&charlie, "Blair", "Just between us."),
+            (&blair, "Charlie", "Alex can't see this."),
+        ],
+    )
+    .await?;
+    let alex_contacts = alex.contacts().await?;
+    say.detail(&format!(
+        "Alex still has {} contacts: {}.",
+        alex_contacts.len(),
+        alex_contacts
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+
+    let group_history = charlie.history("Trio").await?;
+    say.step("The group as Charlie's node stored it:");
+    for m in &group_history {
+        say.detail(&format!(
+            "  {}  {}: {}",
+            &m.at[11..19.min(m.at.len())],
+            author(&views[2], &m.from),
+            m.text
+        ));
+    }
+
+    let elapsed = started.elapsed();
+    for p in [charlie, blair, alex] {
+        p.node.stop().await;
+    }
+    if !json_output {
+        println!("\nDone in {:.1} s. The nodes are stopped and their temporary data directories removed.", elapsed.as_secs_f64());
+    }
+    if !reuse_refused || !agree {
+        anyhow::bail!(
+            "the demo did not go as it should (reuse refused: {reuse_refused}, agreement: {agree})"
+        );
+    }
+    Ok(json!({
+        "reused_ticket_refused": reuse_refused,
+        "group": views,
+        "group_history": group_history,
+        "seconds": elapsed.as_secs_f64(),
+    }))
+}
+
+/// `inviter` invites `other`, who accepts; returns the (used) ticket.
+async fn befriend(say: &mut Narrator, inviter: &Person, other: &Person) -> anyhow::Result<String> {
+    let invite = inviter.rm().send(CreateInvite { ttl: None }).await??;
+    say.step(&format!(
+        "{} invites {}: a ticket of {} characters (a fresh key just for them, an MLS key package,",
+        inviter.name,
+        other.name,
+        invite.ticket.len()
+    ));
+    say.detail(
+        "TCP and QUIC transports with new delivery addresses, a one-time address for the answer).",
+    );
+    let accepted = other
         .rm()
         .send(AcceptInvite {
             ticket: invite.ticket.clone(),
         })
         .await??;
-    say.step("Blair accepts: a fresh key of her own, a 2-member MLS group, and the Welcome");
     say.detail(&format!(
-        "sent to the ticket's one-time address; Alex's node {} it.",
+        "{} accepts: a fresh key, a 2-member MLS group, the Welcome to the one-time address ({}).",
+        other.name,
         if accepted.delivered {
             "acknowledged"
         } else {
-            "has not yet acknowledged"
+            "queued"
         }
     ));
-    let alex_sees = wait_for_contact(&alex).await?;
-    let blair_sees = blair.contacts().await?;
-    say.detail(&format!(
-        "Alex now has contact {} \"{}\" (key fingerprint {}).",
-        alex_sees.id, alex_sees.name, alex_sees.fingerprint
-    ));
-    if let Some(c) = blair_sees.first() {
-        say.detail(&format!(
-            "Blair now has contact {} \"{}\" (key fingerprint {}).",
-            c.id, c.name, c.fingerprint
-        ));
-    }
+    wait_for_contact_named(inviter, other.name).await?;
+    Ok(invite.ticket)
+}
 
-    let lines = [
-        (&blair, "Alex", "Hi Alex! Got your invitation."),
-        (
-            &alex,
-            "Blair",
-            "Hi Blair, welcome. This is end-to-end encrypted with MLS.",
-        ),
-        (
-            &blair,
-            "Alex",
-            "And every message is acknowledged only once it is stored.",
-        ),
-    ];
-    say.step("They talk; each message is acknowledged by the other node only after it is durably stored:");
+/// Each line sent and acknowledged, printed.
+async fn talk(say: &mut Narrator, lines: &[(&Person, &str, &str)]) -> anyhow::Result<()> {
+    say.step("They talk (each message acknowledged by the receiving nodes once durably stored):");
     for (from, to, text) in lines {
         let sent = from.send(to, text).await?;
         say.detail(&format!(
@@ -197,88 +341,65 @@ async fn story(json_output: bool) -> anyhow::Result<serde_json::Value> {
             from.name, to, text, sent.status
         ));
     }
-
-    let charlie = Person::start("Charlie").await?;
-    let reuse = charlie
-        .rm()
-        .send(AcceptInvite {
-            ticket: invite.ticket.clone(),
-        })
-        .await?;
-    say.step("Charlie tries to use the same ticket:");
-    let reuse_refused = match &reuse {
-        Err(e) => {
-            say.detail(&format!("refused: {e}"));
-            true
-        }
-        Ok(_) => {
-            say.detail("it was accepted, which must not happen");
-            false
-        }
-    };
-
-    let alex_history = alex.history("Blair").await?;
-    let blair_history = blair.history("Alex").await?;
-    say.step("Both histories, as each node stored them:");
-    for (who, history) in [("Alex", &alex_history), ("Blair", &blair_history)] {
-        say.detail(&format!("{who}'s node:"));
-        for m in history {
-            let from = if m.from == "me" {
-                who
-            } else if who == "Alex" {
-                "Blair"
-            } else {
-                "Alex"
-            };
-            say.detail(&format!(
-                "  {}  {}: {} [{}]",
-                &m.at[..19.min(m.at.len())],
-                from,
-                m.text,
-                m.status
-            ));
-        }
-    }
-    let same_ids = alex_history
-        .iter()
-        .map(|m| &m.id)
-        .eq(blair_history.iter().map(|m| &m.id));
-
-    let elapsed = started.elapsed();
-    charlie.node.stop().await;
-    blair.node.stop().await;
-    alex.node.stop().await;
-    if !json_output {
-        println!(
-            "\nDone in {:.1} s. The nodes are stopped and their temporary data directories removed.",
-            elapsed.as_secs_f64()
-        );
-    }
-    if !reuse_refused || !same_ids {
-        anyhow::bail!("the demo did not go as it should (reuse refused: {reuse_refused}, same history: {same_ids})");
-    }
-    Ok(json!({
-        "ticket_chars": invite.ticket.len(),
-        "alex_history": alex_history,
-        "blair_history": blair_history,
-        "reused_ticket_refused": reuse_refused,
-        "seconds": elapsed.as_secs_f64(),
-    }))
+    Ok(())
 }
 
-/// Alex's node learns of Blair when the answer is processed, just after
-/// acknowledging it.
-async fn wait_for_contact(p: &Person) -> anyhow::Result<ContactView> {
+fn roster(say: &Narrator, g: &GroupView) {
+    for m in &g.members {
+        let by = m
+            .introduced_by
+            .as_ref()
+            .map(|b| format!(" (introduced by {b})"))
+            .unwrap_or_default();
+        say.detail(&format!("  {:<8} {:<12}{}", m.name, m.status, by));
+    }
+}
+
+fn author(g: &GroupView, from: &str) -> String {
+    if from == "me" {
+        return "me".into();
+    }
+    g.members
+        .iter()
+        .find(|m| m.id == from)
+        .map(|m| m.name.clone())
+        .unwrap_or_else(|| from.to_string())
+}
+
+/// Waits until `p` has a group that satisfies `ok`.
+async fn wait_for_group(p: &Person, ok: impl Fn(&GroupView) -> bool) -> anyhow::Result<GroupView> {
     let deadline = Instant::now() + STEP_TIMEOUT;
     let mut events = p.node.subscribe();
     loop {
-        if let Some(c) = p.contacts().await?.into_iter().next() {
+        let groups = p.rm().send(ListGroups).await??;
+        if let Some(g) = groups.into_iter().find(|g| ok(g)) {
+            return Ok(g);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            anyhow::bail!("{}'s group never got there", p.name);
+        }
+        let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), events.recv()).await;
+    }
+}
+
+/// Waits until `p` has an active contact called `name`.
+async fn wait_for_contact_named(p: &Person, name: &str) -> anyhow::Result<ContactView> {
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let mut events = p.node.subscribe();
+    loop {
+        if let Some(c) = p
+            .contacts()
+            .await?
+            .into_iter()
+            .find(|c| c.name == name && c.state == "active")
+        {
             return Ok(c);
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            anyhow::bail!("{} never saw the new contact", p.name);
+            anyhow::bail!("{} never saw {name} as a contact", p.name);
         }
-        let _ = tokio::time::timeout(left, events.recv()).await;
+        let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), events.recv()).await;
     }
 }
