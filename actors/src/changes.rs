@@ -13,11 +13,12 @@ use std::collections::HashMap;
 use redb::{ReadableTable, WriteTransaction};
 use transports::DeliveryAddress;
 
+use crate::attestation::Attestation;
 use crate::mls::{apply_writes, delete_namespace, WriteSet};
 use crate::model::{Conversation, GroupProtonId, MessageId, ProtonId, TicketId};
 use crate::records::{
-    AddressRecord, GroupProtonRecord, HistoryEntry, InboxEntry, MessageStatus, OutboxEntry, Owner,
-    ProtonRecord, Recipient, TicketRecord,
+    AddressRecord, GroupProtonRecord, HistoryEntry, InboxEntry, MergeRecord, MergeState,
+    MessageStatus, OutboxEntry, Owner, ProtonRecord, Recipient, TicketRecord, Trust,
 };
 use crate::store::{self, tables, StoreError};
 
@@ -47,6 +48,14 @@ pub struct Changes {
     pub delete_routes: Vec<(ProtonId, [u8; 16])>,
     /// New inbox rows written by us (relayed control messages).
     pub inbox: Vec<InboxEntry>,
+    pub merges: Vec<MergeRecord>,
+    pub trust: Vec<(ProtonId, Trust)>,
+    /// Attestations added to relationships' links.
+    pub links: Vec<(ProtonId, Attestation)>,
+    /// (retired, into).
+    pub retired: Vec<(ProtonId, ProtonId)>,
+    /// Retired relationships back in use (their merge was refused).
+    pub unretired: Vec<ProtonId>,
     /// Accepted commits to log: (group, epoch they ended, signed payload).
     /// Only the last `ORDERED_LOG_KEPT` epochs of a group are kept.
     pub ordered_log: Vec<(GroupProtonId, u64, Vec<u8>)>,
@@ -95,6 +104,11 @@ impl Changes {
             && self.delete_routes.is_empty()
             && self.inbox.is_empty()
             && self.ordered_log.is_empty()
+            && self.merges.is_empty()
+            && self.trust.is_empty()
+            && self.links.is_empty()
+            && self.retired.is_empty()
+            && self.unretired.is_empty()
             && self.tickets.is_empty()
             && self.delete_tickets.is_empty()
             && self.accepted_tickets.is_empty()
@@ -122,6 +136,11 @@ impl Changes {
         self.delete_routes.extend(other.delete_routes);
         self.inbox.extend(other.inbox);
         self.ordered_log.extend(other.ordered_log);
+        self.merges.extend(other.merges);
+        self.trust.extend(other.trust);
+        self.links.extend(other.links);
+        self.retired.extend(other.retired);
+        self.unretired.extend(other.unretired);
         self.tickets.extend(other.tickets);
         self.delete_tickets.extend(other.delete_tickets);
         self.accepted_tickets.extend(other.accepted_tickets);
@@ -172,6 +191,55 @@ impl Changes {
             }
             for (p, c, g) in &self.routes {
                 t.insert((p.0, *c), g.0)?;
+            }
+        }
+        if !self.trust.is_empty() {
+            let mut t = tx.open_table(tables::TRUST)?;
+            for (p, trust) in &self.trust {
+                match trust {
+                    Trust::Normal => {
+                        t.remove(p.0)?;
+                    }
+                    flagged => store::put(&mut t, p.0, flagged, "trust")?,
+                }
+            }
+        }
+        if !self.links.is_empty() {
+            let mut t = tx.open_table(tables::LINKS)?;
+            for (p, attestation) in &self.links {
+                let mut list: Vec<Attestation> = store::get(&t, p.0, "links")?.unwrap_or_default();
+                if !list.contains(attestation) {
+                    list.push(attestation.clone());
+                }
+                store::put(&mut t, p.0, &list, "links")?;
+            }
+        }
+        if !self.retired.is_empty() || !self.unretired.is_empty() {
+            let mut t = tx.open_table(tables::RETIRED)?;
+            for p in &self.unretired {
+                t.remove(p.0)?;
+            }
+            for (p, into) in &self.retired {
+                t.insert(p.0, into.0)?;
+            }
+        }
+        if !self.merges.is_empty() {
+            let mut t = tx.open_table(tables::MERGES)?;
+            for m in &self.merges {
+                // Two relationships may record the same request at once:
+                // keep every path it came through, and a decision once made.
+                let mut m = m.clone();
+                if let Some(old) = store::get::<_, MergeRecord, _>(&t, m.id, "merge")? {
+                    for v in old.via {
+                        if !m.via.contains(&v) {
+                            m.via.push(v);
+                        }
+                    }
+                    if m.state == MergeState::Pending {
+                        m.state = old.state;
+                    }
+                }
+                store::put(&mut t, m.id, &m, "merge")?;
             }
         }
         if !self.ordered_log.is_empty() {

@@ -25,7 +25,7 @@ use crate::proton::Shared;
 use crate::records::{
     GroupState, HistoryEntry, InboxEntry, Intent, Owner, ProtonRecord, Relay, Source,
 };
-use crate::relationship::{accept_invite, SideLink};
+use crate::relationship::{accept_invite, AcceptLink, SideLink};
 use crate::store::{self, tables, Store, StoreError};
 use crate::views::{ContactChange, Event, GroupChange, MessageView};
 
@@ -214,7 +214,7 @@ impl GroupProton {
                                     session.record().own_display.clone(),
                                     lifetimes,
                                     &ticket,
-                                    Some(link),
+                                    Some(AcceptLink::Group(link)),
                                     now,
                                 ) {
                                     Ok(acceptance) => {

@@ -8,6 +8,7 @@ pub mod groups;
 pub mod identity;
 pub mod inbound;
 pub mod manager;
+pub mod merge;
 pub mod mls;
 pub mod model;
 pub mod outbox;

@@ -18,22 +18,25 @@ use crate::changes::Changes;
 use crate::group_proton::{self, Answer, Command, Do, GroupProton, RelayDone, RelayRequest};
 use crate::groups::{self, GroupError};
 use crate::identity::Ipk;
+use crate::merge::{self, MergeError};
 use crate::model::{
     now_ms, Conversation, DisplayIdentity, GroupProtonId, MessageId, ProtonId, TicketId,
 };
 use crate::outbox::Outcome;
+use crate::protocol::Body;
 use crate::protocol::Payload;
 use crate::proton::{
     Notice, ProcessInbox, Proton, RefreshTransports, SendControl, SendText, SetState, Shared,
 };
 use crate::records::{
-    GroupProtonRecord, GroupState, HistoryEntry, InboxEntry, Intent, MessageStatus, OutboxKind,
-    Owner, ProtonRecord, ProtonState, TicketRecord,
+    GroupProtonRecord, GroupState, HistoryEntry, InboxEntry, Intent, MergeRecord, MessageStatus,
+    OutboxKind, Owner, ProtonRecord, ProtonState, Provenance, TicketOrigin, TicketRecord,
 };
 use crate::relationship::{self, RelationshipError};
 use crate::store::{self, tables, StoreError};
 use crate::views::{
-    self, ContactChange, ContactView, Event, GroupChange, GroupView, MessageView, StatusView,
+    self, AttestationView, ContactChange, ContactView, Event, GroupChange, GroupView, MergeView,
+    MessageView, StatusView, TrustRecordView,
 };
 
 /// How often housekeeping runs: pruning expired tickets and addresses,
@@ -45,6 +48,8 @@ const REFRESH_DEBOUNCE: Duration = Duration::from_secs(2);
 /// new rows as they are committed; this sweep makes sure that a row is
 /// processed even if such a notice was ever lost (a stopping actor).
 const INBOX_SWEEP_EVERY: Duration = Duration::from_secs(3);
+/// A merge's ticket waits this long at least for the peer's consent.
+const MERGE_TICKET_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// What a user-facing request can fail with. Each message says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +82,8 @@ pub enum Error {
     NotYetDelivered(Duration),
     #[error(transparent)]
     Relationship(#[from] RelationshipError),
+    #[error(transparent)]
+    Merge(#[from] MergeError),
     #[error("storage failed: {0}")]
     Store(#[from] StoreError),
     #[error("network: {0}")]
@@ -114,9 +121,56 @@ pub struct AcceptInvite {
     pub ticket: String,
 }
 
+/// Live relationships (not merged into others).
 #[derive(Message)]
 #[rtype(result = "Result<Vec<ContactView>, Error>")]
 pub struct ListContacts;
+
+/// Every relationship, also those merged into others (marked retired).
+#[derive(Message)]
+#[rtype(result = "Result<Vec<ContactView>, Error>")]
+pub struct ListAllContacts;
+
+/// `contact CONTACT`: the trust record of one relationship.
+#[derive(Message)]
+#[rtype(result = "Result<TrustRecordView, Error>")]
+pub struct ContactDetail {
+    pub contact: String,
+}
+
+/// `link A B`: our two relationships are both us towards that person.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<AttestationView>, Error>")]
+pub struct Link {
+    pub a: String,
+    pub b: String,
+}
+
+/// `merge request A B`: ask the peer to merge two relationships.
+#[derive(Message)]
+#[rtype(result = "Result<MergeView, Error>")]
+pub struct RequestMerge {
+    pub a: String,
+    pub b: String,
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<Vec<MergeView>, Error>")]
+pub struct ListMerges;
+
+/// `merge accept ID`.
+#[derive(Message)]
+#[rtype(result = "Result<AcceptView, Error>")]
+pub struct AcceptMerge {
+    pub id: String,
+}
+
+/// `merge ignore ID`.
+#[derive(Message)]
+#[rtype(result = "Result<MergeView, Error>")]
+pub struct IgnoreMerge {
+    pub id: String,
+}
 
 #[derive(Message)]
 #[rtype(result = "Result<MessageView, Error>")]
@@ -312,13 +366,17 @@ impl RelationshipManager {
     /// Resolves what the user typed to a relationship: an exact id, a unique
     /// name (case-insensitive), or a unique id prefix of at least 4 digits.
     fn resolve(&self, query: &str) -> Result<ProtonRecord, Error> {
-        let protons = all_protons(&self.shared.store)?;
+        let mut protons = all_protons(&self.shared.store)?;
         let query_trim = query.trim();
         if let Ok(id) = query_trim.parse::<ProtonId>() {
             if let Some(p) = protons.iter().find(|p| p.id == id) {
                 return Ok(p.clone());
             }
         }
+        // A merged relationship is found by its id only: by name, the
+        // merge's result stands for it.
+        let retired = retired_map(&self.shared.store)?;
+        protons.retain(|p| !retired.contains_key(&p.id));
         let by_name: Vec<&ProtonRecord> = protons
             .iter()
             .filter(|p| p.peer_display.name.eq_ignore_ascii_case(query_trim))
@@ -567,30 +625,7 @@ impl Handler<AcceptInvite> for RelationshipManager {
         );
         let shared = self.shared.clone();
         let wait = self.config.delivery.accept_wait();
-        Box::pin(async move {
-            let acceptance = acceptance?;
-            let mut events = shared.events.subscribe();
-            let changes = acceptance.changes;
-            let applied = shared.store.write(move |tx| changes.apply(tx)).await?;
-            shared.outbox.queued(applied.outbox);
-            let view = |delivered| AcceptView {
-                contact: acceptance.proton.id.to_string(),
-                name: acceptance.proton.peer_display.name.clone(),
-                delivered,
-            };
-            let conversation = Conversation::Proton(acceptance.proton.id);
-            match wait_for_delivery(&shared, &mut events, conversation, acceptance.answer, wait)
-                .await
-            {
-                Some(true) => Ok(view(true)),
-                Some(false) => {
-                    // Gone before we answer, so the user sees no trace of it.
-                    forget(&shared.store, acceptance.proton.id).await?;
-                    Err(Error::TicketRefused)
-                }
-                None => Ok(view(false)),
-            }
-        })
+        Box::pin(async move { answer(&shared, acceptance?, wait, false).await })
     }
 }
 
@@ -598,10 +633,269 @@ impl Handler<ListContacts> for RelationshipManager {
     type Result = Result<Vec<ContactView>, Error>;
 
     fn handle(&mut self, _: ListContacts, _: &mut Self::Context) -> Self::Result {
-        let mut protons = all_protons(&self.shared.store)?;
-        protons.sort_by_key(|p| p.created_at);
-        Ok(protons.iter().map(ContactView::of).collect())
+        contacts(&self.shared.store, false)
     }
+}
+
+impl Handler<ListAllContacts> for RelationshipManager {
+    type Result = Result<Vec<ContactView>, Error>;
+
+    fn handle(&mut self, _: ListAllContacts, _: &mut Self::Context) -> Self::Result {
+        contacts(&self.shared.store, true)
+    }
+}
+
+/// Contacts oldest first, marked with where they were merged and how far
+/// they are trusted; retired ones only with `all`.
+fn contacts(store: &store::Store, all: bool) -> Result<Vec<ContactView>, Error> {
+    let mut protons = all_protons(store)?;
+    protons.sort_by_key(|p| p.created_at);
+    let retired = retired_map(store)?;
+    let mut out = Vec::new();
+    for p in &protons {
+        let into = retired.get(&p.id).copied();
+        if into.is_some() && !all {
+            continue;
+        }
+        out.push(ContactView::of(p).marked(into, &merge::trust_of(store, p.id)?));
+    }
+    Ok(out)
+}
+
+impl Handler<ContactDetail> for RelationshipManager {
+    type Result = Result<TrustRecordView, Error>;
+
+    fn handle(&mut self, msg: ContactDetail, _: &mut Self::Context) -> Self::Result {
+        let store = &self.shared.store;
+        let p = self.resolve(&msg.contact)?;
+        let contact = ContactView::of(&p).marked(
+            merge::retired_into(store, p.id)?,
+            &merge::trust_of(store, p.id)?,
+        );
+        let name_of = |id: ProtonId| -> String {
+            store
+                .read(|tx| {
+                    store::get::<_, ProtonRecord, _>(
+                        &tx.open_table(tables::PROTONS)?,
+                        id.0,
+                        "proton",
+                    )
+                })
+                .ok()
+                .flatten()
+                .map(|r| format!("{id} {}", r.peer_display.name))
+                .unwrap_or_else(|| id.to_string())
+        };
+        let obtained = match &p.provenance {
+            Provenance::InvitedByUs { .. } => "ticket: they accepted our invitation".to_string(),
+            Provenance::AcceptedTicket { .. } => "ticket: we accepted their invitation".to_string(),
+            Provenance::MetInGroup { group, .. } => match merge::introducer_of(store, &p)? {
+                Some((by, _)) => format!("introduced by {} in group {group}", name_of(by)),
+                None => format!("met in group {group}, which we started"),
+            },
+            Provenance::Merged { from: [a, b] } => {
+                format!("merged from {} and {}", name_of(*a), name_of(*b))
+            }
+        };
+        let mut vouched_by = Vec::new();
+        let mut attestations = Vec::new();
+        for id in merge::lineage(store, p.id)? {
+            let Some(r) = store.read(|tx| {
+                store::get::<_, ProtonRecord, _>(&tx.open_table(tables::PROTONS)?, id.0, "proton")
+            })?
+            else {
+                continue;
+            };
+            if let Some((by, _)) = merge::introducer_of(store, &r)? {
+                let by = name_of(by);
+                if !vouched_by.contains(&by) {
+                    vouched_by.push(by);
+                }
+            }
+            for a in merge::links_of(store, id)? {
+                let view = AttestationView::of(&a);
+                if !attestations.contains(&view) {
+                    attestations.push(view);
+                }
+            }
+        }
+        Ok(TrustRecordView {
+            contact,
+            own_fingerprint: p.own_key.key().ipk().fingerprint(),
+            obtained,
+            vouched_by,
+            attestations,
+        })
+    }
+}
+
+impl Handler<Link> for RelationshipManager {
+    type Result = ResponseFuture<Result<Vec<AttestationView>, Error>>;
+
+    fn handle(&mut self, msg: Link, _: &mut Self::Context) -> Self::Result {
+        let store = self.shared.store.clone();
+        let changes = (|| {
+            let a = self.resolve(&msg.a)?;
+            let b = self.resolve(&msg.b)?;
+            Ok::<_, Error>(merge::link(&store, a.id, b.id, now_ms())?)
+        })();
+        Box::pin(async move {
+            let changes = changes?;
+            let made: Vec<AttestationView> = changes
+                .links
+                .iter()
+                .take(1)
+                .map(|(_, a)| AttestationView::of(a))
+                .collect();
+            store.write(move |tx| changes.apply(tx)).await?;
+            Ok(made)
+        })
+    }
+}
+
+impl Handler<RequestMerge> for RelationshipManager {
+    type Result = ResponseFuture<Result<MergeView, Error>>;
+
+    fn handle(&mut self, msg: RequestMerge, _: &mut Self::Context) -> Self::Result {
+        let store = self.shared.store.clone();
+        let prepared = (|| {
+            let a = self.resolve(&msg.a)?;
+            let b = self.resolve(&msg.b)?;
+            let outgoing = merge::request(
+                &store,
+                &self.shared.node_addrs(),
+                self.display(),
+                self.shared.lifetimes,
+                self.config.delivery.ticket_ttl().max(MERGE_TICKET_TTL),
+                a.id,
+                b.id,
+                now_ms(),
+            )?;
+            let name = a.peer_display.name.clone();
+            Ok::<_, Error>(([self.proton(a.id), self.proton(b.id)], outgoing, name))
+        })();
+        Box::pin(async move {
+            let (actors, outgoing, name) = prepared?;
+            let changes = outgoing.changes;
+            store.write(move |tx| changes.apply(tx)).await?;
+            for actor in actors {
+                actor
+                    .send(SendControl(Body::MergeRequest(Box::new(
+                        outgoing.request.clone(),
+                    ))))
+                    .await
+                    .map_err(|_| Error::Stopped)??;
+            }
+            Ok(MergeView::of(&outgoing.record, name))
+        })
+    }
+}
+
+impl Handler<ListMerges> for RelationshipManager {
+    type Result = Result<Vec<MergeView>, Error>;
+
+    fn handle(&mut self, _: ListMerges, _: &mut Self::Context) -> Self::Result {
+        let store = &self.shared.store;
+        let protons = all_protons(store)?;
+        Ok(merge::all_merges(store)?
+            .iter()
+            .map(|m| MergeView::of(m, merge_name(&protons, m)))
+            .collect())
+    }
+}
+
+impl Handler<IgnoreMerge> for RelationshipManager {
+    type Result = ResponseFuture<Result<MergeView, Error>>;
+
+    fn handle(&mut self, msg: IgnoreMerge, _: &mut Self::Context) -> Self::Result {
+        let store = self.shared.store.clone();
+        let prepared = merge::ignore(&store, &msg.id)
+            .map_err(Error::from)
+            .and_then(|c| Ok((all_protons(&store)?, c)));
+        Box::pin(async move {
+            let (protons, changes) = prepared?;
+            let view = changes
+                .merges
+                .first()
+                .map(|m| MergeView::of(m, merge_name(&protons, m)));
+            store.write(move |tx| changes.apply(tx)).await?;
+            view.ok_or(Error::Stopped)
+        })
+    }
+}
+
+impl Handler<AcceptMerge> for RelationshipManager {
+    type Result = ResponseFuture<Result<AcceptView, Error>>;
+
+    fn handle(&mut self, msg: AcceptMerge, _: &mut Self::Context) -> Self::Result {
+        let prepared = merge::accept(
+            &self.shared.store,
+            &self.shared.node_addrs(),
+            self.display(),
+            self.shared.lifetimes,
+            &msg.id,
+            now_ms(),
+        );
+        let shared = self.shared.clone();
+        let wait = self.config.delivery.accept_wait();
+        Box::pin(async move { answer(&shared, prepared?, wait, true).await })
+    }
+}
+
+/// Commits an acceptance (its answer queued to the inviter) and waits, at
+/// most `wait`, for the inviter's node to take the answer. If it refuses
+/// it, the new relationship goes again (for a merge, the old ones live on).
+async fn answer(
+    shared: &Shared,
+    acceptance: relationship::Acceptance,
+    wait: Duration,
+    announce: bool,
+) -> Result<AcceptView, Error> {
+    let mut events = shared.events.subscribe();
+    let changes = acceptance.changes;
+    let applied = shared.store.write(move |tx| changes.apply(tx)).await?;
+    shared.outbox.queued(applied.outbox);
+    if announce {
+        shared.emit(Event::contact(&acceptance.proton, ContactChange::Added));
+    }
+    let view = |delivered| AcceptView {
+        contact: acceptance.proton.id.to_string(),
+        name: acceptance.proton.peer_display.name.clone(),
+        delivered,
+    };
+    let conversation = Conversation::Proton(acceptance.proton.id);
+    match wait_for_delivery(shared, &mut events, conversation, acceptance.answer, wait).await {
+        Some(true) => Ok(view(true)),
+        Some(false) => {
+            // Gone before we answer, so the user sees no trace of it.
+            forget(&shared.store, acceptance.proton.id).await?;
+            Err(Error::TicketRefused)
+        }
+        None => Ok(view(false)),
+    }
+}
+
+/// Whom a merge is with: the peer's name in our relationship it concerns.
+fn merge_name(protons: &[ProtonRecord], m: &MergeRecord) -> String {
+    m.ours
+        .iter()
+        .chain(&m.via)
+        .find_map(|id| protons.iter().find(|p| p.id == *id))
+        .map(|p| p.peer_display.name.clone())
+        .unwrap_or_default()
+}
+
+/// Retired relationship → the one it was merged into.
+fn retired_map(store: &store::Store) -> Result<HashMap<ProtonId, ProtonId>, StoreError> {
+    store.read(|tx| {
+        let t = tx.open_table(tables::RETIRED)?;
+        let mut out = HashMap::new();
+        for e in t.iter()? {
+            let (k, v) = e?;
+            out.insert(ProtonId(k.value()), ProtonId(v.value()));
+        }
+        Ok(out)
+    })
 }
 
 impl Handler<SendMessage> for RelationshipManager {
@@ -813,7 +1107,10 @@ impl Handler<Connect> for RelationshipManager {
                 g.own_display.clone(),
                 self.shared.lifetimes,
                 self.config.delivery.ticket_ttl(),
-                Some((g.id, member)),
+                Some(TicketOrigin::Group {
+                    group: g.id,
+                    member,
+                }),
                 now_ms(),
             )?;
             Ok((g.id, member, name, invite))
@@ -939,6 +1236,25 @@ impl Handler<GetStatus> for RelationshipManager {
             if outbox > 0 {
                 warnings.push(format!(
                     "{outbox} envelope(s) wait for their receiver's acknowledgement"
+                ));
+            }
+            for p in all_protons(&store)? {
+                if let crate::records::Trust::Flagged { reason, .. } =
+                    merge::trust_of(&store, p.id)?
+                {
+                    warnings.push(format!(
+                        "contact {} ({}) is flagged, do not trust it: {reason}",
+                        p.id, p.peer_display.name
+                    ));
+                }
+            }
+            let waiting = merge::all_merges(&store)?
+                .iter()
+                .filter(|m| !m.from_us && m.state == crate::records::MergeState::Pending)
+                .count();
+            if waiting > 0 {
+                warnings.push(format!(
+                    "{waiting} merge request(s) wait for your answer: `protonode merge list`"
                 ));
             }
             if !status.mdns {
@@ -1126,21 +1442,39 @@ pub fn all_protons(store: &store::Store) -> Result<Vec<ProtonRecord>, StoreError
     })
 }
 
-/// A conversation's history, oldest first.
+/// A conversation's history, oldest first. A merged relationship's
+/// includes the histories of those it follows, in the order the messages
+/// were sent.
 pub fn history(
     store: &store::Store,
     conversation: Conversation,
 ) -> Result<Vec<HistoryEntry>, StoreError> {
-    let key = conversation.key();
-    store.read(|tx| {
+    let conversations = match conversation {
+        Conversation::Proton(id) => merge::lineage(store, id)?
+            .into_iter()
+            .map(Conversation::Proton)
+            .collect(),
+        Conversation::Group(_) => vec![conversation],
+    };
+    let merged = conversations.len() > 1;
+    let mut out: Vec<HistoryEntry> = store.read(|tx| {
         let t = tx.open_table(tables::HISTORY)?;
         let mut out = Vec::new();
-        for e in t.range((key, 0)..=(key, u64::MAX))? {
-            let (_, v) = e?;
-            out.push(store::decode(v.value(), "history entry")?);
+        for c in &conversations {
+            let key = c.key();
+            for e in t.range((key, 0)..=(key, u64::MAX))? {
+                let (_, v) = e?;
+                out.push(store::decode(v.value(), "history entry")?);
+            }
         }
         Ok(out)
-    })
+    })?;
+    if merged {
+        out.sort_by_key(|e| e.sent_at);
+        let mut seen = std::collections::HashSet::new();
+        out.retain(|e| seen.insert(e.id));
+    }
+    Ok(out)
 }
 
 fn inbox_owners(store: &store::Store) -> Result<Vec<Owner>, StoreError> {

@@ -51,7 +51,7 @@ pub enum InvalidValue {
     TooFewTransports { min: usize, got: usize },
 }
 
-fn check_text(what: &'static str, value: &str, max_chars: usize) -> Result<(), InvalidValue> {
+pub fn check_text(what: &'static str, value: &str, max_chars: usize) -> Result<(), InvalidValue> {
     if value.is_empty() {
         return Err(InvalidValue::Empty { what });
     }

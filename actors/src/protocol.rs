@@ -138,9 +138,10 @@ pub enum Body {
     Hello {
         display: DisplayIdentity,
         transports: Vec<TransportInfo>,
-        /// For a side relationship: the acceptor's new key is equivalent to
-        /// its group proton, signed by both.
-        link: Option<Attestation>,
+        /// Ties the acceptor's new key to its others: for a side
+        /// relationship, its equivalence to the acceptor's group proton; for
+        /// a merge, "follows" from each of the acceptor's two old keys.
+        link: Option<HelloLink>,
     },
     /// A text message.
     Text {
@@ -160,6 +161,8 @@ pub enum Body {
     },
     /// (1:1) We decline the sender's introduction into this group.
     Decline { group_id: Vec<u8> },
+    /// (1:1) The sender asks to merge two relationships with us.
+    MergeRequest(Box<MergeRequest>),
     /// (group) Who the sender is and how to reach it.
     MemberInfo(MemberInfo),
     /// (group) The sender leaves; the ordering service removes it.
@@ -183,6 +186,64 @@ impl MemberInfo {
     pub fn validate(&self) -> Result<(), InvalidValue> {
         self.display.validate()?;
         validate_transports(&self.transports)
+    }
+}
+
+/// How an acceptor ties its new key to its others.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HelloLink {
+    Group(Attestation),
+    Merge(Vec<Attestation>),
+}
+
+/// "These two relationships of mine with you are one person, me; let us go on
+/// as one": sent inside both relationships (DESIGN.md 8.5).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeRequest {
+    pub id: [u8; 16],
+    /// For each of the two relationships: (the sender's key there, the key
+    /// the sender believes is the receiver's there).
+    pub pairs: Vec<(Ipk, Ipk)>,
+    /// For each relationship, the name of whoever introduced it as the
+    /// sender knows them ("" when it began with a ticket): lets the receiver
+    /// tell which of its relationships a mismatched key concerns.
+    pub introducers: Vec<String>,
+    /// The sender's two keys are equivalent, signed by both.
+    pub equivalence: Attestation,
+    /// Each of the sender's two keys is followed by its new one.
+    pub follows: Vec<Attestation>,
+    /// A ticket for the new relationship; its key is the sender's new key.
+    pub ticket: String,
+}
+
+impl MergeRequest {
+    /// The sender's new key must be the ticket's; the caller parses it.
+    pub fn validate_shape(&self) -> Result<(), InvalidValue> {
+        if self.pairs.len() != 2 || self.follows.len() != 2 {
+            return Err(InvalidValue::Malformed {
+                what: "merge request",
+                detail: "a merge names exactly two relationships".into(),
+            });
+        }
+        if self.introducers.len() != self.pairs.len() {
+            return Err(InvalidValue::Malformed {
+                what: "merge request",
+                detail: "one introducer name per relationship".into(),
+            });
+        }
+        for name in &self.introducers {
+            if !name.is_empty() {
+                crate::model::check_text("introducer", name, crate::model::MAX_NAME_CHARS)?;
+            }
+        }
+        if self.ticket.len() > crate::ticket::MAX_TICKET_CHARS {
+            return Err(InvalidValue::TooLong {
+                what: "merge ticket",
+                len: self.ticket.len(),
+                max: crate::ticket::MAX_TICKET_CHARS,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -239,6 +300,7 @@ impl Plaintext {
             }
             Body::Text { text, .. } => validate_text(text)?,
             Body::Transports | Body::Decline { .. } | Body::Leave | Body::Equivalence { .. } => {}
+            Body::MergeRequest(m) => m.validate_shape()?,
             Body::MemberInfo(info) => info.validate()?,
             Body::Introduction(intro) => {
                 intro.introducer.validate()?;

@@ -24,7 +24,7 @@ use crate::protocol::Body;
 use crate::records::{HistoryEntry, InboxEntry, Owner, ProtonState};
 use crate::relationship::{Lifetimes, NodeAddrs, ProtonSession, Received, RelationshipError};
 use crate::store::{self, tables, Store};
-use crate::views::{ContactChange, Event, MessageView};
+use crate::views::{ContactChange, Event, MergeView, MessageView};
 
 /// Most inbox rows processed in one batch; the rest follow in the next.
 const INBOX_BATCH: usize = 512;
@@ -199,6 +199,23 @@ impl Proton {
                             }),
                             Ok(Received::Transports) => {}
                             Ok(Received::Joined(g)) | Ok(Received::Relayed(g)) => groups.push(g),
+                            Ok(Received::Merge(outcome)) => {
+                                if let Some(m) =
+                                    changes.merges.iter().rev().find(|m| m.id == outcome.id)
+                                {
+                                    if !outcome.flagged.is_empty() {
+                                        tracing::warn!(proton = %self.id, flagged = ?outcome.flagged, "a merge request revealed a meddler");
+                                    }
+                                    if outcome.first {
+                                        events.push(Event::Merge {
+                                            merge: MergeView::of(
+                                                m,
+                                                session.record().peer_display.name.clone(),
+                                            ),
+                                        });
+                                    }
+                                }
+                            }
                             Err(RelationshipError::Mls(crate::mls::MlsError::Replay)) => {
                                 tracing::debug!(proton = %self.id, "dropped a retried envelope already processed")
                             }

@@ -10,7 +10,7 @@ use crate::model::{
 };
 
 /// Where a relationship came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Provenance {
     /// We made a ticket and the peer accepted it.
     InvitedByUs { ticket: TicketId },
@@ -19,6 +19,9 @@ pub enum Provenance {
     /// A side relationship with a member of one of our groups (each end
     /// attested equivalent to its group proton).
     MetInGroup { group: GroupProtonId, member: Ipk },
+    /// The merge of two parallel relationships with the same person (this
+    /// proton follows both).
+    Merged { from: [ProtonId; 2] },
 }
 
 /// Life cycle of a proton.
@@ -57,6 +60,18 @@ pub struct ProtonRecord {
     pub transports_dirty: bool,
 }
 
+/// How far a relationship is trusted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Trust {
+    Normal,
+    /// Evidence of a meddling introducer (or of a meddler in this
+    /// relationship itself): do not rely on it.
+    Flagged {
+        reason: String,
+        at: u64,
+    },
+}
+
 /// An invitation we made and that is not yet used.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TicketRecord {
@@ -72,8 +87,55 @@ pub struct TicketRecord {
     pub welcome_address: DeliveryAddress,
     /// Set when the Welcome arrived; a ticket works once.
     pub used: bool,
-    /// For a side relationship: the group and member it was sealed to.
-    pub origin: Option<(GroupProtonId, Ipk)>,
+    /// Why the ticket was made, when not by `invite`.
+    pub origin: Option<TicketOrigin>,
+}
+
+/// What a ticket made by the node itself is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TicketOrigin {
+    /// A side relationship, sealed to this member of this group.
+    Group { group: GroupProtonId, member: Ipk },
+    /// The follow-on of two of our relationships with one person (a merge
+    /// we requested): the answer must carry their "follows" attestations
+    /// from the keys they hold there.
+    Merge {
+        request: [u8; 16],
+        old: [ProtonId; 2],
+        peers: [Ipk; 2],
+    },
+}
+
+/// A merge of two relationships that a peer asked us for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeRecord {
+    pub id: [u8; 16],
+    pub received_at: u64,
+    pub request: crate::protocol::MergeRequest,
+    /// Our relationships it arrived through.
+    pub via: Vec<ProtonId>,
+    /// Our two relationships it would merge (our keys named in the request).
+    pub ours: Vec<ProtonId>,
+    /// Whether we had attested those two equivalent before it came.
+    pub linked: bool,
+    pub state: MergeState,
+    /// We asked for it (the peer decides); `via` is then empty.
+    pub from_us: bool,
+}
+
+/// Where a merge request stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MergeState {
+    Pending,
+    Accepted {
+        into: ProtonId,
+    },
+    Ignored,
+    /// It named a key that is not ours where we hold a relationship with the
+    /// same person: the introducer of that relationship meddles.
+    Flagged {
+        reason: String,
+    },
 }
 
 /// What a delivery address resolves to.

@@ -21,10 +21,11 @@ use crate::model::{
     validate_text, AddressLease, Conversation, DisplayIdentity, GroupProtonId, InvalidValue,
     MessageId, ProtonId, TicketId, TransportInfo, TransportKind,
 };
-use crate::protocol::{Body, DecodeError, Payload, Plaintext};
+use crate::protocol::{Body, DecodeError, HelloLink, Payload, Plaintext};
 use crate::records::{
     AddressKind, AddressRecord, Author, HistoryEntry, InboxEntry, MessageStatus, OutboxEntry,
-    OutboxKind, Owner, ProtonRecord, ProtonState, Provenance, Recipient, Source, TicketRecord,
+    OutboxKind, Owner, ProtonRecord, ProtonState, Provenance, Recipient, Source, TicketOrigin,
+    TicketRecord,
 };
 use crate::store::{self, tables, Store, StoreError};
 use crate::ticket::{Ticket, TicketError};
@@ -66,6 +67,10 @@ pub enum RelationshipError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Group(Box<crate::groups::GroupError>),
+    #[error(transparent)]
+    Merge(#[from] crate::merge::MergeError),
+    #[error("this relationship was merged into {0}; use that one")]
+    Retired(ProtonId),
 }
 
 /// Where this node can be reached now: its libp2p identity and the
@@ -188,7 +193,7 @@ pub fn create_invite(
     display: DisplayIdentity,
     lifetimes: Lifetimes,
     ttl: Duration,
-    origin: Option<(GroupProtonId, Ipk)>,
+    origin: Option<TicketOrigin>,
     now: u64,
 ) -> Result<Invite, RelationshipError> {
     let proton = ProtonId::random();
@@ -259,6 +264,17 @@ pub struct SideLink<'a> {
     pub member: Ipk,
 }
 
+/// What ties the new relationship of an accepted ticket to our others.
+pub enum AcceptLink<'a> {
+    /// A side relationship with a member of one of our groups.
+    Group(SideLink<'a>),
+    /// A merge: the new key follows our keys in these two relationships.
+    Merge {
+        old: [ProtonId; 2],
+        keys: Box<[IdentityKey; 2]>,
+    },
+}
+
 /// Accepts a ticket: a fresh proton, the 2-member MLS group, and the answer
 /// (Welcome plus our Hello) queued for the ticket's one-time address. With
 /// `link`, the Hello carries our new key's equivalence to our group proton.
@@ -268,7 +284,7 @@ pub fn accept_invite(
     display: DisplayIdentity,
     lifetimes: Lifetimes,
     text: &str,
-    link: Option<SideLink<'_>>,
+    link: Option<AcceptLink<'_>>,
     now: u64,
 ) -> Result<Acceptance, RelationshipError> {
     let verified = Ticket::parse(text, &RustCrypto::default())?;
@@ -298,11 +314,22 @@ pub fn accept_invite(
         body: Body::Hello {
             display: display.clone(),
             transports: transports.clone(),
-            link: link
-                .as_ref()
-                .map(|l| Attestation::equivalent(&key, l.group_key, now)),
+            link: link.as_ref().map(|l| match l {
+                AcceptLink::Group(side) => {
+                    HelloLink::Group(Attestation::equivalent(&key, side.group_key, now))
+                }
+                AcceptLink::Merge { keys, .. } => HelloLink::Merge(
+                    keys.iter()
+                        .map(|old| Attestation::follows(old, &key, now))
+                        .collect(),
+                ),
+            }),
         },
         transports: None,
+    };
+    let hello_link = match &hello.body {
+        Body::Hello { link, .. } => link.clone(),
+        _ => None,
     };
     let hello = mls::encrypt(&mut group, &provider, &key, &hello.encode())?;
     let record = ProtonRecord {
@@ -310,10 +337,11 @@ pub fn accept_invite(
         created_at: now,
         state: ProtonState::Pending,
         provenance: match &link {
-            Some(l) => Provenance::MetInGroup {
+            Some(AcceptLink::Group(l)) => Provenance::MetInGroup {
                 group: l.group,
                 member: l.member,
             },
+            Some(AcceptLink::Merge { old, .. }) => Provenance::Merged { from: *old },
             None => Provenance::AcceptedTicket { ticket: ticket.id },
         },
         own_key: SecretKey::from(&key),
@@ -332,6 +360,16 @@ pub fn accept_invite(
     };
     changes.addresses = address_rows(Owner::Proton(id), &transports);
     changes.accepted_tickets.push((ticket.id, id));
+    // Keep what ties the new key to our others, for the trust record.
+    match hello_link {
+        Some(HelloLink::Group(a)) => changes.links.push((id, a)),
+        Some(HelloLink::Merge(follows)) => {
+            for a in follows {
+                changes.links.push((id, a));
+            }
+        }
+        None => {}
+    }
     changes.outbox.push(OutboxEntry {
         conversation: Conversation::Proton(id),
         recipient: Recipient::Peer,
@@ -375,8 +413,11 @@ pub fn forget_refused(store: &Store, proton: &ProtonRecord) -> Result<Changes, R
         .collect();
     changes.outbox_done = outbox;
     changes.delete_history.push(Conversation::Proton(proton.id));
-    if let Provenance::AcceptedTicket { ticket } = proton.provenance {
-        changes.delete_accepted_tickets.push(ticket);
+    match &proton.provenance {
+        Provenance::AcceptedTicket { ticket } => changes.delete_accepted_tickets.push(*ticket),
+        // A merge whose answer was refused: the old relationships live on.
+        Provenance::Merged { from } => changes.unretired.extend(from),
+        _ => {}
     }
     Ok(changes)
 }
@@ -431,20 +472,60 @@ pub fn receive_welcome(
     else {
         return Err(RelationshipError::BadWelcome("expected a Hello".into()));
     };
-    // A side relationship's answer must come from the member it was for.
-    let provenance = match ticket.origin {
+    // A side relationship's answer must come from the member it was for; a
+    // merge's, from the keys the peer holds in the two relationships merged.
+    let mut extra = Changes::default();
+    let provenance = match &ticket.origin {
         None => Provenance::InvitedByUs { ticket: ticket.id },
-        Some((group, member)) => {
-            let link = link.ok_or_else(|| {
-                RelationshipError::BadWelcome("the answer is not linked to the group member".into())
-            })?;
-            link.verify_as(Kind::Equivalent, &peer, &member)
+        Some(TicketOrigin::Group { group, member }) => {
+            let Some(HelloLink::Group(link)) = link else {
+                return Err(RelationshipError::BadWelcome(
+                    "the answer is not linked to the group member".into(),
+                ));
+            };
+            link.verify_as(Kind::Equivalent, &peer, member)
                 .map_err(|e| {
                     RelationshipError::BadWelcome(format!(
                         "the answer's link to the group member: {e}"
                     ))
                 })?;
-            Provenance::MetInGroup { group, member }
+            extra.links.push((ticket.proton, link.clone()));
+            Provenance::MetInGroup {
+                group: *group,
+                member: *member,
+            }
+        }
+        Some(TicketOrigin::Merge {
+            request,
+            old,
+            peers,
+        }) => {
+            let Some(HelloLink::Merge(follows)) = link else {
+                return Err(RelationshipError::BadWelcome(
+                    "the answer does not follow the merged relationships".into(),
+                ));
+            };
+            if follows.len() != 2 {
+                return Err(RelationshipError::BadWelcome(
+                    "a merge answer follows exactly two keys".into(),
+                ));
+            }
+            for (attestation, previous) in follows.iter().zip(peers) {
+                attestation
+                    .verify_as(Kind::Follows, previous, &peer)
+                    .map_err(|e| {
+                        RelationshipError::BadWelcome(format!(
+                            "the merge answer's follows attestation: {e}"
+                        ))
+                    })?;
+            }
+            extra = crate::merge::retire_into(store, *request, ticket.proton, *old)?;
+            for a in follows {
+                for p in old {
+                    extra.links.push((*p, a.clone()));
+                }
+            }
+            Provenance::Merged { from: *old }
         }
     };
     let record = ProtonRecord {
@@ -470,6 +551,7 @@ pub fn receive_welcome(
     changes.protons.push(record.clone());
     changes.tickets.push(used);
     changes.inbox_done.push(inbox_seq);
+    changes.extend(extra);
     Ok((record, changes))
 }
 
@@ -483,6 +565,8 @@ pub enum Received {
     Joined(GroupProtonId),
     /// A control message for one of our groups, now in its inbox.
     Relayed(GroupProtonId),
+    /// A merge request, recorded (and what it revealed).
+    Merge(crate::merge::RequestOutcome),
 }
 
 /// One proton's live state: its record, key, MLS group and provider.
@@ -564,6 +648,10 @@ impl ProtonSession {
         changes: &mut Changes,
     ) -> Result<HistoryEntry, RelationshipError> {
         validate_text(text)?;
+        let store = self.provider.mls_storage().store();
+        if let Some(into) = crate::merge::retired_into(store, self.record.id)? {
+            return Err(RelationshipError::Retired(into));
+        }
         let id = MessageId::random();
         let body = Body::Text {
             id,
@@ -744,7 +832,11 @@ impl ProtonSession {
         now: u64,
         changes: &mut Changes,
     ) -> Result<Received, RelationshipError> {
-        self.isolated(|s| s.receive_inner(payload, now, changes))
+        // On failure nothing of it may reach the caller's changes either.
+        let mut own = Changes::default();
+        let received = self.isolated(|s| s.receive_inner(payload, now, &mut own))?;
+        changes.extend(own);
+        Ok(received)
     }
 
     fn receive_inner(
@@ -805,6 +897,13 @@ impl ProtonSession {
                         .map_err(|e| RelationshipError::Group(Box::new(e)))?;
                 changes.extend(c);
                 Ok(Received::Joined(group.id))
+            }
+            Body::MergeRequest(request) => {
+                let store = self.provider.mls_storage().store();
+                let (outcome, c) =
+                    crate::merge::receive_request(store, &self.record, &request, now)?;
+                changes.extend(c);
+                Ok(Received::Merge(outcome))
             }
             Body::Equivalence { ref group_id, .. } | Body::Decline { ref group_id } => {
                 // The group's business: hand it over in the same transaction.

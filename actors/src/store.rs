@@ -46,6 +46,17 @@ pub mod tables {
     /// as the ordering service signed it: served to members who fell behind.
     pub const ORDERED_LOG: TableDefinition<([u8; 8], u64), &[u8]> =
         TableDefinition::new("ordered_log");
+    /// Proton id → `Trust`, where not normal. Kept apart from the proton's
+    /// record (which its actor caches) because others write it.
+    pub const TRUST: TableDefinition<[u8; 8], &[u8]> = TableDefinition::new("trust");
+    /// Proton id → `Vec<Attestation>`: attestations linking it to our other
+    /// relationships (local equivalences, merges).
+    pub const LINKS: TableDefinition<[u8; 8], &[u8]> = TableDefinition::new("links");
+    /// Proton id → the proton it was merged into. A retired relationship
+    /// sends nothing; its history stays readable.
+    pub const RETIRED: TableDefinition<[u8; 8], [u8; 8]> = TableDefinition::new("retired");
+    /// Merge request id → `MergeRecord`: merges peers asked us for.
+    pub const MERGES: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("merges");
     /// Ticket id → `TicketRecord`: invitations this node made.
     pub const TICKETS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("tickets");
     /// Ticket id → proton id: invitations this node accepted (each works once).
@@ -153,6 +164,10 @@ impl Store {
             tx.open_table(tables::GROUPS)?;
             tx.open_table(tables::DERIVED_ROUTES)?;
             tx.open_table(tables::ORDERED_LOG)?;
+            tx.open_table(tables::MERGES)?;
+            tx.open_table(tables::TRUST)?;
+            tx.open_table(tables::LINKS)?;
+            tx.open_table(tables::RETIRED)?;
             tx.open_table(tables::TICKETS)?;
             tx.open_table(tables::ACCEPTED_TICKETS)?;
             tx.open_table(tables::ADDRESSES)?;
@@ -270,6 +285,10 @@ impl Store {
             table(tx, tables::GROUPS, &mut h)?;
             table(tx, tables::DERIVED_ROUTES, &mut h)?;
             table(tx, tables::ORDERED_LOG, &mut h)?;
+            table(tx, tables::MERGES, &mut h)?;
+            table(tx, tables::TRUST, &mut h)?;
+            table(tx, tables::LINKS, &mut h)?;
+            table(tx, tables::RETIRED, &mut h)?;
             table(tx, tables::TICKETS, &mut h)?;
             table(tx, tables::ACCEPTED_TICKETS, &mut h)?;
             table(tx, tables::ADDRESSES, &mut h)?;

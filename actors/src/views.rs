@@ -5,11 +5,12 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use serde::Serialize;
 
+use crate::attestation::{Attestation, Kind};
 use crate::identity::Ipk;
-use crate::model::{Conversation, Picture};
+use crate::model::{Conversation, Picture, ProtonId};
 use crate::records::{
-    Author, GroupProtonRecord, GroupState, HistoryEntry, MemberStatus, MessageStatus, ProtonRecord,
-    ProtonState, Provenance,
+    Author, GroupProtonRecord, GroupState, HistoryEntry, MemberStatus, MergeRecord, MergeState,
+    MessageStatus, ProtonRecord, ProtonState, Provenance, Trust,
 };
 
 /// Milliseconds since the Unix epoch as RFC 3339 (UTC, milliseconds).
@@ -39,6 +40,15 @@ pub struct ContactView {
     /// How the relationship started.
     pub origin: String,
     pub since: String,
+    /// Merged into another relationship: it sends nothing more, and its
+    /// history shows as that one's.
+    pub retired: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merged_into: Option<String>,
+    /// "normal", or "flagged" when there is evidence of a meddler.
+    pub trust: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 impl ContactView {
@@ -63,8 +73,107 @@ impl ContactView {
                 Provenance::MetInGroup { group, member } => {
                     format!("met in group {group} (member {})", member.fingerprint())
                 }
+                Provenance::Merged { from: [a, b] } => format!("merged from {a} and {b}"),
             },
             since: rfc3339(p.created_at),
+            retired: false,
+            merged_into: None,
+            trust: "normal",
+            reason: None,
+        }
+    }
+
+    /// With what others wrote about it: where it was merged, how trusted.
+    pub fn marked(mut self, retired_into: Option<ProtonId>, trust: &Trust) -> Self {
+        self.retired = retired_into.is_some();
+        self.merged_into = retired_into.map(|p| p.to_string());
+        if let Trust::Flagged { reason, .. } = trust {
+            self.trust = "flagged";
+            self.reason = Some(reason.clone());
+        }
+        self
+    }
+}
+
+/// An attestation as the trust record shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AttestationView {
+    /// "follows" (`second` follows `first`) or "equivalent".
+    pub kind: &'static str,
+    pub first: String,
+    pub second: String,
+    pub at: String,
+}
+
+impl AttestationView {
+    pub fn of(a: &Attestation) -> Self {
+        Self {
+            kind: match a.kind {
+                Kind::Follows => "follows",
+                Kind::Equivalent => "equivalent",
+            },
+            first: a.first.fingerprint(),
+            second: a.second.fingerprint(),
+            at: rfc3339(a.issued_at),
+        }
+    }
+}
+
+/// Who a contact is to us and why we believe it: `contact CONTACT`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TrustRecordView {
+    pub contact: ContactView,
+    /// Our own key in the relationship.
+    pub own_fingerprint: String,
+    /// How we got their key: "ticket", "introduced by X", "merged from ...".
+    pub obtained: String,
+    /// Contacts whose word this relationship rests on (introducers), by
+    /// "id name".
+    pub vouched_by: Vec<String>,
+    /// Signed statements tying this relationship's keys to others.
+    pub attestations: Vec<AttestationView>,
+}
+
+/// A merge as `merge list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MergeView {
+    pub id: String,
+    /// "received" (the peer asks us) or "sent" (we asked).
+    pub direction: &'static str,
+    /// "request" (we had linked the two already) or "proposal" (the peer
+    /// thinks our two relationships may be one identity).
+    pub kind: &'static str,
+    /// "pending", "accepted", "ignored" or "flagged".
+    pub state: &'static str,
+    /// Who asks (or whom we asked), by name.
+    pub name: String,
+    /// Our relationships it concerns.
+    pub contacts: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub into: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub at: String,
+}
+
+impl MergeView {
+    pub fn of(m: &MergeRecord, name: String) -> Self {
+        Self {
+            id: crate::merge::id_string(&m.id),
+            direction: if m.from_us { "sent" } else { "received" },
+            kind: if m.linked { "request" } else { "proposal" },
+            state: crate::merge::state_name(&m.state),
+            name,
+            contacts: m.ours.iter().map(|p| p.to_string()).collect(),
+            into: match &m.state {
+                MergeState::Accepted { into } => Some(into.to_string()),
+                _ => None,
+            },
+            reason: match &m.state {
+                MergeState::Flagged { reason } => Some(reason.clone()),
+                _ => None,
+            },
+            at: rfc3339(m.received_at),
         }
     }
 }
@@ -151,6 +260,8 @@ pub enum Event {
         contact: ContactView,
         change: ContactChange,
     },
+    /// A merge request arrived, or one changed state.
+    Merge { merge: MergeView },
     /// A group's roster or epoch changed, or we joined or left it.
     Group {
         group: String,

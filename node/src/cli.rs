@@ -62,6 +62,27 @@ pub enum GroupCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum MergeCommand {
+    /// Ask the person behind two of your contacts to merge them into one
+    /// relationship; they accept or ignore it.
+    Request {
+        /// Your relationship with them through one introduction (id or name).
+        contact_1: String,
+        /// Your other relationship with them.
+        contact_2: String,
+    },
+    /// List merge requests, sent and received.
+    List,
+    /// Consent to a merge: the two relationships become one, histories merged.
+    Accept {
+        /// The request's id (as `merge list` shows it, or its first digits).
+        id: String,
+    },
+    /// Keep the two relationships apart.
+    Ignore { id: String },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create the data directory, its configuration and the node key.
     Init {
@@ -99,8 +120,27 @@ pub enum Command {
         /// The ticket, as given (starts with "protonode:").
         ticket: String,
     },
-    /// List your contacts.
-    Contacts,
+    /// List your contacts (relationships merged into others only with --all).
+    Contacts {
+        /// Also list relationships merged into others ("retired").
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show one contact's trust record: how their key was obtained, who
+    /// vouches for it, which attestations link it, whether it is flagged.
+    Contact {
+        /// Contact id or unambiguous name.
+        contact: String,
+    },
+    /// Record that two of your relationships are both you towards the same
+    /// person (a signed equivalence of your two keys, kept by this node).
+    Link {
+        contact_1: String,
+        contact_2: String,
+    },
+    /// Merge two parallel relationships with the same person (each side must consent).
+    #[command(subcommand)]
+    Merge(MergeCommand),
     /// Send a text message to a contact or a group.
     Send {
         /// Contact or group: id or unambiguous name.

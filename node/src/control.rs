@@ -19,9 +19,11 @@ use std::time::Duration;
 
 use actix::Addr;
 use actors::manager::{
-    self, AcceptInvite, Connect, CreateGroup, CreateInvite, GetHistory, GetStatus, GroupAction,
-    GroupCommand, ListContacts, ListGroups, RelationshipManager, SendMessage,
+    self, AcceptInvite, AcceptMerge, Connect, ContactDetail, CreateGroup, CreateInvite, GetHistory,
+    GetStatus, GroupAction, GroupCommand, IgnoreMerge, Link, ListAllContacts, ListContacts,
+    ListGroups, ListMerges, RelationshipManager, RequestMerge, SendMessage,
 };
+use actors::merge::MergeError;
 use actors::relationship::RelationshipError;
 use actors::views::Event;
 use serde::{Deserialize, Serialize};
@@ -62,7 +64,29 @@ pub enum Call {
     Accept {
         ticket: String,
     },
-    Contacts {},
+    Contacts {
+        /// Also relationships merged into others.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        all: bool,
+    },
+    /// The trust record of one contact.
+    Contact {
+        contact: String,
+    },
+    /// Our two relationships are both us towards that person.
+    Link {
+        contacts: Vec<String>,
+    },
+    MergeRequest {
+        contacts: Vec<String>,
+    },
+    MergeList {},
+    MergeAccept {
+        id: String,
+    },
+    MergeIgnore {
+        id: String,
+    },
     Send {
         to: String,
         text: String,
@@ -117,10 +141,16 @@ pub enum Call {
 
 impl Call {
     /// Every method name (a test keeps this equal to the variants).
-    pub const METHODS: [&'static str; 18] = [
+    pub const METHODS: [&'static str; 24] = [
         "invite",
         "accept",
         "contacts",
+        "contact",
+        "link",
+        "merge_request",
+        "merge_list",
+        "merge_accept",
+        "merge_ignore",
         "send",
         "history",
         "status",
@@ -175,6 +205,14 @@ impl From<manager::Error> for RpcError {
                 | RelationshipError::OwnTicket,
             ) => codes::BAD_TICKET,
             E::Relationship(RelationshipError::Invalid(_)) => codes::INVALID_INPUT,
+            E::Merge(MergeError::Unknown(_)) => codes::UNKNOWN_CONTACT,
+            E::Merge(
+                MergeError::SameRelationship
+                | MergeError::Retired(_)
+                | MergeError::NotActive(_)
+                | MergeError::NotPending { .. },
+            ) => codes::INVALID_INPUT,
+            E::Merge(MergeError::Ticket(_)) => codes::BAD_TICKET,
             _ => codes::INTERNAL,
         };
         Self::new(code, e.to_string())
@@ -358,9 +396,46 @@ async fn dispatch(manager: &Addr<RelationshipManager>, call: Call) -> Result<Val
                 .map_err(stopped)??;
             to_json(serde_json::to_value(accepted))
         }
-        Call::Contacts {} => {
-            let contacts = manager.send(ListContacts).await.map_err(stopped)??;
+        Call::Contacts { all } => {
+            let contacts = if all {
+                manager.send(ListAllContacts).await
+            } else {
+                manager.send(ListContacts).await
+            }
+            .map_err(stopped)??;
             to_json(serde_json::to_value(contacts))
+        }
+        Call::Contact { contact } => {
+            let record = manager
+                .send(ContactDetail { contact })
+                .await
+                .map_err(stopped)??;
+            to_json(serde_json::to_value(record))
+        }
+        Call::Link { contacts } => {
+            let [a, b] = two(contacts, "link")?;
+            let made = manager.send(Link { a, b }).await.map_err(stopped)??;
+            Ok(json!({ "linked": true, "attestations": made }))
+        }
+        Call::MergeRequest { contacts } => {
+            let [a, b] = two(contacts, "merge request")?;
+            let merge = manager
+                .send(RequestMerge { a, b })
+                .await
+                .map_err(stopped)??;
+            to_json(serde_json::to_value(merge))
+        }
+        Call::MergeList {} => {
+            let merges = manager.send(ListMerges).await.map_err(stopped)??;
+            to_json(serde_json::to_value(merges))
+        }
+        Call::MergeAccept { id } => {
+            let contact = manager.send(AcceptMerge { id }).await.map_err(stopped)??;
+            to_json(serde_json::to_value(contact))
+        }
+        Call::MergeIgnore { id } => {
+            let merge = manager.send(IgnoreMerge { id }).await.map_err(stopped)??;
+            to_json(serde_json::to_value(merge))
         }
         Call::Send {
             to,
@@ -434,6 +509,16 @@ async fn dispatch(manager: &Addr<RelationshipManager>, call: Call) -> Result<Val
             group_command(manager, group, GroupAction::Verify(member)).await
         }
     }
+}
+
+/// Exactly two contacts, or a params error naming the method.
+fn two(contacts: Vec<String>, method: &str) -> Result<[String; 2], RpcError> {
+    <[String; 2]>::try_from(contacts).map_err(|_| {
+        RpcError::new(
+            codes::INVALID_PARAMS,
+            format!("{method} takes exactly two contacts"),
+        )
+    })
 }
 
 async fn group_command(
@@ -592,7 +677,7 @@ mod tests {
             }
         );
         let (_, call) = parse_request(br#"{"jsonrpc":"2.0","id":1,"method":"contacts"}"#).unwrap();
-        assert_eq!(call, Call::Contacts {});
+        assert_eq!(call, Call::Contacts { all: false });
     }
 
     #[test]
@@ -625,7 +710,13 @@ mod tests {
                 expires_in_secs: None,
             },
             Call::Accept { ticket: s() },
-            Call::Contacts {},
+            Call::Contacts { all: true },
+            Call::Contact { contact: s() },
+            Call::Link { contacts: vec![] },
+            Call::MergeRequest { contacts: vec![] },
+            Call::MergeList {},
+            Call::MergeAccept { id: s() },
+            Call::MergeIgnore { id: s() },
             Call::Send {
                 to: s(),
                 text: s(),

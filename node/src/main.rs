@@ -144,12 +144,90 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
                 }
             }
         }
-        Command::Contacts => {
-            let v = daemon.call(&Call::Contacts {}).await?;
+        Command::Contacts { all } => {
+            let v = daemon.call(&Call::Contacts { all }).await?;
             if json {
                 print_json(&v);
             } else {
                 print!("{}", output::contacts(&v));
+            }
+        }
+        Command::Contact { contact } => {
+            let v = daemon.call(&Call::Contact { contact }).await?;
+            if json {
+                print_json(&v);
+            } else {
+                print!("{}", output::trust_record(&v));
+            }
+        }
+        Command::Link {
+            contact_1,
+            contact_2,
+        } => {
+            let v = daemon
+                .call(&Call::Link {
+                    contacts: vec![contact_1.clone(), contact_2.clone()],
+                })
+                .await?;
+            if json {
+                print_json(&v);
+            } else {
+                println!("Linked: {contact_1} and {contact_2} are both you towards that person.");
+            }
+        }
+        Command::Merge(command) => {
+            use protonode::cli::MergeCommand as M;
+            match command {
+                M::Request {
+                    contact_1,
+                    contact_2,
+                } => {
+                    let v = daemon
+                        .call(&Call::MergeRequest {
+                            contacts: vec![contact_1, contact_2],
+                        })
+                        .await?;
+                    if json {
+                        print_json(&v);
+                    } else {
+                        println!(
+                            "Asked {} to merge (request {}); the relationships become one when they accept.",
+                            v["name"].as_str().unwrap_or("them"),
+                            v["id"].as_str().unwrap_or("")
+                        );
+                    }
+                }
+                M::List => {
+                    let v = daemon.call(&Call::MergeList {}).await?;
+                    if json {
+                        print_json(&v);
+                    } else {
+                        print!("{}", output::merges(&v));
+                    }
+                }
+                M::Accept { id } => {
+                    let v = daemon.call(&Call::MergeAccept { id }).await?;
+                    if json {
+                        print_json(&v);
+                    } else {
+                        println!(
+                            "Merged: {} is now one relationship (contact {}), with the history of both.",
+                            v["name"].as_str().unwrap_or("them"),
+                            v["contact"].as_str().unwrap_or("")
+                        );
+                        if v["delivered"] != Value::Bool(true) {
+                            println!("Their node is not reachable yet; your answer is queued and goes out when it is.");
+                        }
+                    }
+                }
+                M::Ignore { id } => {
+                    let v = daemon.call(&Call::MergeIgnore { id }).await?;
+                    if json {
+                        print_json(&v);
+                    } else {
+                        println!("Ignored: the two relationships stay apart.");
+                    }
+                }
             }
         }
         Command::Send {
@@ -184,7 +262,7 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
                 print_json(&v);
             } else {
                 // Authors are contacts (1:1) or group members (by key id).
-                let mut names = daemon.call(&Call::Contacts {}).await?;
+                let mut names = daemon.call(&Call::Contacts { all: true }).await?;
                 let groups = daemon.call(&Call::Groups {}).await?;
                 if let (Some(list), Some(groups)) = (names.as_array_mut(), groups.as_array()) {
                     for g in groups {

@@ -31,14 +31,113 @@ pub fn contacts(list: &Value) -> String {
         if let Some(p) = c.get("pronouns").and_then(Value::as_str) {
             name = format!("{name} ({p})");
         }
+        let mut state = s(c, "state").to_string();
+        if c.get("retired") == Some(&Value::Bool(true)) {
+            state = "retired".into();
+        }
+        if s(c, "trust") == "flagged" {
+            state = "FLAGGED".into();
+        }
         out += &format!(
             "{:<16}  {:<24}  {:<8}  {:<19}  {}\n",
             s(c, "id"),
             name,
-            s(c, "state"),
+            state,
             short_time(s(c, "since")),
             s(c, "fingerprint"),
         );
+        if let Some(into) = c.get("merged_into").and_then(Value::as_str) {
+            out += &format!("{:<16}  merged into {into}\n", "");
+        }
+        if let Some(reason) = c.get("reason").and_then(Value::as_str) {
+            out += &format!("{:<16}  do not trust: {reason}\n", "");
+        }
+    }
+    out
+}
+
+/// One contact's trust record.
+pub fn trust_record(v: &Value) -> String {
+    let c = v.get("contact").unwrap_or(&Value::Null);
+    let mut out = format!("{} ({})\n", s(c, "name"), s(c, "id"));
+    out += &format!("  state:        {}\n", s(c, "state"));
+    out += &format!("  their key:    {}\n", s(c, "fingerprint"));
+    out += &format!("  our key:      {}\n", s(v, "own_fingerprint"));
+    out += &format!("  obtained:     {}\n", s(v, "obtained"));
+    let vouched: Vec<&str> = v
+        .get("vouched_by")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    out += &format!(
+        "  vouched by:   {}\n",
+        if vouched.is_empty() {
+            "nobody else (you met directly)".to_string()
+        } else {
+            vouched.join(", ")
+        }
+    );
+    out += &format!("  trust:        {}\n", s(c, "trust"));
+    if let Some(reason) = c.get("reason").and_then(Value::as_str) {
+        out += &format!("  reason:       {reason}\n");
+    }
+    if let Some(into) = c.get("merged_into").and_then(Value::as_str) {
+        out += &format!("  merged into:  {into}\n");
+    }
+    for a in v
+        .get("attestations")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let how = if s(a, "kind") == "follows" {
+            "is followed by"
+        } else {
+            "is equivalent to"
+        };
+        out += &format!(
+            "  attestation:  {} {how} {} ({})\n",
+            s(a, "first"),
+            s(a, "second"),
+            short_time(s(a, "at"))
+        );
+    }
+    out
+}
+
+/// Merge requests, sent and received.
+pub fn merges(list: &Value) -> String {
+    let Some(items) = list.as_array() else {
+        return String::new();
+    };
+    if items.is_empty() {
+        return "No merge requests.\n".into();
+    }
+    let mut out = format!(
+        "{:<32}  {:<8}  {:<8}  {:<8}  {:<16}  {}\n",
+        "ID", "FROM/TO", "KIND", "STATE", "NAME", "CONTACTS"
+    );
+    for m in items {
+        out += &format!(
+            "{:<32}  {:<8}  {:<8}  {:<8}  {:<16}  {}\n",
+            s(m, "id"),
+            s(m, "direction"),
+            s(m, "kind"),
+            s(m, "state"),
+            s(m, "name"),
+            m.get("contacts")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
+        if let Some(reason) = m.get("reason").and_then(Value::as_str) {
+            out += &format!("{:<32}  {reason}\n", "");
+        }
     }
     out
 }
@@ -180,6 +279,22 @@ pub fn event(e: &Value) -> String {
                 s(c, "id"),
                 s(e, "change")
             )
+        }
+        "merge" => {
+            let m = e.get("merge").unwrap_or(&Value::Null);
+            match s(m, "state") {
+                "flagged" => format!(
+                    "WARNING: a merge request from {} revealed a meddler: {}",
+                    s(m, "name"),
+                    s(m, "reason")
+                ),
+                _ => format!(
+                    "{} asks to merge two relationships into one: `protonode merge accept {}` or `protonode merge ignore {}`",
+                    s(m, "name"),
+                    s(m, "id"),
+                    s(m, "id")
+                ),
+            }
         }
         "lagged" => format!(
             "(missed {} events; `protonode history` has everything)",
