@@ -366,20 +366,21 @@ impl RelationshipManager {
     /// Resolves what the user typed to a relationship: an exact id, a unique
     /// name (case-insensitive), or a unique id prefix of at least 4 digits.
     fn resolve(&self, query: &str) -> Result<ProtonRecord, Error> {
-        let mut protons = all_protons(&self.shared.store)?;
+        let protons = all_protons(&self.shared.store)?;
         let query_trim = query.trim();
         if let Ok(id) = query_trim.parse::<ProtonId>() {
             if let Some(p) = protons.iter().find(|p| p.id == id) {
                 return Ok(p.clone());
             }
         }
-        // A merged relationship is found by its id only: by name, the
-        // merge's result stands for it.
         let retired = retired_map(&self.shared.store)?;
-        protons.retain(|p| !retired.contains_key(&p.id));
+        // A merged relationship is found by its id (or a prefix) only: by
+        // name, the merge's result stands for it.
         let by_name: Vec<&ProtonRecord> = protons
             .iter()
-            .filter(|p| p.peer_display.name.eq_ignore_ascii_case(query_trim))
+            .filter(|p| {
+                p.peer_display.name.eq_ignore_ascii_case(query_trim) && !retired.contains_key(&p.id)
+            })
             .collect();
         let by_prefix: Vec<&ProtonRecord> = if query_trim.len() >= 4 {
             protons
@@ -657,9 +658,35 @@ fn contacts(store: &store::Store, all: bool) -> Result<Vec<ContactView>, Error> 
         if into.is_some() && !all {
             continue;
         }
-        out.push(ContactView::of(p).marked(into, &merge::trust_of(store, p.id)?));
+        out.push(contact_view(store, p, into)?);
     }
     Ok(out)
+}
+
+/// A contact as shown: where it was merged, how trusted, and for an
+/// introduced one, by whom and in which group.
+fn contact_view(
+    store: &store::Store,
+    p: &ProtonRecord,
+    retired_into: Option<ProtonId>,
+) -> Result<ContactView, Error> {
+    let mut view = ContactView::of(p).marked(retired_into, &merge::trust_of(store, p.id)?);
+    if let Provenance::MetInGroup { group, .. } = p.provenance {
+        let name = groups::all_groups(store)?
+            .into_iter()
+            .find(|g| g.id == group)
+            .and_then(|g| g.name)
+            .map(|n| format!("\"{n}\" ({group})"))
+            .unwrap_or_else(|| group.to_string());
+        view.origin = match merge::introducer_of(store, p)? {
+            Some((_, by)) => {
+                view.introduced_by = Some(by.clone());
+                format!("introduced by {by} in group {name}")
+            }
+            None => format!("met in our group {name}"),
+        };
+    }
+    Ok(view)
 }
 
 impl Handler<ContactDetail> for RelationshipManager {
@@ -668,10 +695,7 @@ impl Handler<ContactDetail> for RelationshipManager {
     fn handle(&mut self, msg: ContactDetail, _: &mut Self::Context) -> Self::Result {
         let store = &self.shared.store;
         let p = self.resolve(&msg.contact)?;
-        let contact = ContactView::of(&p).marked(
-            merge::retired_into(store, p.id)?,
-            &merge::trust_of(store, p.id)?,
-        );
+        let contact = contact_view(store, &p, merge::retired_into(store, p.id)?)?;
         let name_of = |id: ProtonId| -> String {
             store
                 .read(|tx| {

@@ -556,6 +556,16 @@ pub fn accept(
         now,
     )?;
     acceptance.changes.extend(link(store, a, b, now)?);
+    // What ties the peer's new key to its old ones, for the trust record.
+    let new = acceptance.proton.id;
+    for a in record
+        .request
+        .follows
+        .iter()
+        .chain([&record.request.equivalence])
+    {
+        acceptance.changes.links.push((new, a.clone()));
+    }
     acceptance
         .changes
         .extend(retire_into(store, record.id, acceptance.proton.id, [a, b])?);

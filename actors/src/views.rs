@@ -39,6 +39,9 @@ pub struct ContactView {
     pub fingerprint: String,
     /// How the relationship started.
     pub origin: String,
+    /// For a relationship from an introduction: who introduced it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub introduced_by: Option<String>,
     pub since: String,
     /// Merged into another relationship: it sends nothing more, and its
     /// history shows as that one's.
@@ -76,6 +79,7 @@ impl ContactView {
                 Provenance::Merged { from: [a, b] } => format!("merged from {a} and {b}"),
             },
             since: rfc3339(p.created_at),
+            introduced_by: None,
             retired: false,
             merged_into: None,
             trust: "normal",

@@ -20,8 +20,8 @@ pub fn contacts(list: &Value) -> String {
         return "No contacts yet. Invite someone with `protonode invite`, or accept their ticket with `protonode accept TICKET`.\n".into();
     }
     let mut out = format!(
-        "{:<16}  {:<24}  {:<8}  {:<19}  {}\n",
-        "ID", "NAME", "STATE", "SINCE", "FINGERPRINT"
+        "{:<16}  {:<24}  {:<8}  {:<19}  {:<19}  {}\n",
+        "ID", "NAME", "STATE", "SINCE", "FINGERPRINT", "INTRODUCED BY"
     );
     for c in items {
         let mut name = s(c, "name").to_string();
@@ -39,12 +39,15 @@ pub fn contacts(list: &Value) -> String {
             state = "FLAGGED".into();
         }
         out += &format!(
-            "{:<16}  {:<24}  {:<8}  {:<19}  {}\n",
+            "{:<16}  {:<24}  {:<8}  {:<19}  {:<19}  {}\n",
             s(c, "id"),
             name,
             state,
             short_time(s(c, "since")),
             s(c, "fingerprint"),
+            c.get("introduced_by")
+                .and_then(Value::as_str)
+                .unwrap_or("-"),
         );
         if let Some(into) = c.get("merged_into").and_then(Value::as_str) {
             out += &format!("{:<16}  merged into {into}\n", "");
@@ -116,12 +119,12 @@ pub fn merges(list: &Value) -> String {
         return "No merge requests.\n".into();
     }
     let mut out = format!(
-        "{:<32}  {:<8}  {:<8}  {:<8}  {:<16}  {}\n",
-        "ID", "FROM/TO", "KIND", "STATE", "NAME", "CONTACTS"
+        "{:<32}  {:<9}  {:<8}  {:<8}  {:<16}  {}\n",
+        "ID", "DIRECTION", "KIND", "STATE", "NAME", "CONTACTS"
     );
     for m in items {
         out += &format!(
-            "{:<32}  {:<8}  {:<8}  {:<8}  {:<16}  {}\n",
+            "{:<32}  {:<9}  {:<8}  {:<8}  {:<16}  {}\n",
             s(m, "id"),
             s(m, "direction"),
             s(m, "kind"),

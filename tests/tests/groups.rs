@@ -189,7 +189,10 @@ fn alex_introduces_blair_and_charlie_who_claim_talk_and_connect() {
         .unwrap()["origin"]
         .clone();
     assert!(
-        origin.as_str().unwrap().starts_with("met in group"),
+        origin
+            .as_str()
+            .unwrap()
+            .starts_with("introduced by Alex in group \"Trio\""),
         "{origin}"
     );
 }

@@ -84,8 +84,10 @@ fn introduce_and_connect(
                 .into_iter()
                 .find(|g| g["name"] == name || g["id"] == group.as_str())?;
             let members = g["members"].as_array()?;
-            (members.len() == 3 && members.iter().all(|m| m["status"] != "placeholder"))
-                .then_some(())
+            (g["pending"] == false
+                && members.len() == 3
+                && members.iter().all(|m| m["status"] != "placeholder"))
+            .then_some(())
         })
         .unwrap_or_else(|| panic!("{name}: {} never saw both claims", p.name));
     }
