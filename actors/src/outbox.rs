@@ -159,6 +159,9 @@ struct Queue {
     refusals: usize,
     peer: Option<PeerId>,
     transports: Option<(Instant, Vec<TransportInfo>)>,
+    /// The peer was seen (connected, discovered on the LAN) while a batch
+    /// was in flight: if that batch fails, retry at once, not after backoff.
+    hinted: bool,
 }
 
 impl Queue {
@@ -270,9 +273,13 @@ impl Sender {
 
     fn reachable(&mut self, peer: PeerId) {
         for q in self.queues.values_mut() {
-            if q.peer == Some(peer) && !q.busy {
-                q.retry_at = None;
-                q.failures = 0;
+            if q.peer == Some(peer) {
+                if q.busy {
+                    q.hinted = true;
+                } else {
+                    q.retry_at = None;
+                    q.failures = 0;
+                }
             }
         }
     }
@@ -545,7 +552,14 @@ impl Sender {
         if let Some(q) = self.queues.get_mut(&destination) {
             q.busy = false;
             q.remove(&done);
-            if transient {
+            let hinted = std::mem::take(&mut q.hinted);
+            if transient && hinted {
+                // The peer showed up while this batch failed: go again now.
+                q.failures = 0;
+                q.retry_at = None;
+                q.candidate = q.candidate.wrapping_add(1);
+                q.transports = None;
+            } else if transient {
                 q.failures = q.failures.saturating_add(1);
                 q.retry_at = Some(Instant::now() + backoff(&config, q.failures));
                 q.candidate = q.candidate.wrapping_add(1);

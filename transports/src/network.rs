@@ -670,6 +670,19 @@ impl EventLoop {
                 for (peer, addrs) in by_peer {
                     debug!(%peer, ?addrs, "discovered on the LAN");
                     let addrs = self.remember_addresses(peer, addrs);
+                    // A delivery waiting on stale addresses (the peer moved)
+                    // goes out over the new ones now rather than after its
+                    // dial times out.
+                    let waiting = self.pending_deliveries.values().any(|p| p.peer == peer);
+                    if waiting && !addrs.is_empty() && !self.swarm.is_connected(&peer) {
+                        let opts = DialOpts::peer_id(peer)
+                            .addresses(addrs.clone())
+                            .condition(PeerCondition::Disconnected)
+                            .build();
+                        if let Err(e) = self.swarm.dial(opts) {
+                            debug!(%peer, "dialing a peer found on the LAN failed: {e}");
+                        }
+                    }
                     self.emit(Event::Discovered { peer, addrs });
                 }
             }
@@ -772,8 +785,17 @@ impl EventLoop {
                 }
             }
             request_response::Event::OutboundFailure {
-                request_id, error, ..
+                request_id,
+                error,
+                connection_id,
+                ..
             } => {
+                // No answer in time: the connection may be dead without
+                // knowing it (the peer's address changed). Close it, so the
+                // retry dials afresh.
+                if matches!(error, OutboundFailure::Timeout) {
+                    self.swarm.close_connection(connection_id);
+                }
                 if let Some(pending) = self.pending_deliveries.remove(&request_id) {
                     let error = delivery_error(error, pending.dial_error);
                     debug!(peer = %pending.peer, "delivery failed: {error}");
