@@ -298,6 +298,11 @@ impl Daemon {
         }
     }
 
+    /// The daemon's process id (for reading `/proc/PID/status`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `kill -9`.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();

@@ -14,11 +14,14 @@
 //! - [`wire`]: envelopes, receipts, their postcard encoding and size limits.
 //! - [`codec`]: the length-prefixed stream framing of the delivery protocol.
 //! - [`network`]: the swarm, its event loop task and the [`Client`] handle.
+//! - [`conduct`]: the scores that throttle, then disconnect, a peer that
+//!   sends unresolvable addresses or invalid frames.
 //!
 //! The libp2p types a caller needs ([`PeerId`], [`Multiaddr`], [`identity`])
 //! are re-exported so that other crates need not depend on libp2p.
 
 pub mod codec;
+pub mod conduct;
 pub mod network;
 pub mod wire;
 

@@ -32,7 +32,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt as _};
 use libp2p::core::transport::TransportError;
@@ -50,6 +50,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::codec::{Codec, Request, PROTOCOL};
+use crate::conduct::{Meter, Offence, Rules, Verdict};
 use crate::wire::{
     decode_batch, encode_batch, DeliveryResponse, Envelope, Receipt, Refusal, WireError,
     DELIVERY_PROTOCOL,
@@ -365,6 +366,7 @@ pub async fn spawn(
         pending_dials: HashMap::new(),
         pending_responses: FuturesUnordered::new(),
         request_timeout: config.request_timeout(),
+        conduct: Meter::new(Rules::default()),
     };
     event_loop.start_listening(config).await?;
     let task = tokio::spawn(event_loop.run());
@@ -450,6 +452,7 @@ type PendingResponse = Pin<
     Box<
         dyn Future<
                 Output = (
+                    PeerId,
                     request_response::ResponseChannel<DeliveryResponse>,
                     DeliveryResponse,
                 ),
@@ -468,6 +471,8 @@ struct EventLoop {
     /// libp2p has dropped the stream anyway.
     pending_responses: FuturesUnordered<PendingResponse>,
     request_timeout: Duration,
+    /// Scores of peers that waste the node's work; see [`crate::conduct`].
+    conduct: Meter,
 }
 
 impl EventLoop {
@@ -545,8 +550,8 @@ impl EventLoop {
             // Unbiased on purpose: a flood of inbound traffic must not starve
             // the node's own commands, nor a burst of commands the network.
             tokio::select! {
-                Some((channel, response)) = self.pending_responses.next(),
-                    if !self.pending_responses.is_empty() => self.answer(channel, response),
+                Some((peer, channel, response)) = self.pending_responses.next(),
+                    if !self.pending_responses.is_empty() => self.answer_batch(peer, channel, response),
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 command = self.commands.recv() => match command {
                     Some(Command::Shutdown { reply }) => break Some(reply),
@@ -700,6 +705,11 @@ impl EventLoop {
                 ..
             } => {
                 debug!(peer = %peer_id, address = %endpoint.get_remote_address(), "connected");
+                if endpoint.is_listener() && self.conduct.is_banned(&peer_id, Instant::now()) {
+                    debug!(peer = %peer_id, "closing a connection from a banned peer");
+                    self.swarm.close_connection(connection_id);
+                    return;
+                }
                 if let Some(reply) = self.pending_dials.remove(&connection_id) {
                     let _ = reply.send(Ok(()));
                 }
@@ -815,6 +825,21 @@ impl EventLoop {
         request: Request,
         channel: request_response::ResponseChannel<DeliveryResponse>,
     ) {
+        // A peer that wasted too much of our work is answered unread.
+        match self.conduct.verdict(peer, Instant::now()) {
+            Verdict::Serve => {}
+            Verdict::Throttle => {
+                let verdict = self
+                    .conduct
+                    .offend(peer, Offence::WhileThrottled, Instant::now());
+                self.enforce(peer, verdict);
+                return self.answer(channel, DeliveryResponse::Rejected(Refusal::Unavailable));
+            }
+            Verdict::Disconnect => {
+                self.enforce(peer, Verdict::Disconnect);
+                return self.answer(channel, DeliveryResponse::Rejected(Refusal::Unavailable));
+            }
+        }
         let frame = match request {
             Request::Frame(frame) => frame,
             Request::Oversize { declared } => {
@@ -852,7 +877,7 @@ impl EventLoop {
                             ])
                         }
                     };
-                    (channel, response)
+                    (peer, channel, response)
                 }));
             }
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -875,6 +900,55 @@ impl EventLoop {
     ) {
         self.answer(channel, DeliveryResponse::Rejected(refusal));
         self.emit(Event::InvalidFrame { peer, refusal });
+        let verdict = self
+            .conduct
+            .offend(peer, Offence::InvalidFrame, Instant::now());
+        self.enforce(peer, verdict);
+    }
+
+    /// Sends the node's answer to a batch, counting the envelopes it could
+    /// not resolve against the peer.
+    fn answer_batch(
+        &mut self,
+        peer: PeerId,
+        channel: request_response::ResponseChannel<DeliveryResponse>,
+        response: DeliveryResponse,
+    ) {
+        let unknown = match &response {
+            DeliveryResponse::Receipts(receipts) => receipts
+                .iter()
+                .filter(|r| **r == Receipt::Refused(Refusal::UnknownAddress))
+                .count(),
+            DeliveryResponse::Rejected(_) => 0,
+        };
+        self.answer(channel, response);
+        if unknown > 0 {
+            let verdict =
+                self.conduct
+                    .offend(peer, Offence::UnknownAddresses(unknown), Instant::now());
+            self.enforce(peer, verdict);
+        }
+    }
+
+    /// Acts on the meter's verdict: a peer over the limit is disconnected
+    /// (and, while banned, its new connections are closed on arrival).
+    fn enforce(&mut self, peer: PeerId, verdict: Verdict) {
+        match verdict {
+            Verdict::Serve => {}
+            Verdict::Throttle => {
+                debug!(%peer, "throttled: its requests are refused unread for now");
+            }
+            Verdict::Disconnect => {
+                if self.swarm.is_connected(&peer) {
+                    warn!(
+                        %peer,
+                        "disconnected a peer that kept sending unresolvable or invalid requests; \
+                         its connections are refused for a while"
+                    );
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                }
+            }
+        }
     }
 
     fn answer(
