@@ -21,7 +21,7 @@ use actors::mls::{self, Provider};
 use actors::runtime::Node;
 use actors::store::Store;
 use actors::views::Event;
-use protonode_bench::{loopback_config, ms, Stats};
+use protonode_bench::{loopback_config, machine, ms, CommitProbe, Remote, Stats};
 use transports::{DeliveryAddress, Envelope, Receipt};
 
 /// Samples of one kind taken back to back before switching to the next kind.
@@ -127,20 +127,6 @@ async fn run(samples: usize, messages: usize) {
     drop(blair);
 }
 
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cpu}, {cores} cores")
-}
-
 /// One encrypt by Blair and one decrypt by Alex, in a 2-member group.
 struct MlsPair {
     _dir: tempfile::TempDir,
@@ -242,102 +228,6 @@ impl RoundTrip {
     async fn stop(self) {
         self.client.shutdown().await;
         self.server.shutdown().await;
-    }
-}
-
-/// One durable redb commit of a small row.
-struct CommitProbe {
-    _dir: tempfile::TempDir,
-    db: redb::Database,
-    next: std::cell::Cell<u64>,
-}
-
-impl CommitProbe {
-    const TABLE: redb::TableDefinition<'static, u64, &'static [u8]> =
-        redb::TableDefinition::new("t");
-
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let db = redb::Database::create(dir.path().join("commit.redb")).unwrap();
-        Self {
-            _dir: dir,
-            db,
-            next: std::cell::Cell::new(0),
-        }
-    }
-
-    fn sample(&self) -> Duration {
-        let value = [9u8; 300];
-        let i = self.next.get();
-        self.next.set(i + 1);
-        let t = Instant::now();
-        let tx = self.db.begin_write().unwrap();
-        tx.open_table(Self::TABLE)
-            .unwrap()
-            .insert(i, value.as_slice())
-            .unwrap();
-        tx.commit().unwrap();
-        t.elapsed()
-    }
-}
-
-/// Blair's node on its own thread with its own actix system and tokio
-/// runtime, as a separate process would have.
-struct Remote {
-    manager: actix::Addr<actors::manager::RelationshipManager>,
-    events: tokio::sync::broadcast::Sender<Event>,
-    stop: Option<std::sync::mpsc::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Remote {
-    fn start(dir: std::path::PathBuf) -> Self {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let system = actix::System::with_tokio_rt(move || runtime);
-            system.block_on(async move {
-                let store = Store::open(&dir.join("protonode.redb")).unwrap();
-                let node = Node::start(
-                    store,
-                    loopback_config("Blair"),
-                    transports::identity::Keypair::generate_ed25519(),
-                )
-                .await
-                .unwrap();
-                tx.send((node.manager.clone(), node.event_sender()))
-                    .unwrap();
-                while stop_rx.try_recv().is_err() {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                node.stop().await;
-            });
-        });
-        let (manager, events) = rx.recv().unwrap();
-        Self {
-            manager,
-            events,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        }
-    }
-    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event> {
-        self.events.subscribe()
-    }
-}
-
-impl Drop for Remote {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

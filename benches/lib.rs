@@ -53,3 +53,385 @@ pub fn loopback_config(name: &str) -> config::Config {
     config.delivery.retry_max_ms = 500;
     config
 }
+
+/// The machine, as the benchmarks print it: CPU model and cores.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cpu}, {cores} cores")
+}
+
+/// What this process uses now, from /proc (Linux): open file descriptors,
+/// threads, and the peak resident memory.
+pub struct ProcessUse {
+    pub open_files: usize,
+    pub threads: usize,
+    pub peak_rss_mib: u64,
+}
+
+impl ProcessUse {
+    pub fn now() -> Self {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        Self {
+            open_files: std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count()),
+            threads: field("Threads:") as usize,
+            peak_rss_mib: field("VmHWM:") / 1024,
+        }
+    }
+}
+
+impl std::fmt::Display for ProcessUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} open files, {} threads, peak RSS {} MiB",
+            self.open_files, self.threads, self.peak_rss_mib
+        )
+    }
+}
+
+/// The soft and hard limits on open files (`ulimit -n`), from /proc.
+pub fn open_files_limit() -> Option<(u64, u64)> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let mut values = line["Max open files".len()..].split_whitespace();
+    let soft = values.next()?.parse().ok()?;
+    let hard = values.next()?.parse().ok()?;
+    Some((soft, hard))
+}
+
+/// One durable redb commit of a small row.
+pub struct CommitProbe {
+    _dir: tempfile::TempDir,
+    db: redb::Database,
+    next: std::cell::Cell<u64>,
+}
+
+const PROBE_TABLE: redb::TableDefinition<'static, u64, &'static [u8]> =
+    redb::TableDefinition::new("t");
+
+/// Commits one small row (as an inbox or outbox row is) durably.
+fn commit_row(db: &redb::Database, key: u64) -> Duration {
+    let value = [9u8; 300];
+    let t = std::time::Instant::now();
+    let tx = db.begin_write().expect("begin a write");
+    tx.open_table(PROBE_TABLE)
+        .expect("open the table")
+        .insert(key, value.as_slice())
+        .expect("insert a row");
+    tx.commit().expect("commit durably");
+    t.elapsed()
+}
+
+impl Default for CommitProbe {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CommitProbe {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let db = redb::Database::create(dir.path().join("commit.redb")).expect("a database");
+        Self {
+            _dir: dir,
+            db,
+            next: std::cell::Cell::new(0),
+        }
+    }
+
+    pub fn sample(&self) -> Duration {
+        let i = self.next.get();
+        self.next.set(i + 1);
+        commit_row(&self.db, i)
+    }
+}
+
+/// `n` durable commits at once, each on its own redb file and its own
+/// (warm, waiting) thread: what `n` receiving nodes do when one envelope
+/// reaches all of them.
+pub struct CommitFleet {
+    _dir: tempfile::TempDir,
+    go: Vec<std::sync::mpsc::SyncSender<u64>>,
+    done: tokio::sync::mpsc::Receiver<()>,
+    next: u64,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl CommitFleet {
+    pub fn new(n: usize) -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (done_tx, done) = tokio::sync::mpsc::channel(n.max(1));
+        let mut go = Vec::with_capacity(n);
+        let mut threads = Vec::with_capacity(n);
+        for i in 0..n {
+            let db = redb::Database::create(dir.path().join(format!("fleet-{i}.redb")))
+                .expect("a database");
+            let (tx, rx) = std::sync::mpsc::sync_channel::<u64>(1);
+            let done = done_tx.clone();
+            threads.push(std::thread::spawn(move || {
+                for key in rx {
+                    commit_row(&db, key);
+                    if done.blocking_send(()).is_err() {
+                        break;
+                    }
+                }
+            }));
+            go.push(tx);
+        }
+        Self {
+            _dir: dir,
+            go,
+            done,
+            next: 0,
+            threads,
+        }
+    }
+
+    /// From telling every thread to commit until the last commit is durable.
+    pub async fn sample(&mut self) -> Duration {
+        self.next += 1;
+        let t = std::time::Instant::now();
+        for go in &self.go {
+            go.send(self.next).expect("a commit thread stopped");
+        }
+        for _ in 0..self.go.len() {
+            self.done.recv().await.expect("a commit thread stopped");
+        }
+        t.elapsed()
+    }
+}
+
+impl Drop for CommitFleet {
+    fn drop(&mut self) {
+        self.go.clear();
+        self.done.close();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One envelope to each of `n` responders at once over the nodes' libp2p
+/// stack (TCP, as their first transport), until every answer is in. A
+/// responder answers at once or, made `with_commits`, only after a durable
+/// commit on its own redb file (as a receiving node does).
+pub struct FanOut {
+    client: transports::Client,
+    responders: Vec<(transports::Client, Vec<transports::Multiaddr>)>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl FanOut {
+    pub async fn new(n: usize) -> Self {
+        Self::start(n, false).await
+    }
+
+    pub async fn with_commits(n: usize) -> Self {
+        Self::start(n, true).await
+    }
+
+    async fn start(n: usize, commits: bool) -> Self {
+        let mut net = loopback_config("x").network;
+        // Connections are made once, below; they must not close between
+        // blocks of samples, or a sample would time the dials.
+        net.idle_connection_timeout_secs = 24 * 3600;
+        net.max_connections = (2 * n as u32).max(net.max_connections);
+        let dir = commits.then(|| tempfile::tempdir().expect("a temporary directory"));
+        let (client, _client_events, _) =
+            transports::spawn(&net, transports::identity::Keypair::generate_ed25519())
+                .await
+                .expect("the client's swarm");
+        let mut responders = Vec::with_capacity(n);
+        for i in 0..n {
+            let (server, mut events, _) =
+                transports::spawn(&net, transports::identity::Keypair::generate_ed25519())
+                    .await
+                    .expect("a responder's swarm");
+            let committer = dir.as_ref().map(|d| {
+                let db = redb::Database::create(d.path().join(format!("responder-{i}.redb")))
+                    .expect("a database");
+                let (tx, rx) = std::sync::mpsc::sync_channel::<transports::InboundBatch>(16);
+                std::thread::spawn(move || {
+                    for (key, batch) in (0u64..).zip(rx) {
+                        commit_row(&db, key);
+                        let n = batch.envelopes.len();
+                        batch.respond(vec![transports::Receipt::Stored; n]);
+                    }
+                });
+                tx
+            });
+            tokio::spawn(async move {
+                while let Some(event) = events.recv().await {
+                    if let transports::Event::Inbound(batch) = event {
+                        match &committer {
+                            Some(c) => {
+                                if c.send(batch).is_err() {
+                                    break;
+                                }
+                            }
+                            None => {
+                                let n = batch.envelopes.len();
+                                batch.respond(vec![transports::Receipt::Stored; n]);
+                            }
+                        }
+                    }
+                }
+            });
+            let addrs: Vec<transports::Multiaddr> = server
+                .status()
+                .await
+                .expect("a responder's status")
+                .listen_addrs
+                .into_iter()
+                .filter(|a| a.to_string().contains("/tcp/"))
+                .collect();
+            // Connect now, one at a time: a sample then times deliveries,
+            // not dials (which the swarm limits to a few at once).
+            client
+                .dial(server.peer_id(), addrs.clone())
+                .await
+                .expect("dialing a responder");
+            responders.push((server, addrs));
+        }
+        Self {
+            client,
+            responders,
+            _dir: dir,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.responders.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.responders.is_empty()
+    }
+
+    pub async fn sample(&self) -> Duration {
+        let envelope = [transports::Envelope::new(
+            transports::DeliveryAddress::random(),
+            vec![7; 250],
+        )];
+        let t = std::time::Instant::now();
+        let deliveries = self.responders.iter().map(|(server, addrs)| {
+            self.client
+                .deliver(server.peer_id(), addrs.clone(), &envelope)
+        });
+        for receipts in futures::future::join_all(deliveries).await {
+            receipts.expect("a delivery of the fan-out failed");
+        }
+        t.elapsed()
+    }
+
+    pub async fn stop(self) {
+        self.client.shutdown().await;
+        for (server, _) in self.responders {
+            server.shutdown().await;
+        }
+    }
+}
+
+/// A node on its own thread with its own actix system and tokio runtime,
+/// as a separate process would have.
+pub struct Remote {
+    pub manager: actix::Addr<actors::manager::RelationshipManager>,
+    /// The node's store, for benchmarks that watch it change (reads only).
+    pub store: actors::store::Store,
+    events: tokio::sync::broadcast::Sender<actors::views::Event>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Remote {
+    /// Blair's node.
+    pub fn start(dir: std::path::PathBuf) -> Self {
+        Self::start_as(dir, loopback_config("Blair"))
+    }
+
+    /// A node with this configuration, its database in `dir`.
+    pub fn start_as(dir: std::path::PathBuf, config: config::Config) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(format!("node {}", config.profile.name))
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a tokio runtime");
+                let system = actix::System::with_tokio_rt(move || runtime);
+                system.block_on(async move {
+                    let store = actors::store::Store::open(&dir.join("protonode.redb"))
+                        .expect("the node's database");
+                    let node = actors::runtime::Node::start(
+                        store.clone(),
+                        config,
+                        transports::identity::Keypair::generate_ed25519(),
+                    )
+                    .await
+                    .expect("the node starts");
+                    tx.send((node.manager.clone(), store, node.event_sender()))
+                        .expect("the benchmark waits for the node");
+                    // Stopped by a message, or when the handle is gone.
+                    let _ = stop_rx.await;
+                    node.stop().await;
+                });
+            })
+            .expect("a thread for the node");
+        let (manager, store, events) = rx.recv().expect("the node started");
+        Self {
+            manager,
+            store,
+            events,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<actors::views::Event> {
+        self.events.subscribe()
+    }
+
+    /// Asks the node to stop without waiting for it (dropping waits), so
+    /// that many nodes stop at once.
+    pub fn signal_stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        self.signal_stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The load average (1, 5 and 15 minutes), to show other work on the machine.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".into())
+}
