@@ -21,18 +21,11 @@ use actors::mls::{self, Provider};
 use actors::runtime::Node;
 use actors::store::Store;
 use actors::views::Event;
-use protonode_bench::{loopback_config, machine, ms, CommitProbe, Remote, Stats};
+use protonode_bench::{env_usize, loopback_config, machine, ms, CommitProbe, Remote, Stats};
 use transports::{DeliveryAddress, Envelope, Receipt};
 
 /// Samples of one kind taken back to back before switching to the next kind.
 const BLOCK: usize = 50;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn main() {
     let samples = env_usize("PROTONODE_BENCH_SAMPLES", 300);

@@ -55,8 +55,8 @@ use actors::store::{tables, Store};
 use actors::views::{Event, GroupView};
 use openmls::prelude::MlsGroup;
 use protonode_bench::{
-    load_average, loopback_config, machine, ms, open_files_limit, CommitFleet, CommitProbe, FanOut,
-    ProcessUse, Remote, Stats,
+    env_usize, load_average, loopback_config, machine, ms, open_files_limit, CommitFleet,
+    CommitProbe, FanOut, ProcessUse, Remote, Stats,
 };
 use redb::ReadableTableMetadata;
 use tokio::sync::{broadcast, oneshot};
@@ -74,13 +74,6 @@ const SETUP_WAIT: Duration = Duration::from_secs(600);
 const BEFRIEND_AT_ONCE: usize = 16;
 /// The size of a claim's authenticated data (a signed "follows" attestation).
 const CLAIM_AAD_LEN: usize = 136;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn main() {
     let sizes = Sizes {

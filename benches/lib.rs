@@ -37,6 +37,14 @@ impl std::fmt::Display for Stats {
     }
 }
 
+/// A size from the environment (`PROTONODE_BENCH_…`), or its default.
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
