@@ -333,8 +333,13 @@ impl GroupProton {
     }
 }
 
-/// Processes the group's inbox rows; rows for a later epoch stay and are
-/// retried after each commit that moves the group on.
+/// Processes the group's inbox rows in order. A row for a later epoch is
+/// held back, and retried as soon as a commit moves the group on, before
+/// any row after that commit: so each sender's messages are processed (and
+/// land in the history) in the order they were sent, and a held message is
+/// never left behind by so many later ones of its sender that its key
+/// falls out of the ratchet's window. Rows still held at the end stay in
+/// the inbox for the next pass.
 #[allow(clippy::type_complexity)]
 fn process_inbox(
     session: &mut GroupSession,
@@ -346,44 +351,80 @@ fn process_inbox(
 ) -> Result<(Vec<HistoryEntry>, Vec<(String, Ipk)>, bool), StoreError> {
     let rows = read_inbox(store, id)?;
     let more = rows.len() >= INBOX_BATCH;
-    let mut received = Vec::new();
-    let mut invitations = Vec::new();
-    let mut waiting: Vec<(u64, InboxEntry)> = rows;
-    loop {
-        let epoch = session.epoch();
-        let mut deferred = Vec::new();
-        for (seq, entry) in waiting {
-            let relayed = match entry.source {
-                Source::Relationship(p) => Some(p),
-                Source::Network => None,
-            };
-            match session.receive(&entry.payload, relayed, now, changes) {
-                Ok(Received::Text(e)) => {
-                    received.push(e);
-                    changes.inbox_done.push(seq);
-                }
-                Ok(Received::SideInvitation { ticket, from }) => {
-                    invitations.push((ticket, from));
-                    changes.inbox_done.push(seq);
-                }
-                Ok(_) => changes.inbox_done.push(seq),
-                Err(GroupError::Deferred) => {
-                    deferred.push((seq, entry));
-                    session.request_catch_up(now, timeout_ms, changes);
-                }
-                Err(e) => {
-                    log_drop(id, &e);
-                    changes.inbox_done.push(seq);
-                }
+    let mut pass = InboxPass {
+        session,
+        id,
+        now,
+        timeout_ms,
+        received: Vec::new(),
+        invitations: Vec::new(),
+        held: Vec::new(),
+    };
+    for (seq, entry) in rows {
+        let epoch = pass.session.epoch();
+        pass.handle(seq, entry, changes);
+        if pass.session.epoch() != epoch {
+            pass.retry_held(changes);
+        }
+    }
+    Ok((pass.received, pass.invitations, more))
+}
+
+/// One pass over a group's inbox; see [`process_inbox`].
+struct InboxPass<'a> {
+    session: &'a mut GroupSession,
+    id: GroupProtonId,
+    now: u64,
+    timeout_ms: u64,
+    received: Vec<HistoryEntry>,
+    invitations: Vec<(String, Ipk)>,
+    /// Rows for a later epoch, in inbox order.
+    held: Vec<(u64, InboxEntry)>,
+}
+
+impl InboxPass<'_> {
+    fn handle(&mut self, seq: u64, entry: InboxEntry, changes: &mut Changes) {
+        let relayed = match entry.source {
+            Source::Relationship(p) => Some(p),
+            Source::Network => None,
+        };
+        match self
+            .session
+            .receive(&entry.payload, relayed, self.now, changes)
+        {
+            Ok(Received::Text(e)) => {
+                self.received.push(e);
+                changes.inbox_done.push(seq);
+            }
+            Ok(Received::SideInvitation { ticket, from }) => {
+                self.invitations.push((ticket, from));
+                changes.inbox_done.push(seq);
+            }
+            Ok(_) => changes.inbox_done.push(seq),
+            Err(GroupError::Deferred) => {
+                self.held.push((seq, entry));
+                self.session
+                    .request_catch_up(self.now, self.timeout_ms, changes);
+            }
+            Err(e) => {
+                log_drop(self.id, &e);
+                changes.inbox_done.push(seq);
             }
         }
-        // Another pass only if a commit moved us on.
-        if deferred.is_empty() || session.epoch() == epoch {
-            break;
-        }
-        waiting = deferred;
     }
-    Ok((received, invitations, more))
+
+    /// Retries the held rows, in order, for as long as they move the group on.
+    fn retry_held(&mut self, changes: &mut Changes) {
+        loop {
+            let epoch = self.session.epoch();
+            for (seq, entry) in std::mem::take(&mut self.held) {
+                self.handle(seq, entry, changes);
+            }
+            if self.held.is_empty() || self.session.epoch() == epoch {
+                return;
+            }
+        }
+    }
 }
 
 fn log_drop(id: GroupProtonId, e: &GroupError) {
