@@ -135,7 +135,9 @@ pub enum Command {
     /// Record that two of your relationships are both you towards the same
     /// person (a signed equivalence of your two keys, kept by this node).
     Link {
+        /// One of your relationships with that person (id or unambiguous name).
         contact_1: String,
+        /// Your other relationship with them.
         contact_2: String,
     },
     /// Merge two parallel relationships with the same person (each side must consent).
