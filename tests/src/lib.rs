@@ -181,9 +181,17 @@ impl Person {
     }
 }
 
-/// Runs `protonode --data-dir DIR ARGS...`, killing it past [`CLI_TIMEOUT`].
+/// Runs `protonode --data-dir DIR ARGS...`; panics past [`CLI_TIMEOUT`].
 pub fn run_cli(data_dir: &Path, args: &[&str]) -> Output {
-    let mut child = Command::new(protonode_bin())
+    try_run_cli(data_dir, args).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Runs `protonode --data-dir DIR ARGS...`, reading its output while it
+/// runs (a long history is more than a pipe holds); past [`CLI_TIMEOUT`]
+/// it is killed and this is an error, for callers that expect commands to
+/// fail now and then (a daemon being killed under them).
+pub fn try_run_cli(data_dir: &Path, args: &[&str]) -> Result<Output, String> {
+    let child = Command::new(protonode_bin())
         .arg("--data-dir")
         .arg(data_dir)
         .args(args)
@@ -192,19 +200,24 @@ pub fn run_cli(data_dir: &Path, args: &[&str]) -> Output {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawning protonode");
-    let deadline = Instant::now() + CLI_TIMEOUT;
-    loop {
-        match child.try_wait().expect("waiting for protonode") {
-            Some(_) => return child.wait_with_output().expect("output"),
-            None if Instant::now() > deadline => {
-                let _ = child.kill();
-                panic!(
-                    "`protonode {}` did not finish within {CLI_TIMEOUT:?}",
-                    args.join(" ")
-                );
+        .map_err(|e| format!("spawning protonode: {e}"))?;
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(CLI_TIMEOUT) {
+        Ok(out) => out.map_err(|e| format!("running protonode: {e}")),
+        Err(_) => {
+            // SAFETY: a signal to our own child, not reaped yet (the thread
+            // waiting for it has not returned).
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
             }
-            None => std::thread::sleep(Duration::from_millis(5)),
+            Err(format!(
+                "`protonode {}` did not finish within {CLI_TIMEOUT:?}",
+                args.join(" ")
+            ))
         }
     }
 }
@@ -400,4 +413,37 @@ impl Daemon {
         assert!(!out.status.success(), "a second daemon must not start");
         String::from_utf8_lossy(&out.stderr).to_string()
     }
+}
+
+/// Where `person`'s running daemon takes deliveries: its peer id and listen
+/// addresses, from `status`.
+pub fn delivery_target(person: &Person) -> (transports::PeerId, Vec<transports::Multiaddr>) {
+    let status = person.ok(&["status"]);
+    let peer = status["peer_id"]
+        .as_str()
+        .and_then(|p| p.parse().ok())
+        .expect("status shows a peer id");
+    let addrs = status["listen"]
+        .as_array()
+        .expect("status shows listen addresses")
+        .iter()
+        .filter_map(|a| a.as_str()?.parse().ok())
+        .collect();
+    (peer, addrs)
+}
+
+/// A bare network client on loopback (no node behind it), for sending raw
+/// frames and envelopes to a daemon's delivery protocol.
+pub fn raw_client(rt: &tokio::runtime::Runtime, request_timeout_secs: u64) -> transports::Client {
+    let network = config::Network {
+        mdns: false,
+        listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
+        request_timeout_secs,
+        ..Default::default()
+    };
+    let keypair = transports::identity::Keypair::generate_ed25519();
+    let (client, _events, _task) = rt
+        .block_on(transports::spawn(&network, keypair))
+        .expect("starting a network client on loopback");
+    client
 }

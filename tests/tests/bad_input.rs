@@ -1,20 +1,8 @@
 //! Malformed and oversize frames sent to a daemon's delivery protocol get
 //! an error; the daemon stays up and its store is unchanged.
 
-use harness::{store_digest, Person};
+use harness::{delivery_target, raw_client, store_digest, Person};
 use transports::{DeliveryAddress, DeliveryResponse, Envelope, Receipt, Refusal};
-
-fn raw_client(rt: &tokio::runtime::Runtime) -> transports::Client {
-    let network = config::Network {
-        mdns: false,
-        listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
-        request_timeout_secs: 5,
-        ..Default::default()
-    };
-    let keypair = transports::identity::Keypair::generate_ed25519();
-    let (client, _events, _task) = rt.block_on(transports::spawn(&network, keypair)).unwrap();
-    client
-}
 
 #[test]
 fn malformed_and_oversize_frames_are_refused_and_change_nothing() {
@@ -30,17 +18,10 @@ fn malformed_and_oversize_frames_are_refused_and_change_nothing() {
     let before = store_digest(alex.data_dir());
 
     let mut daemon = alex.start();
-    let status = alex.ok(&["status"]);
-    let peer: transports::PeerId = status["peer_id"].as_str().unwrap().parse().unwrap();
-    let addrs: Vec<transports::Multiaddr> = status["listen"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap().parse().unwrap())
-        .collect();
+    let (peer, addrs) = delivery_target(&alex);
 
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let client = raw_client(&rt);
+    let client = raw_client(&rt, 5);
     let raw = |frame: Vec<u8>| rt.block_on(client.deliver_raw(peer, addrs.clone(), frame));
 
     // Bytes that are no frame at all (here they claim an absurd envelope count).

@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use harness::{store_digest, wait_for, Person};
+use harness::{delivery_target, raw_client, store_digest, wait_for, Person};
 use rand::RngCore;
 use transports::{DeliveryAddress, DeliveryError, Envelope, Receipt, Refusal};
 
@@ -70,25 +70,11 @@ fn a_flood_of_junk_envelopes_is_throttled_then_cut_off_with_memory_bounded() {
     let before = store_digest(alex.data_dir());
 
     let mut daemon = alex.start();
-    let status = alex.ok(&["status"]);
-    let peer: transports::PeerId = status["peer_id"].as_str().unwrap().parse().unwrap();
-    let addrs: Vec<transports::Multiaddr> = status["listen"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap().parse().unwrap())
-        .collect();
+    let (peer, addrs) = delivery_target(&alex);
     let (rss_before, _) = memory_kib(daemon.pid());
 
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let network = config::Network {
-        mdns: false,
-        listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
-        request_timeout_secs: 10,
-        ..Default::default()
-    };
-    let keypair = transports::identity::Keypair::generate_ed25519();
-    let (client, _events, _task) = rt.block_on(transports::spawn(&network, keypair)).unwrap();
+    let client = raw_client(&rt, 10);
 
     let started = Instant::now();
     let outcomes = rt.block_on(async move {

@@ -39,11 +39,10 @@
 //! printed and all of it saved as `$TMPDIR/protonode-soak-SEED-NAME.log`).
 
 use std::collections::{HashMap, HashSet};
-use std::process::{Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use harness::{protonode_bin, wait_for, Daemon, Person};
+use harness::{try_run_cli, wait_for, Daemon, Person};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
@@ -51,8 +50,6 @@ use serde_json::Value;
 const NAMES: [&str; 5] = ["Alex", "Blair", "Charlie", "Dana", "Emery"];
 /// How long setup steps (groups showing up, agreeing) may take.
 const SETTLE: Duration = Duration::from_secs(30);
-/// How long one CLI command may take.
-const CLI_LIMIT: Duration = Duration::from_secs(60);
 /// How long the end may take to drain every outbox.
 const DRAIN: Duration = Duration::from_secs(120);
 
@@ -71,41 +68,12 @@ fn person(name: &str) -> Person {
 }
 
 /// `protonode --json ARGS` for `p`, parsed; the error is its stderr. Like
-/// [`Person::json`], but its output is read while it runs (a long history
-/// is more than a pipe holds) and a command past [`CLI_LIMIT`] is an error
-/// (killed), not a panic.
+/// [`Person::json`], but a command that hangs is an error, not a panic.
 fn json(p: &Person, args: &[&str]) -> Result<Value, String> {
-    let child = Command::new(protonode_bin())
-        .arg("--data-dir")
-        .arg(p.data_dir())
-        .arg("--json")
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("spawning protonode: {e}"))?;
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let out = match rx.recv_timeout(CLI_LIMIT) {
-        Ok(out) => out.map_err(|e| format!("running protonode: {e}"))?,
-        Err(_) => {
-            // SAFETY: a signal to our own child, which has not been reaped
-            // (its waiting thread has not returned).
-            unsafe {
-                libc::kill(pid as i32, libc::SIGKILL);
-            }
-            return Err(format!(
-                "{}: `protonode {}` did not finish within {CLI_LIMIT:?}",
-                p.name,
-                args.join(" ")
-            ));
-        }
-    };
+    let args: Vec<&str> = std::iter::once("--json")
+        .chain(args.iter().copied())
+        .collect();
+    let out = try_run_cli(p.data_dir(), &args).map_err(|e| format!("{}: {e}", p.name))?;
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
     }
