@@ -130,9 +130,9 @@ fn the_cli_says_what_to_do_next() {
     let second = Daemon::try_second(&alex);
     assert!(second.contains("already running"), "{second}");
     let unknown = alex.json(&["send", "Nobody", "hi"]).unwrap_err();
-    assert!(unknown.contains("no contact matches"), "{unknown}");
+    assert!(unknown.contains("no contact or group matches"), "{unknown}");
     let unknown = alex.json(&["history", "Nobody"]).unwrap_err();
-    assert!(unknown.contains("no contact matches"), "{unknown}");
+    assert!(unknown.contains("no contact or group matches"), "{unknown}");
     assert!(a.is_running());
 }
 
