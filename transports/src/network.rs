@@ -795,17 +795,8 @@ impl EventLoop {
                 }
             }
             request_response::Event::OutboundFailure {
-                request_id,
-                error,
-                connection_id,
-                ..
+                request_id, error, ..
             } => {
-                // No answer in time: the connection may be dead without
-                // knowing it (the peer's address changed). Close it, so the
-                // retry dials afresh.
-                if matches!(error, OutboundFailure::Timeout) {
-                    self.swarm.close_connection(connection_id);
-                }
                 if let Some(pending) = self.pending_deliveries.remove(&request_id) {
                     let error = delivery_error(error, pending.dial_error);
                     debug!(peer = %pending.peer, "delivery failed: {error}");
