@@ -242,11 +242,14 @@ impl GroupProton {
                     }
                 }
                 Work::Inbox => {}
-                Work::Tick => {
-                    if let Err(e) = session.check_ordering(now, timeout, &mut changes) {
-                        tracing::warn!(group = %self.id, error = %e, "moving to the next ordering service failed");
+                Work::Tick => match session.check_ordering(now, timeout, &mut changes) {
+                    // Held inbox rows may go through now (the sync ended).
+                    Ok(true) => more_inbox = true,
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(group = %self.id, error = %e, "moving to the next ordering service failed")
                     }
-                }
+                },
                 Work::RelayDone(id) => {
                     self.relaying.remove(&id);
                     session.relay_done(id, &mut changes);
@@ -361,9 +364,9 @@ fn process_inbox(
         held: Vec::new(),
     };
     for (seq, entry) in rows {
-        let epoch = pass.session.epoch();
+        let before = pass.session.progress_marker();
         pass.handle(seq, entry, changes);
-        if pass.session.epoch() != epoch {
+        if pass.session.progress_marker() != before {
             pass.retry_held(changes);
         }
     }
@@ -416,11 +419,11 @@ impl InboxPass<'_> {
     /// Retries the held rows, in order, for as long as they move the group on.
     fn retry_held(&mut self, changes: &mut Changes) {
         loop {
-            let epoch = self.session.epoch();
+            let before = self.session.progress_marker();
             for (seq, entry) in std::mem::take(&mut self.held) {
                 self.handle(seq, entry, changes);
             }
-            if self.held.is_empty() || self.session.epoch() == epoch {
+            if self.held.is_empty() || self.session.progress_marker() == before {
                 return;
             }
         }
@@ -466,11 +469,7 @@ impl Actor for GroupProton {
             return;
         }
         ctx.run_interval(ORDERING_CHECK, |act, ctx| {
-            if act
-                .session
-                .as_ref()
-                .is_some_and(|s| s.record().pending.is_some())
-            {
+            if act.session.as_ref().is_some_and(|s| s.needs_tick()) {
                 act.push(Work::Tick, ctx);
             }
         });

@@ -36,20 +36,24 @@ use crate::model::{
     validate_text, AddressLease, Conversation, DisplayIdentity, GroupProtonId, InvalidValue,
     MessageId, TransportInfo,
 };
-use crate::protocol::{self, Body, DecodeError, Introduction, MemberInfo, Payload, Plaintext};
+use crate::protocol::{
+    self, Accepted, Body, DecodeError, Introduction, MemberInfo, Payload, Plaintext, ViewStep,
+};
 use crate::records::{
-    AddressKind, AddressRecord, Author, GroupProtonRecord, GroupState, HistoryEntry, Intent,
-    Invitee, Member, MemberStatus, MessageStatus, OutboxEntry, OutboxKind, Owner, PendingCommit,
-    ProtonRecord, Recipient, Relay,
+    AcceptedCommit, AddressKind, AddressRecord, Author, GroupProtonRecord, GroupState,
+    HistoryEntry, Intent, Invitee, Member, MemberStatus, MessageStatus, OutboxEntry, OutboxKind,
+    Owner, PendingCommit, ProtonRecord, Recipient, Relay,
 };
 use crate::relationship::{make_transports, Lifetimes, NodeAddrs, RelationshipError};
 use crate::seal::{self, SealKey};
 use crate::store::{self, tables, Store, StoreError};
 
 const ORDERED_LABEL: &[u8] = b"protonode/v1/ordered-commit";
-/// How long an ordering service that took over waits for members' missed
-/// commits before ordering (ms).
-const SYNC_WAIT_MS: u64 = 2_000;
+const PROPOSE_LABEL: &[u8] = b"protonode/v1/proposed-commit";
+const VIEW_LABEL: &[u8] = b"protonode/v1/ordering-view";
+/// How often the ordering service asks again the members that have not
+/// answered its sync or its proposal (ms).
+const ASK_AGAIN_MS: u64 = 2_000;
 const SIDE_INFO: &[u8] = b"protonode/v1/side-invitation";
 const SIDE_LABEL: &[u8] = b"protonode/v1/side-invitation/signature";
 /// Removed members kept reachable for the commit that removed them.
@@ -318,6 +322,8 @@ pub fn create_group(
         members: invitees.iter().map(|i| i.member.clone()).collect(),
         orderer_rank: 0,
         synced_rank: 0,
+        accepted: None,
+        left: Vec::new(),
         pending: None,
         intents: Vec::new(),
         pending_links: Vec::new(),
@@ -414,6 +420,8 @@ pub fn accept_introduction(
         members,
         orderer_rank: intro.orderer_rank,
         synced_rank: 0,
+        accepted: None,
+        left: Vec::new(),
         pending: None,
         intents: Vec::new(),
         pending_links: Vec::new(),
@@ -481,8 +489,46 @@ pub struct GroupSession {
     provider: Provider,
     /// When we last asked for missed commits (ms); not stored.
     last_catch_up: u64,
-    /// While taking over as ordering service: order nothing before this (ms).
-    sync_until: Option<u64>,
+    /// As the ordering service: the sync under way before we order.
+    sync: Option<SyncRound>,
+    /// As the ordering service: the commit we proposed, not yet accepted
+    /// by a majority.
+    proposal: Option<Proposal>,
+}
+
+/// A [`Payload::View`], its signature apart.
+struct ViewMessage {
+    step: ViewStep,
+    rank: u32,
+    epoch: u64,
+    from: Ipk,
+    accepted: Option<Accepted>,
+    digest: [u8; 32],
+}
+
+/// A sync of the ordering service at `rank` (see [`ViewStep`]).
+struct SyncRound {
+    rank: u32,
+    /// When we last sent `Sync` to those that have not answered.
+    asked: u64,
+    /// Members that promised.
+    promised: Vec<Ipk>,
+    /// The highest epoch a member that promised was at: we order only once
+    /// we are there too (it sent us the commits we lacked).
+    highest: u64,
+    /// What they had accepted: (epoch, rank, commit).
+    accepted: Vec<(u64, u32, Vec<u8>)>,
+}
+
+/// A commit we proposed as the ordering service.
+struct Proposal {
+    epoch: u64,
+    commit: Vec<u8>,
+    digest: [u8; 32],
+    /// Members that accepted it (we count too).
+    acks: Vec<Ipk>,
+    /// When we last sent it to those that have not accepted it.
+    asked: u64,
 }
 
 impl GroupSession {
@@ -498,7 +544,8 @@ impl GroupSession {
             group,
             provider,
             last_catch_up: 0,
-            sync_until: None,
+            sync: None,
+            proposal: None,
         })
     }
 
@@ -792,9 +839,12 @@ impl GroupSession {
     }
 
     /// Stages the first queued intent, unless a commit of ours is pending.
-    /// The ordering service applies it at once; anyone else sends it there.
+    /// The ordering service proposes it itself; anyone else sends it there.
     fn advance(&mut self, now: u64, changes: &mut Changes) -> Result<(), GroupError> {
-        while self.record.pending.is_none() && !self.record.intents.is_empty() {
+        while self.record.pending.is_none()
+            && !self.record.intents.is_empty()
+            && self.record.state != GroupState::Gone
+        {
             let intent = self.record.intents.remove(0);
             let epoch = self.epoch();
             let staged = self.isolated(changes, |s, _| s.stage(&intent));
@@ -814,11 +864,8 @@ impl GroupSession {
                 sent_at: now,
             });
             if self.is_orderer() {
-                if !self.ready_to_order(now, changes) {
-                    // Ordered once we have synced (see `ready_to_order`).
-                    break;
-                }
-                self.order_own(now, changes)?;
+                // Ordered at once when we are alone; else once accepted.
+                self.propose_next(now, changes)?;
             } else {
                 self.send_to_orderer(commit, now, changes);
             }
@@ -826,40 +873,265 @@ impl GroupSession {
         Ok(())
     }
 
-    /// Whether we, the ordering service, may order now. The first ordering
-    /// service (rank 0) always may. One that took over after a failover
-    /// first asks every member for commits it may have missed (the previous
-    /// one may have got its last commit to some of them before it stopped)
-    /// and waits half an ordering timeout, so that it continues from the
-    /// latest epoch instead of forking the group.
+    /// As the ordering service: proposes our own staged commit, if one
+    /// waits and nothing else is under way.
+    fn propose_next(&mut self, now: u64, changes: &mut Changes) -> Result<(), GroupError> {
+        if !self.is_orderer() || !self.ready_to_order(now, changes) || self.proposal.is_some() {
+            return Ok(());
+        }
+        // What we proposed for this epoch at this rank before we crashed
+        // (or before a step failed) goes again: never another in its place.
+        let epoch = self.epoch();
+        let rank = self.record.orderer_rank;
+        if let Some(again) = self
+            .record
+            .accepted
+            .as_ref()
+            .filter(|a| a.epoch == epoch && a.rank == rank)
+        {
+            let commit = again.commit.clone();
+            return self.propose(commit, now, changes);
+        }
+        if let Some(commit) = self.record.pending.as_ref().map(|p| p.commit.clone()) {
+            self.propose(commit, now, changes)?;
+        }
+        Ok(())
+    }
+
+    /// Whether we, the ordering service, may propose now. The first
+    /// ordering service (rank 0) may. One that took over after a failover
+    /// first syncs (a view change, see [`ViewStep`]): it asks every member
+    /// to promise its rank and to send the commits it lacks, and proposes
+    /// once a majority has promised and it holds every commit they had. If
+    /// one of them had accepted a proposal for the current epoch, that
+    /// proposal (the one of the highest rank) goes first: a majority may
+    /// have accepted it, and some member may have been told it was ordered.
+    /// So two members never apply different commits for one epoch, whoever
+    /// crashes when. (This is Paxos: a rank is a ballot, one instance per
+    /// epoch; the sync is phase 1 for every later epoch at once.) After a
+    /// restart no sync is needed: the sync at our rank is done and stored,
+    /// and a proposal we made is stored with it (see `propose_next`); were
+    /// the group at a higher rank now, the members' answers tell us.
     fn ready_to_order(&mut self, now: u64, changes: &mut Changes) -> bool {
         let rank = self.record.orderer_rank;
         if rank == 0 || self.record.synced_rank >= rank {
             return true;
         }
-        match self.sync_until {
-            Some(until) if now >= until => {
-                self.record.synced_rank = rank;
-                self.sync_until = None;
-                true
-            }
-            Some(_) => false,
-            None => {
-                let payload = Payload::CatchUp {
-                    epoch: self.epoch(),
-                    from: self.key.ipk(),
+        let me = self.key.ipk();
+        let roster = self.roster();
+        let mut round = match self.sync.take() {
+            Some(round) if round.rank == rank => round,
+            _ => SyncRound {
+                rank,
+                asked: 0,
+                promised: Vec::new(),
+                highest: self.epoch(),
+                accepted: Vec::new(),
+            },
+        };
+        let gone: Vec<&(Ipk, Option<AcceptedCommit>)> = self
+            .record
+            .left
+            .iter()
+            .filter(|(i, _)| roster.contains(i) && !round.promised.contains(i))
+            .collect();
+        let promised = round.promised.len() + gone.len();
+        if (promised + 1) * 2 > roster.len() && self.epoch() >= round.highest {
+            self.record.synced_rank = rank;
+            tracing::info!(group = %self.record.id, rank, epoch = self.epoch(), promised = round.promised.len(), members = roster.len(), "ordering service synced");
+            let epoch = self.epoch();
+            let ours = self
+                .record
+                .accepted
+                .iter()
+                .chain(gone.into_iter().filter_map(|(_, a)| a.as_ref()))
+                .map(|a| (a.epoch, a.rank, a.commit.clone()))
+                .collect::<Vec<_>>();
+            let again = round
+                .accepted
+                .into_iter()
+                .chain(ours)
+                .filter(|(e, _, _)| *e == epoch)
+                .max_by_key(|(_, r, _)| *r);
+            self.save(changes);
+            if let Some((_, _, commit)) = again {
+                if let Err(e) = self.propose(commit, now, changes) {
+                    tracing::warn!(group = %self.record.id, error = %e, "proposing an accepted commit again failed");
                 }
-                .encode();
-                self.fan_out(&payload, OutboxKind::Control, None, None, changes, now);
-                self.sync_until = Some(now.saturating_add(SYNC_WAIT_MS));
-                false
             }
+            return true;
+        }
+        if now >= round.asked.saturating_add(ASK_AGAIN_MS) {
+            round.asked = now;
+            let sync = self.view_payload(ViewStep::Sync, self.epoch(), None);
+            for o in roster
+                .iter()
+                .filter(|o| **o != me && !round.promised.contains(o))
+            {
+                self.outbox_to(*o, &sync, changes, now);
+            }
+        }
+        self.sync = Some(round);
+        false
+    }
+
+    /// As the ordering service: proposes `commit` for our epoch; we accept
+    /// it ourselves (stored with the proposal, so that after a crash we
+    /// propose it again rather than another).
+    fn propose(
+        &mut self,
+        commit: Vec<u8>,
+        now: u64,
+        changes: &mut Changes,
+    ) -> Result<(), GroupError> {
+        let epoch = self.epoch();
+        let rank = self.record.orderer_rank;
+        let digest: [u8; 32] = Sha256::digest(&commit).into();
+        let payload = self.proposal_payload(epoch, &commit);
+        let me = self.key.ipk();
+        for ipk in self.roster().into_iter().filter(|i| *i != me) {
+            self.outbox_to(ipk, &payload, changes, now);
+        }
+        self.record.accepted = Some(AcceptedCommit {
+            epoch,
+            rank,
+            commit: commit.clone(),
+        });
+        self.proposal = Some(Proposal {
+            epoch,
+            commit,
+            digest,
+            acks: Vec::new(),
+            asked: now,
+        });
+        self.save(changes);
+        self.decide_if_accepted(now, changes)
+    }
+
+    /// Our proposal of `commit` for `epoch`, signed at our rank.
+    fn proposal_payload(&self, epoch: u64, commit: &[u8]) -> Vec<u8> {
+        let rank = self.record.orderer_rank;
+        let signature = self.key.sign_bytes(&commit_message(
+            PROPOSE_LABEL,
+            &self.record.group_id,
+            epoch,
+            rank,
+            commit,
+        ));
+        Payload::Propose {
+            commit: commit.to_vec(),
+            rank,
+            signature,
+        }
+        .encode()
+    }
+
+    /// As the ordering service: once a majority (us included) has accepted
+    /// our proposal, it is ordered: applied, logged, and sent to everyone.
+    fn decide_if_accepted(&mut self, now: u64, changes: &mut Changes) -> Result<(), GroupError> {
+        let roster = self.roster();
+        let left = &self.record.left;
+        let Some(proposal) = self.proposal.take_if(|p| {
+            let gone = left
+                .iter()
+                .filter(|(i, _)| roster.contains(i) && !p.acks.contains(i))
+                .count();
+            (p.acks.len() + gone + 1) * 2 > roster.len()
+        }) else {
+            return Ok(());
+        };
+        let epoch = proposal.epoch;
+        let ordered = self.sign_ordered(&proposal.commit, epoch)?;
+        changes
+            .ordered_log
+            .push((self.record.id, epoch, ordered.clone()));
+        let replaced = self.apply_commit(&proposal.commit, now, changes)?;
+        // Everyone who was in the group before this commit, us excepted:
+        // members it removes learn they are out, those it adds join by
+        // Welcome instead, and a claimer is reached under its new key.
+        let me = self.key.ipk();
+        for ipk in roster.into_iter().filter(|i| *i != me) {
+            let ipk = match replaced {
+                Some((old, new)) if old == ipk => new,
+                _ => ipk,
+            };
+            self.outbox_to(ipk, &ordered, changes, now);
+        }
+        self.advance(now, changes)?;
+        self.save(changes);
+        Ok(())
+    }
+
+    /// A signed view-change message from us, at our rank.
+    fn view_payload(&self, step: ViewStep, epoch: u64, accepted: Option<(u32, &[u8])>) -> Vec<u8> {
+        let rank = self.record.orderer_rank;
+        let from = self.key.ipk();
+        let digest: [u8; 32] = accepted
+            .map(|(_, c)| Sha256::digest(c).into())
+            .unwrap_or_default();
+        let accepted_rank = accepted.map(|(r, _)| r);
+        let signature = self.key.sign_bytes(&view_message(
+            &self.record.group_id,
+            step,
+            rank,
+            epoch,
+            &from,
+            &digest,
+            accepted_rank,
+        ));
+        Payload::View {
+            step,
+            rank,
+            epoch,
+            from,
+            // An acceptance names the commit by its digest only.
+            accepted: accepted
+                .filter(|_| step == ViewStep::Promise)
+                .map(|(rank, commit)| Accepted {
+                    rank,
+                    commit: commit.to_vec(),
+                }),
+            digest,
+            signature,
+        }
+        .encode()
+    }
+
+    /// Moves us to the view at `rank`, if it is higher than ours. Our
+    /// pending commit goes to the new ordering service; if that is us, we
+    /// start syncing.
+    fn adopt_rank(&mut self, rank: u32, now: u64, changes: &mut Changes) {
+        if rank <= self.record.orderer_rank {
+            return;
+        }
+        tracing::info!(group = %self.record.id, from = self.record.orderer_rank, to = rank, "the group moves to another ordering service");
+        self.record.orderer_rank = rank;
+        self.sync = None;
+        self.proposal = None;
+        if self.is_orderer() {
+            self.ready_to_order(now, changes);
+        } else if let Some(p) = self.record.pending.as_mut() {
+            p.sent_at = now;
+            let commit = p.commit.clone();
+            self.send_to_orderer(commit, now, changes);
         }
     }
 
     /// Whether a timer should call [`GroupSession::check_ordering`].
     pub fn needs_tick(&self) -> bool {
-        self.record.pending.is_some() || self.sync_until.is_some()
+        self.record.pending.is_some() || self.sync.is_some() || self.proposal.is_some()
+    }
+
+    /// What, when it changes, may let held inbox rows through: the epoch,
+    /// the view, and whether we (as the ordering service) are syncing or
+    /// waiting for a proposal to be accepted.
+    pub fn progress_marker(&self) -> (u64, u32, bool, bool) {
+        (
+            self.epoch(),
+            self.record.orderer_rank,
+            self.sync.is_none(),
+            self.proposal.is_none(),
+        )
     }
 
     fn stage(&mut self, intent: &Intent) -> Result<(Vec<u8>, Option<Vec<u8>>), GroupError> {
@@ -903,33 +1175,15 @@ impl GroupSession {
         let Some(orderer) = self.orderer() else {
             return;
         };
+        let rank = self.record.orderer_rank;
         self.fan_out(
-            &Payload::Commit(commit).encode(),
+            &Payload::Commit { commit, rank }.encode(),
             OutboxKind::Control,
             None,
             Some(orderer),
             changes,
             now,
         );
-    }
-
-    /// We are the ordering service and our own commit is staged: it wins its
-    /// epoch. Merge it, fan it out, and finish its intent.
-    fn order_own(&mut self, now: u64, changes: &mut Changes) -> Result<(), GroupError> {
-        let Some(pending) = self.record.pending.take() else {
-            return Ok(());
-        };
-        let before = self.roster();
-        mls::merge_pending(&mut self.group, &self.provider)?;
-        let ordered = self.sign_ordered(&pending.commit, pending.epoch)?;
-        changes
-            .ordered_log
-            .push((self.record.id, pending.epoch, ordered.clone()));
-        let me = self.key.ipk();
-        for ipk in before.into_iter().filter(|i| *i != me) {
-            self.outbox_to(ipk, &ordered, changes, now);
-        }
-        self.finish_intent(pending, now, changes)
     }
 
     fn outbox_to(&self, ipk: Ipk, payload: &[u8], changes: &mut Changes, now: u64) {
@@ -946,7 +1200,8 @@ impl GroupSession {
     }
 
     fn sign_ordered(&self, commit: &[u8], epoch: u64) -> Result<Vec<u8>, GroupError> {
-        let signature = self.key.sign_bytes(&ordered_message(
+        let signature = self.key.sign_bytes(&commit_message(
+            ORDERED_LABEL,
             &self.record.group_id,
             epoch,
             self.record.orderer_rank,
@@ -1017,6 +1272,7 @@ impl GroupSession {
             .partition(|m| roster.contains(&m.ipk));
         self.record.members = kept;
         self.record.former.extend(gone);
+        self.record.left.retain(|(i, _)| roster.contains(i));
         let excess = self.record.former.len().saturating_sub(FORMER_KEPT);
         self.record.former.drain(..excess);
         for ipk in roster {
@@ -1049,13 +1305,14 @@ impl GroupSession {
         changes: &mut Changes,
     ) -> Result<bool, GroupError> {
         if self.is_orderer() {
-            if self.record.pending.is_some() && self.ready_to_order(now, changes) {
-                self.order_own(now, changes)?;
-                self.advance(now, changes)?;
-                self.save(changes);
-                return Ok(true);
+            if !self.needs_tick() {
+                return Ok(false);
             }
-            return Ok(false);
+            let before = self.progress_marker();
+            self.propose_next(now, changes)?;
+            self.propose_again(now, changes);
+            self.save(changes);
+            return Ok(self.progress_marker() != before);
         }
         let Some(pending) = &self.record.pending else {
             return Ok(false);
@@ -1063,17 +1320,13 @@ impl GroupSession {
         if now < pending.sent_at.saturating_add(timeout_ms) {
             return Ok(false);
         }
-        self.record.orderer_rank = self.record.orderer_rank.wrapping_add(1);
+        // The next one by rank takes over; its sync moves everyone there.
         tracing::info!(group = %self.record.id, rank = self.record.orderer_rank, "the ordering service did not answer; moving to the next one");
+        let next = self.record.orderer_rank.wrapping_add(1);
+        self.adopt_rank(next, now, changes);
         if self.is_orderer() {
-            if self.ready_to_order(now, changes) {
-                self.order_own(now, changes)?;
-                self.advance(now, changes)?;
-            }
-        } else if let Some(p) = self.record.pending.as_mut() {
-            p.sent_at = now;
-            let commit = p.commit.clone();
-            self.send_to_orderer(commit, now, changes);
+            self.propose_next(now, changes)?;
+        } else {
             // We may have missed commits the old ordering service made.
             self.last_catch_up = 0;
             self.request_catch_up(now, timeout_ms, changes);
@@ -1095,18 +1348,57 @@ impl GroupSession {
             return Err(GroupError::Gone);
         }
         let payload = Payload::decode(payload)?;
-        // An ordering service that is still syncing keeps commit requests for
-        // later; starting the sync (asking members) must not be rolled back.
-        if matches!(payload, Payload::Commit(_))
-            && self.is_orderer()
-            && !self.ready_to_order(now, changes)
-        {
-            self.save(changes);
-            return Err(GroupError::Deferred);
+        // A commit request for a higher rank: the group is failing over (we
+        // may be the next ordering service). An ordering service that is
+        // still syncing, or waits for its proposal to be accepted, keeps
+        // commit requests for later. Neither must be rolled back.
+        if let Payload::Commit { rank, .. } = payload {
+            let before = self.progress_marker();
+            self.adopt_rank(rank, now, changes);
+            if self.is_orderer() {
+                // Ours first (or what we proposed before a crash).
+                self.propose_next(now, changes)?;
+            }
+            if self.is_orderer() && (!self.ready_to_order(now, changes) || self.proposal.is_some())
+            {
+                self.save(changes);
+                return Err(GroupError::Deferred);
+            }
+            if self.progress_marker() != before {
+                self.save(changes);
+            }
         }
         self.isolated(changes, |s, changes| match payload {
             Payload::Mls(bytes) => s.receive_application(&bytes, now, changes),
-            Payload::Commit(bytes) => s.receive_commit_request(&bytes, now, changes),
+            Payload::Commit { commit, rank } => {
+                s.receive_commit_request(&commit, rank, now, changes)
+            }
+            Payload::Propose {
+                commit,
+                rank,
+                signature,
+            } => s.receive_proposal(&commit, rank, &signature, now, changes),
+            Payload::View {
+                step,
+                rank,
+                epoch,
+                from,
+                accepted,
+                digest,
+                signature,
+            } => s.receive_view(
+                ViewMessage {
+                    step,
+                    rank,
+                    epoch,
+                    from,
+                    accepted,
+                    digest,
+                },
+                &signature,
+                now,
+                changes,
+            ),
             Payload::Ordered {
                 commit,
                 rank,
@@ -1175,7 +1467,21 @@ impl GroupSession {
                 self.save(changes);
                 Received::Other
             }
-            Body::Leave => {
+            Body::Leave { accepted } => {
+                let accepted = accepted.and_then(|a| {
+                    Some(AcceptedCommit {
+                        epoch: mls::message_epoch(&a.commit).ok()?,
+                        rank: a.rank,
+                        commit: a.commit,
+                    })
+                });
+                self.record.left.retain(|(i, _)| *i != sender);
+                self.record.left.push((sender, accepted));
+                // The ordering service itself leaves: the next one takes over.
+                if self.orderer() == Some(sender) {
+                    let next = self.record.orderer_rank.wrapping_add(1);
+                    self.adopt_rank(next, now, changes);
+                }
                 if self.is_orderer() {
                     self.record.intents.push(Intent::Remove {
                         members: vec![sender],
@@ -1241,14 +1547,21 @@ impl GroupSession {
         }
     }
 
-    /// As the ordering service: a member's commit for an epoch.
+    /// As the ordering service: a member's commit for an epoch. Checked,
+    /// then proposed.
     fn receive_commit_request(
         &mut self,
         bytes: &[u8],
+        rank: u32,
         now: u64,
         changes: &mut Changes,
     ) -> Result<Received, GroupError> {
         if !self.is_orderer() {
+            // Its sender is behind on the view: pass it on.
+            if rank < self.record.orderer_rank {
+                self.send_to_orderer(bytes.to_vec(), now, changes);
+                return Ok(Received::Other);
+            }
             return Err(GroupError::NotOrderer);
         }
         let epoch = mls::message_epoch(bytes)?;
@@ -1259,45 +1572,32 @@ impl GroupSession {
                 at: self.epoch(),
             });
         }
-        let before = self.roster();
-        let Incoming::Commit {
-            staged,
-            sender,
-            aad,
-        } = mls::process(&mut self.group, &self.provider, bytes)?
-        else {
-            return Err(GroupError::Unexpected("not a commit"));
+        self.check_commit(bytes)?;
+        self.propose(bytes.to_vec(), now, changes)?;
+        Ok(Received::Other)
+    }
+
+    /// Whether a member's commit applies to our group as it is, and a
+    /// claim in it proves itself; changes nothing.
+    fn check_commit(&mut self, bytes: &[u8]) -> Result<(), GroupError> {
+        let writes = self.provider.mls_storage().snapshot();
+        let checked = match mls::process(&mut self.group, &self.provider, bytes) {
+            Ok(Incoming::Commit {
+                staged,
+                sender,
+                aad,
+            }) => match mls::summarize(&self.group, &staged, sender).replaced {
+                Some((old, new)) => verify_claim(&aad, old, new)
+                    .map(|_| ())
+                    .map_err(GroupError::BadClaim),
+                None => Ok(()),
+            },
+            Ok(_) => Err(GroupError::Unexpected("not a commit")),
+            Err(e) => Err(e.into()),
         };
-        let summary = mls::summarize(&self.group, &staged, sender);
-        // Claims must prove themselves before they are ordered.
-        if let Some((old, new)) = summary.replaced {
-            verify_claim(&aad, old, new).map_err(GroupError::BadClaim)?;
-        }
-        // Our own pending commit, if any, lost to this one.
-        if self.record.pending.is_some() {
-            mls::clear_pending(&mut self.group, &self.provider)?;
-            self.requeue_pending();
-        }
-        mls::merge_staged(&mut self.group, &self.provider, *staged)?;
-        let ordered = self.sign_ordered(bytes, epoch)?;
-        changes
-            .ordered_log
-            .push((self.record.id, epoch, ordered.clone()));
-        self.apply_summary(&summary, &aad);
-        // Everyone who was in the group before this commit, us excepted:
-        // members it removes learn they are out, those it adds join by
-        // Welcome instead, and a claimer is reached under its new key.
-        let me = self.key.ipk();
-        for ipk in before.into_iter().filter(|i| *i != me) {
-            let ipk = match summary.replaced {
-                Some((old, new)) if old == ipk => new,
-                _ => ipk,
-            };
-            self.outbox_to(ipk, &ordered, changes, now);
-        }
-        self.advance(now, changes)?;
-        self.save(changes);
-        Ok(Received::Committed)
+        self.provider.mls_storage().restore(writes);
+        self.group = mls::load_group(&self.provider, self.group.group_id())?;
+        checked
     }
 
     fn requeue_pending(&mut self) {
@@ -1306,44 +1606,15 @@ impl GroupSession {
         }
     }
 
-    /// A commit the ordering service accepted.
-    fn receive_ordered(
+    /// Applies the commit ordered for our epoch: ours (its intent is done)
+    /// or another member's (ours, if any, lost and is staged again later).
+    /// Returns the placeholder it replaced by a claimer's key, if any.
+    fn apply_commit(
         &mut self,
         commit: &[u8],
-        rank: u32,
-        signature: &[u8; SIGNATURE_LEN],
         now: u64,
         changes: &mut Changes,
-    ) -> Result<Received, GroupError> {
-        let epoch = mls::message_epoch(commit)?;
-        if epoch < self.epoch() {
-            return Ok(Received::Other); // already applied
-        }
-        if epoch > self.epoch() {
-            return Err(GroupError::Deferred);
-        }
-        let orderer = self.orderer_at(rank).ok_or(GroupError::BadOrdering)?;
-        orderer
-            .verify(
-                &ordered_message(&self.record.group_id, epoch, rank, commit),
-                signature,
-            )
-            .map_err(|_| GroupError::BadOrdering)?;
-        if rank > self.record.orderer_rank {
-            self.record.orderer_rank = rank;
-        }
-        // Kept to serve members who fall behind, should we order later.
-        changes.ordered_log.push((
-            self.record.id,
-            epoch,
-            Payload::Ordered {
-                commit: commit.to_vec(),
-                rank,
-                signature: *signature,
-            }
-            .encode(),
-        ));
-        // Our own commit, accepted.
+    ) -> Result<Option<(Ipk, Ipk)>, GroupError> {
         if self
             .record
             .pending
@@ -1351,13 +1622,15 @@ impl GroupSession {
             .is_some_and(|p| p.commit == commit)
         {
             let Some(pending) = self.record.pending.take() else {
-                return Ok(Received::Other);
+                return Ok(None);
+            };
+            let replaced = match &pending.intent {
+                Intent::Claim { key, .. } => Some((self.key.ipk(), key.key().ipk())),
+                _ => None,
             };
             mls::merge_pending(&mut self.group, &self.provider)?;
             self.finish_intent(pending, now, changes)?;
-            self.advance(now, changes)?;
-            self.save(changes);
-            return Ok(Received::Committed);
+            return Ok(replaced);
         }
         if self.record.pending.is_some() {
             mls::clear_pending(&mut self.group, &self.provider)?;
@@ -1380,12 +1653,106 @@ impl GroupSession {
             self.record.state = GroupState::Gone;
             self.record.intents.clear();
             self.save(changes);
-            return Ok(Received::Committed);
+            return Ok(summary.replaced);
         }
         self.apply_summary(&summary, &aad);
-        self.advance(now, changes)?;
+        self.save(changes);
+        Ok(summary.replaced)
+    }
+
+    /// A commit the ordering service ordered (a majority accepted it).
+    fn receive_ordered(
+        &mut self,
+        commit: &[u8],
+        rank: u32,
+        signature: &[u8; SIGNATURE_LEN],
+        now: u64,
+        changes: &mut Changes,
+    ) -> Result<Received, GroupError> {
+        let Some((epoch, _)) = self.signed_for_epoch(ORDERED_LABEL, commit, rank, signature)?
+        else {
+            return Ok(Received::Other); // already applied
+        };
+        self.adopt_rank(rank, now, changes);
+        // Kept to serve members who fall behind, should we order later.
+        changes.ordered_log.push((
+            self.record.id,
+            epoch,
+            Payload::Ordered {
+                commit: commit.to_vec(),
+                rank,
+                signature: *signature,
+            }
+            .encode(),
+        ));
+        // This epoch is ordered: whatever we proposed for it is moot.
+        self.proposal = None;
+        self.apply_commit(commit, now, changes)?;
+        if self.record.state != GroupState::Gone {
+            self.advance(now, changes)?;
+        }
         self.save(changes);
         Ok(Received::Committed)
+    }
+
+    /// Checks a commit the ordering service at `rank` signed (proposed or
+    /// ordered): `None` if it is for an epoch we are past, `Deferred` if
+    /// for a later one; else its epoch (ours) and the signer.
+    fn signed_for_epoch(
+        &self,
+        label: &[u8],
+        commit: &[u8],
+        rank: u32,
+        signature: &[u8; SIGNATURE_LEN],
+    ) -> Result<Option<(u64, Ipk)>, GroupError> {
+        let epoch = mls::message_epoch(commit)?;
+        if epoch < self.epoch() {
+            return Ok(None);
+        }
+        if epoch > self.epoch() {
+            return Err(GroupError::Deferred);
+        }
+        let signer = self.orderer_at(rank).ok_or(GroupError::BadOrdering)?;
+        signer
+            .verify(
+                &commit_message(label, &self.record.group_id, epoch, rank, commit),
+                signature,
+            )
+            .map_err(|_| GroupError::BadOrdering)?;
+        Ok(Some((epoch, signer)))
+    }
+
+    /// A proposal of the ordering service at `rank` for our epoch: we
+    /// accept it unless we promised a higher rank.
+    fn receive_proposal(
+        &mut self,
+        commit: &[u8],
+        rank: u32,
+        signature: &[u8; SIGNATURE_LEN],
+        now: u64,
+        changes: &mut Changes,
+    ) -> Result<Received, GroupError> {
+        let Some((epoch, proposer)) =
+            self.signed_for_epoch(PROPOSE_LABEL, commit, rank, signature)?
+        else {
+            return Ok(Received::Other); // ordered already
+        };
+        if rank < self.record.orderer_rank {
+            // We promised a later ordering service: tell this one.
+            let promise = self.view_payload(ViewStep::Promise, self.epoch(), None);
+            self.outbox_to(proposer, &promise, changes, now);
+            return Ok(Received::Other);
+        }
+        self.adopt_rank(rank, now, changes);
+        self.record.accepted = Some(AcceptedCommit {
+            epoch,
+            rank,
+            commit: commit.to_vec(),
+        });
+        let accept = self.view_payload(ViewStep::Accept, epoch, Some((rank, commit)));
+        self.outbox_to(proposer, &accept, changes, now);
+        self.save(changes);
+        Ok(Received::Other)
     }
 
     /// Updates the member list after someone else's commit.
@@ -1580,8 +1947,20 @@ impl GroupSession {
         if from == self.key.ipk() || !self.record.members.iter().any(|m| m.ipk == from) {
             return Err(GroupError::NotAMember);
         }
+        self.send_log_since(epoch, from, now, changes)?;
+        Ok(Received::Other)
+    }
+
+    /// Sends `to` the accepted commits from `epoch` on that we hold.
+    fn send_log_since(
+        &mut self,
+        epoch: u64,
+        to: Ipk,
+        now: u64,
+        changes: &mut Changes,
+    ) -> Result<(), GroupError> {
         if epoch >= self.epoch() {
-            return Ok(Received::Other);
+            return Ok(());
         }
         let group = self.record.id.0;
         let until = self.epoch();
@@ -1594,9 +1973,122 @@ impl GroupSession {
             Ok(out)
         })?;
         for payload in missed {
-            self.outbox_to(from, &payload, changes, now);
+            self.outbox_to(to, &payload, changes, now);
         }
+        Ok(())
+    }
+
+    /// A step of a view change, or an acceptance (see [`ViewStep`]), from
+    /// a member.
+    fn receive_view(
+        &mut self,
+        m: ViewMessage,
+        signature: &[u8; SIGNATURE_LEN],
+        now: u64,
+        changes: &mut Changes,
+    ) -> Result<Received, GroupError> {
+        let me = self.key.ipk();
+        if m.from == me || !self.roster().contains(&m.from) {
+            return Err(GroupError::NotAMember);
+        }
+        if m.accepted
+            .as_ref()
+            .is_some_and(|a| <[u8; 32]>::from(Sha256::digest(&a.commit)) != m.digest)
+        {
+            return Err(GroupError::BadOrdering);
+        }
+        let accepted_rank = match m.step {
+            ViewStep::Promise => m.accepted.as_ref().map(|a| a.rank),
+            ViewStep::Accept => Some(m.rank),
+            ViewStep::Sync => None,
+        };
+        m.from
+            .verify(
+                &view_message(
+                    &self.record.group_id,
+                    m.step,
+                    m.rank,
+                    m.epoch,
+                    &m.from,
+                    &m.digest,
+                    accepted_rank,
+                ),
+                signature,
+            )
+            .map_err(|_| GroupError::BadOrdering)?;
+        match m.step {
+            ViewStep::Sync => {
+                if m.rank < self.record.orderer_rank {
+                    // The asker is behind (an ordering service back from a
+                    // crash): tell it where the group is.
+                    let promise = self.view_payload(ViewStep::Promise, self.epoch(), None);
+                    self.outbox_to(m.from, &promise, changes, now);
+                    return Ok(Received::Other);
+                }
+                self.adopt_rank(m.rank, now, changes);
+                // What the asker lacks first, then the promise: it orders
+                // only once it holds what we had.
+                self.send_log_since(m.epoch, m.from, now, changes)?;
+                let epoch = self.epoch();
+                let accepted = self.record.accepted.clone().filter(|a| a.epoch == epoch);
+                let promise = self.view_payload(
+                    ViewStep::Promise,
+                    epoch,
+                    accepted.as_ref().map(|a| (a.rank, a.commit.as_slice())),
+                );
+                self.outbox_to(m.from, &promise, changes, now);
+            }
+            ViewStep::Promise => {
+                if m.rank > self.record.orderer_rank {
+                    self.adopt_rank(m.rank, now, changes);
+                } else if let Some(round) = self.sync.as_mut().filter(|r| r.rank == m.rank) {
+                    if !round.promised.contains(&m.from) {
+                        round.promised.push(m.from);
+                    }
+                    round.highest = round.highest.max(m.epoch);
+                    if let Some(a) = m.accepted {
+                        round.accepted.push((m.epoch, a.rank, a.commit));
+                    }
+                    self.propose_next(now, changes)?;
+                }
+            }
+            ViewStep::Accept => {
+                let rank = self.record.orderer_rank;
+                let accepted = self
+                    .proposal
+                    .as_mut()
+                    .filter(|p| m.rank == rank && p.epoch == m.epoch && p.digest == m.digest);
+                if let Some(p) = accepted {
+                    if !p.acks.contains(&m.from) {
+                        p.acks.push(m.from);
+                    }
+                    self.decide_if_accepted(now, changes)?;
+                }
+            }
+        }
+        self.save(changes);
         Ok(Received::Other)
+    }
+
+    /// As the ordering service: sends our proposal again to the members
+    /// that have not accepted it, at most every [`ASK_AGAIN_MS`].
+    fn propose_again(&mut self, now: u64, changes: &mut Changes) {
+        let Some(p) = self
+            .proposal
+            .as_mut()
+            .filter(|p| now >= p.asked.saturating_add(ASK_AGAIN_MS))
+        else {
+            return;
+        };
+        p.asked = now;
+        let (epoch, commit, acks) = (p.epoch, p.commit.clone(), p.acks.clone());
+        let payload = self.proposal_payload(epoch, &commit);
+        let me = self.key.ipk();
+        for ipk in self.roster() {
+            if ipk != me && !acks.contains(&ipk) {
+                self.outbox_to(ipk, &payload, changes, now);
+            }
+        }
     }
 
     /// Leaves the group: the ordering service removes us. We stop at once.
@@ -1604,16 +2096,20 @@ impl GroupSession {
         if self.record.state == GroupState::Gone {
             return Err(GroupError::Gone);
         }
-        let payload = self.encrypt(Body::Leave)?;
-        // If we are the ordering service, the next one removes us.
-        let target = if self.is_orderer() {
-            self.orderer_at(self.record.orderer_rank.wrapping_add(1))
-        } else {
-            self.orderer()
-        };
-        if let Some(t) = target.filter(|t| *t != self.key.ipk()) {
-            self.outbox_to(t, &payload, changes, now);
-        }
+        let epoch = self.epoch();
+        let accepted = self
+            .record
+            .accepted
+            .clone()
+            .filter(|a| a.epoch == epoch)
+            .map(|a| Accepted {
+                rank: a.rank,
+                commit: a.commit,
+            });
+        let payload = self.encrypt(Body::Leave { accepted })?;
+        // Everyone learns it (we answer nothing from now on); the ordering
+        // service removes us, the next one if that was us.
+        self.fan_out(&payload, OutboxKind::Control, None, None, changes, now);
         self.record.state = GroupState::Gone;
         self.record.intents.clear();
         self.record.pending = None;
@@ -1664,15 +2160,48 @@ impl GroupSession {
     }
 }
 
-/// The bytes the ordering service signs for a commit it accepted.
-fn ordered_message(group_id: &[u8], epoch: u64, rank: u32, commit: &[u8]) -> Vec<u8> {
-    let mut m = ORDERED_LABEL.to_vec();
+/// The bytes the ordering service signs for a commit it proposes or orders.
+fn commit_message(label: &[u8], group_id: &[u8], epoch: u64, rank: u32, commit: &[u8]) -> Vec<u8> {
+    let mut m = label.to_vec();
     m.push(0);
     m.extend_from_slice(&(group_id.len() as u32).to_be_bytes());
     m.extend_from_slice(group_id);
     m.extend_from_slice(&epoch.to_be_bytes());
     m.extend_from_slice(&rank.to_be_bytes());
     m.extend_from_slice(&Sha256::digest(commit));
+    m
+}
+
+/// The bytes a member signs for a step of a view change or an acceptance.
+fn view_message(
+    group_id: &[u8],
+    step: ViewStep,
+    rank: u32,
+    epoch: u64,
+    from: &Ipk,
+    digest: &[u8; 32],
+    accepted_rank: Option<u32>,
+) -> Vec<u8> {
+    let mut m = VIEW_LABEL.to_vec();
+    m.push(0);
+    m.extend_from_slice(&(group_id.len() as u32).to_be_bytes());
+    m.extend_from_slice(group_id);
+    m.push(match step {
+        ViewStep::Sync => 1,
+        ViewStep::Promise => 2,
+        ViewStep::Accept => 3,
+    });
+    m.extend_from_slice(&rank.to_be_bytes());
+    m.extend_from_slice(&epoch.to_be_bytes());
+    m.extend_from_slice(from.as_bytes());
+    m.extend_from_slice(digest);
+    match accepted_rank {
+        Some(r) => {
+            m.push(1);
+            m.extend_from_slice(&r.to_be_bytes());
+        }
+        None => m.push(0),
+    }
     m
 }
 
@@ -1880,6 +2409,34 @@ mod tests {
         r
     }
 
+    /// The ordering service `o` takes a member's commit request and
+    /// proposes it; `m` accepts it (with `o`, a majority of three); the
+    /// rows of the ordered commit come back.
+    fn order(
+        op: &Person,
+        o: &mut GroupSession,
+        request: &[u8],
+        mp: &Person,
+        m: &mut GroupSession,
+        now: u64,
+    ) -> Vec<OutboxEntry> {
+        let proposals = step(op, o, |s, ch| {
+            assert_eq!(s.receive(request, None, now, ch).unwrap(), Received::Other);
+        });
+        assert_eq!(proposals.len(), 2, "proposed to both other members");
+        let proposal = rows_for(&proposals, m.own_ipk()).pop().unwrap();
+        let accepts = step(mp, m, |s, ch| {
+            assert_eq!(
+                s.receive(&proposal, None, now, ch).unwrap(),
+                Received::Other
+            );
+        });
+        let accept = rows_for(&accepts, o.own_ipk()).pop().unwrap();
+        step(op, o, |s, ch| {
+            s.receive(&accept, None, now, ch).unwrap();
+        })
+    }
+
     fn rows_for(rows: &[OutboxEntry], ipk: Ipk) -> Vec<Vec<u8>> {
         rows.iter()
             .filter(|r| r.recipient == Recipient::Member(ipk))
@@ -2011,15 +2568,9 @@ mod tests {
         a.drain_writes(&mut ch);
         commit(&alex, ch);
 
-        // The ordering service accepts the claim and fans it out, signed.
-        let mut ch = Changes::default();
-        assert_eq!(
-            a.receive(&to_orderer[0], None, 42, &mut ch).unwrap(),
-            Received::Committed
-        );
-        a.drain_writes(&mut ch);
-        let fanned = ch.outbox.clone();
-        commit(&alex, ch);
+        // The ordering service proposes the claim; once Charlie accepts
+        // it (a majority), it is ordered and fanned out, signed.
+        let fanned = order(&alex, &mut a, &to_orderer[0], &charlie, &mut c, 42);
         // One signed copy for each member, Blair reached under her new key.
         assert_eq!(fanned.len(), 2);
         assert!(rows_for(&fanned, placeholder_b).is_empty());
@@ -2054,12 +2605,14 @@ mod tests {
             s.claim(&ca_record, &charlie.node, LIFETIMES, 50, ch)
                 .unwrap()
         });
-        let mut ch = Changes::default();
-        a.receive(&rows_for(&rows, alex_ipk)[0], None, 51, &mut ch)
-            .unwrap();
-        a.drain_writes(&mut ch);
-        let fanned = ch.outbox.clone();
-        commit(&alex, ch);
+        let fanned = order(
+            &alex,
+            &mut a,
+            &rows_for(&rows, alex_ipk)[0],
+            &blair,
+            &mut b,
+            51,
+        );
         let ordered = fanned[0].payload.clone();
         for (p, s) in [(&blair, &mut b), (&charlie, &mut c)] {
             deliver(p, s, &ordered).unwrap();

@@ -71,8 +71,10 @@ pub enum Payload {
     Welcome { welcome: Vec<u8>, hello: Vec<u8> },
     /// A message of an existing conversation (TLS-encoded MLSMessage).
     Mls(Vec<u8>),
-    /// A member's commit, sent to the group's ordering service.
-    Commit(Vec<u8>),
+    /// A member's commit, sent to the group's ordering service: the one at
+    /// `rank` as the member sees it (a higher rank than the receiver's
+    /// tells it the group is failing over).
+    Commit { commit: Vec<u8>, rank: u32 },
     /// A commit the ordering service accepted for its epoch, fanned out to
     /// every member, signed by the ordering member's group key.
     Ordered {
@@ -96,6 +98,52 @@ pub enum Payload {
         #[serde(with = "crate::identity::signature_serde")]
         signature: [u8; crate::identity::SIGNATURE_LEN],
     },
+    /// The ordering service at `rank` proposes a commit for its epoch; a
+    /// member that has promised no higher rank keeps it and accepts it.
+    /// Once a majority has, the commit is ordered (`Ordered`).
+    Propose {
+        commit: Vec<u8>,
+        rank: u32,
+        #[serde(with = "crate::identity::signature_serde")]
+        signature: [u8; crate::identity::SIGNATURE_LEN],
+    },
+    /// A step of a view change of the ordering service, or a member's
+    /// acceptance of a proposal (DESIGN.md section 9), signed by `from`.
+    View {
+        step: ViewStep,
+        rank: u32,
+        epoch: u64,
+        from: Ipk,
+        /// `Promise`: the commit we accepted for `epoch`, if any.
+        accepted: Option<Accepted>,
+        /// SHA-256 of the commit accepted (`Accept`, `Promise`); zeros else.
+        digest: [u8; 32],
+        #[serde(with = "crate::identity::signature_serde")]
+        signature: [u8; crate::identity::SIGNATURE_LEN],
+    },
+}
+
+/// A commit a member accepted, and the rank of the ordering service that
+/// proposed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accepted {
+    pub rank: u32,
+    pub commit: Vec<u8>,
+}
+
+/// The steps of ordering a commit (DESIGN.md section 9): a view change
+/// (`Sync`, `Promise`) when another member takes over as ordering service,
+/// or when it comes back from a crash, and the acceptance of a proposal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ViewStep {
+    /// "I order at `rank`; I am at `epoch`: send me the commits you have
+    /// after it, and promise to accept no proposal of a lower rank."
+    Sync,
+    /// "I promise `rank` (a higher one than asked: step down); I am at
+    /// `epoch`, and this is what I accepted for it."
+    Promise,
+    /// "I accept your proposal for `epoch` at `rank` (its digest)."
+    Accept,
 }
 
 /// The encoding of every payload and plaintext: a version byte, then the body.
@@ -165,8 +213,11 @@ pub enum Body {
     MergeRequest(Box<MergeRequest>),
     /// (group) Who the sender is and how to reach it.
     MemberInfo(MemberInfo),
-    /// (group) The sender leaves; the ordering service removes it.
-    Leave,
+    /// (group) The sender leaves; the ordering service removes it. It
+    /// will accept no proposal again; what it last accepted for its epoch
+    /// comes along, so that it counts as having promised any later
+    /// ordering service.
+    Leave { accepted: Option<Accepted> },
 }
 
 /// A member of a group as one member tells another.
@@ -299,7 +350,10 @@ impl Plaintext {
                 validate_transports(transports)?;
             }
             Body::Text { text, .. } => validate_text(text)?,
-            Body::Transports | Body::Decline { .. } | Body::Leave | Body::Equivalence { .. } => {}
+            Body::Transports
+            | Body::Decline { .. }
+            | Body::Leave { .. }
+            | Body::Equivalence { .. } => {}
             Body::MergeRequest(m) => m.validate_shape()?,
             Body::MemberInfo(info) => info.validate()?,
             Body::Introduction(intro) => {

@@ -359,6 +359,14 @@ pub struct PendingCommit {
     pub sent_at: u64,
 }
 
+/// A proposal for an epoch we accepted, and the rank that proposed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcceptedCommit {
+    pub epoch: u64,
+    pub rank: u32,
+    pub commit: Vec<u8>,
+}
+
 /// One membership of a group, as its owner stores it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GroupProtonRecord {
@@ -387,6 +395,15 @@ pub struct GroupProtonRecord {
     /// The highest rank at which we, as the ordering service, have synced
     /// (collected commits the previous one may have made) before ordering.
     pub synced_rank: u32,
+    /// The last proposal we accepted (as a member, or as the ordering
+    /// service that made it): a later ordering service learns it from our
+    /// promise and proposes it again, so a commit a majority may have
+    /// accepted is never replaced by another.
+    pub accepted: Option<AcceptedCommit>,
+    /// Members that told us they leave, and what they last accepted: they
+    /// answer nothing again, so they count as having accepted every
+    /// proposal (and promised every rank) until a commit removes them.
+    pub left: Vec<(Ipk, Option<AcceptedCommit>)>,
     pub pending: Option<PendingCommit>,
     pub intents: Vec<Intent>,
     /// Equivalences heard through relationships before the member showed up

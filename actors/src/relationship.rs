@@ -923,7 +923,7 @@ impl ProtonSession {
                 });
                 Ok(Received::Relayed(group.id))
             }
-            Body::MemberInfo(_) | Body::Leave => Err(RelationshipError::Unexpected(
+            Body::MemberInfo(_) | Body::Leave { .. } => Err(RelationshipError::Unexpected(
                 "a group message in a relationship",
             )),
         }

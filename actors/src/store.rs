@@ -23,7 +23,7 @@ use crate::seal::SealKey;
 
 /// Version of the layout of the tables and records below. Bump it when a
 /// stored format changes incompatibly.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// META key of the seed of this node's service key (see `crate::seal`).
 const SERVICE_KEY: &str = "service_key_seed";

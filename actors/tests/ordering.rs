@@ -35,6 +35,8 @@ struct Member {
     store: Store,
     node: NodeAddrs,
     group: Option<GroupSession>,
+    /// Its group key while it is down (what others still send to).
+    was: Option<Ipk>,
     alive: bool,
 }
 
@@ -54,6 +56,7 @@ fn member() -> Member {
         store,
         node,
         group: None,
+        was: None,
         alive: true,
     }
 }
@@ -177,13 +180,33 @@ fn run(changes: Changes, from: usize, members: &mut [Member], pool: &mut Pool) {
 fn index_of(members: &[Member], ipk: Ipk) -> Option<usize> {
     members
         .iter()
-        .position(|m| m.group.as_ref().is_some_and(|g| g.own_ipk() == ipk))
+        .position(|m| m.group.as_ref().map(|g| g.own_ipk()).or(m.was) == Some(ipk))
+}
+
+/// What happens to members during a run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Faults {
+    None,
+    /// The ordering member (rank 0: the creator) dies for good part-way;
+    /// what it had queued is lost with it.
+    OrdererDies,
+    /// Members crash (`kill -9`) at random moments and come back later,
+    /// with what they had stored: their state and their queued envelopes
+    /// (the outbox is durable). Envelopes to a member that is down wait
+    /// for it (the sender's outbox retries). Time moves on while one is
+    /// down, so the others fail over to the next ordering member and the
+    /// crashed one may come back still believing it orders.
+    Crashes(usize),
 }
 
 /// One seeded run: every member queues `rounds` updates at once; random
-/// delivery until quiet. With `kill_orderer`, the ordering member dies
-/// after a while and time moves past the ordering timeout.
-fn simulate(seed: u64, n: usize, rounds: usize, kill_orderer: bool) {
+/// delivery until quiet, with the given faults.
+fn simulate(seed: u64, n: usize, rounds: usize, faults: Faults) {
+    // RUST_LOG=info shows what the members decide.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut members = form_group(n);
     let mut pool: Pool = BTreeMap::new();
@@ -199,32 +222,61 @@ fn simulate(seed: u64, n: usize, rounds: usize, kill_orderer: bool) {
     }
     let mut steps = 0;
     let mut killed = false;
+    // Crashes still to come, and when each crashed member comes back.
+    let mut crashes_left = match faults {
+        Faults::Crashes(k) => k,
+        _ => 0,
+    };
+    let mut back_at: Vec<Option<u64>> = vec![None; n];
     // Deliveries in a row that were only deferred: when every envelope left
     // waits for something, time has to pass.
     let mut stalled = 0usize;
     loop {
         steps += 1;
         assert!(steps < 200_000, "seed {seed}: no quiescence");
-        if kill_orderer && !killed && steps == 3 * n {
-            // The ordering member (rank 0: the creator) dies; what it had
-            // queued is lost with it.
+        if faults == Faults::OrdererDies && !killed && steps == 3 * n {
             members[0].alive = false;
             pool.retain(|(from, _), _| *from != 0);
             killed = true;
         }
+        if crashes_left > 0 && rng.gen_range(0..(4 * n)) == 0 {
+            let who = rng.gen_range(0..n);
+            if members[who].alive {
+                crashes_left -= 1;
+                tracing::info!(who, now, "--- crash");
+                members[who].alive = false;
+                members[who].was = members[who].group.take().map(|g| g.own_ipk());
+                back_at[who] = Some(now + rng.gen_range(0..3) * (TIMEOUT_MS + 1) + 1);
+            }
+        }
+        for (who, at) in back_at.iter_mut().enumerate() {
+            if at.is_some_and(|t| now >= t) {
+                *at = None;
+                tracing::info!(who, now, "--- back");
+                let id = actors::groups::all_groups(&members[who].store).unwrap()[0].id;
+                members[who].group = Some(GroupSession::load(&members[who].store, id).unwrap());
+                members[who].alive = true;
+            }
+        }
+        let up: Vec<bool> = members.iter().map(|m| m.alive).collect();
         let live: Vec<(usize, usize)> = pool
             .iter()
-            .filter(|(_, q)| !q.is_empty())
+            .filter(|((from, to), q)| {
+                // A crashed member neither sends nor receives until it is
+                // back; what was queued for it waits.
+                !q.is_empty() && (!matches!(faults, Faults::Crashes(_)) || (up[*from] && up[*to]))
+            })
             .map(|(k, _)| *k)
             .collect();
         let in_flight: usize = live.iter().map(|k| pool[k].len()).sum();
         if live.is_empty() || stalled > 2 * in_flight {
             stalled = 0;
             // Quiet: if someone still waits (for a dead ordering service, or
-            // to finish syncing as the new one), time moves on.
+            // to finish syncing as the new one, or to come back), time moves on.
             let waiting = members
                 .iter()
-                .any(|m| m.alive && m.group.as_ref().unwrap().needs_tick());
+                .any(|m| m.alive && m.group.as_ref().unwrap().needs_tick())
+                || back_at.iter().any(Option::is_some);
             if !waiting && live.is_empty() {
                 break;
             }
@@ -258,7 +310,8 @@ fn simulate(seed: u64, n: usize, rounds: usize, kill_orderer: bool) {
                 g.request_catch_up(now, TIMEOUT_MS, &mut c);
                 stalled += 1;
             }
-            // Lost the race or arrived late: its author learns from the winner.
+            // Lost the race or arrived late: its author learns from the
+            // winner. Or ordered under a view the group has left.
             Err(GroupError::WrongEpoch { .. } | GroupError::NotOrderer) => {}
             Err(e) => panic!("seed {seed}: member {to}: {e}"),
         }
@@ -271,6 +324,16 @@ fn simulate(seed: u64, n: usize, rounds: usize, kill_orderer: bool) {
         .map(|m| m.group.as_ref().unwrap())
         .collect();
     let first = live[0];
+    for (i, g) in live.iter().enumerate() {
+        println!(
+            "member {i}: epoch {}, rank {}, pending {}, intents {}, needs tick {}",
+            g.epoch(),
+            g.record().orderer_rank,
+            g.record().pending.is_some(),
+            g.record().intents.len(),
+            g.needs_tick()
+        );
+    }
     for g in &live {
         assert_eq!(g.epoch(), first.epoch(), "seed {seed}: epochs differ");
         assert_eq!(
@@ -284,7 +347,8 @@ fn simulate(seed: u64, n: usize, rounds: usize, kill_orderer: bool) {
         );
     }
     // Every update of every live member was applied (and the dead one's
-    // that were accepted before it died): one epoch each.
+    // that were accepted before it died): one epoch each. Members that
+    // crash and come back lose nothing.
     let live_updates = (live.len() * rounds) as u64;
     assert!(
         first.epoch() > live_updates,
@@ -292,7 +356,7 @@ fn simulate(seed: u64, n: usize, rounds: usize, kill_orderer: bool) {
         first.epoch(),
         1 + live_updates
     );
-    if !kill_orderer {
+    if faults != Faults::OrdererDies {
         assert_eq!(first.epoch(), 1 + (n * rounds) as u64, "seed {seed}");
     }
 }
@@ -312,7 +376,7 @@ fn concurrent_commits_converge_on_one_epoch() {
     for seed in seeds() {
         let n = 3 + (seed % 3) as usize;
         println!("seed {seed}: {n} members, 3 updates each");
-        simulate(seed, n, 3, false);
+        simulate(seed, n, 3, Faults::None);
     }
 }
 
@@ -321,6 +385,15 @@ fn the_group_continues_when_the_ordering_member_dies() {
     for seed in seeds() {
         let n = 3 + (seed % 3) as usize;
         println!("seed {seed}: {n} members, the ordering member dies");
-        simulate(seed, n, 2, true);
+        simulate(seed, n, 2, Faults::OrdererDies);
+    }
+}
+
+#[test]
+fn members_that_crash_and_come_back_do_not_fork_the_group() {
+    for seed in seeds() {
+        let n = 3 + (seed % 3) as usize;
+        println!("seed {seed}: {n} members, 4 crashes");
+        simulate(seed, n, 3, Faults::Crashes(4));
     }
 }
