@@ -634,8 +634,44 @@ impl GroupSession {
         self.orderer_at(self.record.orderer_rank)
     }
 
+    /// Whether we order now. Not while we hold a placeholder: its vote is
+    /// its introducer's until we claim it (see [`GroupSession::votes_of`]),
+    /// so the next rank orders instead.
     pub fn is_orderer(&self) -> bool {
-        self.orderer() == Some(self.key.ipk())
+        self.record.state == GroupState::Active && self.orderer() == Some(self.key.ipk())
+    }
+
+    /// The roster members whose votes `voter`'s node casts when it accepts
+    /// or promises: its own, and those of the placeholders it introduced
+    /// that are still unclaimed. A placeholder's invitee votes only once it
+    /// has claimed, under its own key, so every member of the roster has
+    /// exactly one node voting for it (what Paxos needs), and a group just
+    /// made by an introduction orders at once, its invitees offline or not.
+    fn votes_of(&self, voter: Ipk, roster: &[Ipk]) -> Vec<Ipk> {
+        let introduced = self.record.members.iter().filter(|m| {
+            matches!(m.status, MemberStatus::Placeholder { asserted_by } if asserted_by == voter && m.ipk != voter)
+        });
+        std::iter::once(voter)
+            .chain(introduced.map(|m| m.ipk))
+            .filter(|i| roster.contains(i))
+            .collect()
+    }
+
+    /// Whether `voters` (those that accepted, or promised), we, and the
+    /// members that left (they accept everything) are a majority of votes.
+    fn is_majority(&self, voters: &[Ipk]) -> bool {
+        let roster = self.roster();
+        let left = self.record.left.iter().map(|(i, _)| *i);
+        let mut votes: Vec<Ipk> = voters
+            .iter()
+            .copied()
+            .chain(std::iter::once(self.key.ipk()))
+            .chain(left)
+            .flat_map(|v| self.votes_of(v, &roster))
+            .collect();
+        votes.sort_unstable_by_key(|i| *i.as_bytes());
+        votes.dedup();
+        votes.len() * 2 > roster.len()
     }
 
     /// One outbox row per other member (or one member), same payload.
@@ -935,8 +971,7 @@ impl GroupSession {
             .iter()
             .filter(|(i, _)| roster.contains(i) && !round.promised.contains(i))
             .collect();
-        let promised = round.promised.len() + gone.len();
-        if (promised + 1) * 2 > roster.len() && self.epoch() >= round.highest {
+        if self.is_majority(&round.promised) && self.epoch() >= round.highest {
             self.record.synced_rank = rank;
             tracing::info!(group = %self.record.id, rank, epoch = self.epoch(), promised = round.promised.len(), members = roster.len(), "ordering service synced");
             let epoch = self.epoch();
@@ -987,10 +1022,13 @@ impl GroupSession {
         let epoch = self.epoch();
         let rank = self.record.orderer_rank;
         let digest: [u8; 32] = Sha256::digest(&commit).into();
-        let payload = self.proposal_payload(epoch, &commit);
-        let me = self.key.ipk();
-        for ipk in self.roster().into_iter().filter(|i| *i != me) {
-            self.outbox_to(ipk, &payload, changes, now);
+        // Holding a majority of the votes ourselves, we need nobody's.
+        if !self.is_majority(&[]) {
+            let payload = self.proposal_payload(epoch, &commit);
+            let me = self.key.ipk();
+            for ipk in self.roster().into_iter().filter(|i| *i != me) {
+                self.outbox_to(ipk, &payload, changes, now);
+            }
         }
         self.record.accepted = Some(AcceptedCommit {
             epoch,
@@ -1030,14 +1068,11 @@ impl GroupSession {
     /// our proposal, it is ordered: applied, logged, and sent to everyone.
     fn decide_if_accepted(&mut self, now: u64, changes: &mut Changes) -> Result<(), GroupError> {
         let roster = self.roster();
-        let left = &self.record.left;
-        let Some(proposal) = self.proposal.take_if(|p| {
-            let gone = left
-                .iter()
-                .filter(|(i, _)| roster.contains(i) && !p.acks.contains(i))
-                .count();
-            (p.acks.len() + gone + 1) * 2 > roster.len()
-        }) else {
+        let accepted = self
+            .proposal
+            .as_ref()
+            .is_some_and(|p| self.is_majority(&p.acks));
+        let Some(proposal) = self.proposal.take_if(|_| accepted) else {
             return Ok(());
         };
         let epoch = proposal.epoch;
@@ -1737,6 +1772,10 @@ impl GroupSession {
         else {
             return Ok(Received::Other); // ordered already
         };
+        if self.record.state != GroupState::Active {
+            // Our placeholder's vote is its introducer's until we claim.
+            return Ok(Received::Other);
+        }
         if rank < self.record.orderer_rank {
             // We promised a later ordering service: tell this one.
             let promise = self.view_payload(ViewStep::Promise, self.epoch(), None);
@@ -2017,6 +2056,10 @@ impl GroupSession {
             )
             .map_err(|_| GroupError::BadOrdering)?;
         match m.step {
+            ViewStep::Sync if self.record.state != GroupState::Active => {
+                // Our placeholder's vote is its introducer's until we claim.
+                self.adopt_rank(m.rank, now, changes);
+            }
             ViewStep::Sync => {
                 if m.rank < self.record.orderer_rank {
                     // The asker is behind (an ordering service back from a
@@ -2409,31 +2452,13 @@ mod tests {
         r
     }
 
-    /// The ordering service `o` takes a member's commit request and
-    /// proposes it; `m` accepts it (with `o`, a majority of three); the
-    /// rows of the ordered commit come back.
-    fn order(
-        op: &Person,
-        o: &mut GroupSession,
-        request: &[u8],
-        mp: &Person,
-        m: &mut GroupSession,
-        now: u64,
-    ) -> Vec<OutboxEntry> {
-        let proposals = step(op, o, |s, ch| {
-            assert_eq!(s.receive(request, None, now, ch).unwrap(), Received::Other);
-        });
-        assert_eq!(proposals.len(), 2, "proposed to both other members");
-        let proposal = rows_for(&proposals, m.own_ipk()).pop().unwrap();
-        let accepts = step(mp, m, |s, ch| {
-            assert_eq!(
-                s.receive(&proposal, None, now, ch).unwrap(),
-                Received::Other
-            );
-        });
-        let accept = rows_for(&accepts, o.own_ipk()).pop().unwrap();
+    /// The ordering service `o` takes a member's commit request. It holds
+    /// a majority of the votes (its own, and those of the placeholders it
+    /// introduced), so it orders it at once: the rows of the ordered commit
+    /// come back.
+    fn order(op: &Person, o: &mut GroupSession, request: &[u8], now: u64) -> Vec<OutboxEntry> {
         step(op, o, |s, ch| {
-            s.receive(&accept, None, now, ch).unwrap();
+            assert_eq!(s.receive(request, None, now, ch).unwrap(), Received::Other);
         })
     }
 
@@ -2570,7 +2595,7 @@ mod tests {
 
         // The ordering service proposes the claim; once Charlie accepts
         // it (a majority), it is ordered and fanned out, signed.
-        let fanned = order(&alex, &mut a, &to_orderer[0], &charlie, &mut c, 42);
+        let fanned = order(&alex, &mut a, &to_orderer[0], 42);
         // One signed copy for each member, Blair reached under her new key.
         assert_eq!(fanned.len(), 2);
         assert!(rows_for(&fanned, placeholder_b).is_empty());
@@ -2605,14 +2630,7 @@ mod tests {
             s.claim(&ca_record, &charlie.node, LIFETIMES, 50, ch)
                 .unwrap()
         });
-        let fanned = order(
-            &alex,
-            &mut a,
-            &rows_for(&rows, alex_ipk)[0],
-            &blair,
-            &mut b,
-            51,
-        );
+        let fanned = order(&alex, &mut a, &rows_for(&rows, alex_ipk)[0], 51);
         let ordered = fanned[0].payload.clone();
         for (p, s) in [(&blair, &mut b), (&charlie, &mut c)] {
             deliver(p, s, &ordered).unwrap();

@@ -260,7 +260,11 @@ impl Daemon {
             .arg(person.data_dir())
             .arg("daemon")
             .args(args)
-            .env("RUST_LOG", "warn")
+            // PROTONODE_DAEMON_LOG (a RUST_LOG filter) to see more of a run.
+            .env(
+                "RUST_LOG",
+                std::env::var("PROTONODE_DAEMON_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .envs(person.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
