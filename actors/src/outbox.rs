@@ -31,7 +31,9 @@
 //! just after: the receiver has the envelope durably whatever happens to our
 //! note of it, and if a crash loses the note, the row is sent again and the
 //! receiver answers Duplicate. Recording off the reply path keeps its fsync
-//! out of the latency a sender sees.
+//! out of the latency a sender sees. Records are group-committed: one write
+//! at a time, taking every receipt that came in meanwhile, so a message to a
+//! group of 127 costs a few writes, not 127 in a row.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,7 +41,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use redb::ReadableTable;
 use tokio::sync::{broadcast, mpsc, Notify};
 use tokio::task::JoinHandle;
@@ -47,7 +49,8 @@ use tokio::time::Instant;
 use transports::{Address, DeliveryError, Envelope, Multiaddr, PeerId, Receipt, Refusal};
 
 use crate::changes::{Changes, Destination, StatusChange};
-use crate::model::{now_ms, Conversation, MessageId, TransportInfo};
+use crate::identity::Ipk;
+use crate::model::{now_ms, Conversation, GroupProtonId, MessageId, TransportInfo};
 use crate::records::{GroupProtonRecord, OutboxEntry, OutboxKind, ProtonRecord, Recipient};
 use crate::store::{self, tables, Store, StoreError};
 use crate::views::Event;
@@ -133,6 +136,10 @@ pub fn spawn(
         wake: wake.clone(),
         queues: HashMap::new(),
         inflight: FuturesUnordered::new(),
+        unrecorded: Changes::default(),
+        recording: FuturesUnordered::new(),
+        unrecorded_rows: HashSet::new(),
+        groups: HashMap::new(),
     };
     let task = tokio::spawn(sender.run());
     (
@@ -216,6 +223,15 @@ struct Sender {
     wake: Arc<Notify>,
     queues: HashMap<Destination, Queue>,
     inflight: FuturesUnordered<futures::future::BoxFuture<'static, Attempt>>,
+    /// Finished rows (and their history statuses) not yet being recorded.
+    unrecorded: Changes,
+    /// The one write of finished rows under way; yields its rows.
+    recording: FuturesUnordered<futures::future::BoxFuture<'static, Vec<u64>>>,
+    /// Finished rows whose removal is not yet committed: a rescan must not
+    /// queue them again.
+    unrecorded_rows: HashSet<u64>,
+    /// Members' transports per group, read once for all its destinations.
+    groups: HashMap<GroupProtonId, (Instant, HashMap<Ipk, Vec<TransportInfo>>)>,
 }
 
 impl Sender {
@@ -243,12 +259,48 @@ impl Sender {
                     Some(Command::PeerReachable(peer)) => self.reachable(peer),
                     Some(Command::Stop) | None => break,
                 },
-                Some(attempt) = self.inflight.next() => self.finish(attempt).await,
+                Some(attempt) = self.inflight.next() => {
+                    self.finish(attempt);
+                    // Take every other answer already in, then record them all.
+                    while let Some(Some(attempt)) = self.inflight.next().now_or_never() {
+                        self.finish(attempt);
+                    }
+                    self.record();
+                }
+                Some(rows) = self.recording.next() => {
+                    for seq in rows {
+                        self.unrecorded_rows.remove(&seq);
+                    }
+                    self.record();
+                }
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep_until(sleep) => {}
             }
         }
+        // What is finished gets recorded before we go.
+        while self.recording.next().await.is_some() {}
+        self.record();
+        while self.recording.next().await.is_some() {}
         tracing::debug!("sending service stopped");
+    }
+
+    /// Starts writing the finished rows, unless a write is under way (its
+    /// end starts the next one).
+    fn record(&mut self) {
+        if !self.recording.is_empty() || self.unrecorded.is_empty() {
+            return;
+        }
+        let changes = std::mem::take(&mut self.unrecorded);
+        let rows = changes.outbox_done.clone();
+        let store = self.store.clone();
+        self.recording.push(Box::pin(async move {
+            if let Err(e) = store.write(move |tx| changes.apply(tx)).await {
+                // The rows stay in the table; after a restart they are sent
+                // again and the receiver answers Duplicate.
+                tracing::error!(error = %e, "recording deliveries failed");
+            }
+            rows
+        }));
     }
 
     /// Picks up every row of the table that no queue knows yet.
@@ -263,6 +315,9 @@ impl Sender {
             Ok(rows)
         })?;
         for (seq, entry) in rows {
+            if self.unrecorded_rows.contains(&seq) {
+                continue;
+            }
             self.queues
                 .entry((entry.conversation, entry.recipient))
                 .or_default()
@@ -316,7 +371,17 @@ impl Sender {
         if let Some(q) = self.queues.get_mut(&dest) {
             q.failures = q.failures.saturating_add(1);
             q.retry_at = Some(Instant::now() + backoff(&config, q.failures));
+        }
+        self.forget_transports(dest);
+    }
+
+    /// Reads the destination's transports again next time (they failed).
+    fn forget_transports(&mut self, dest: Destination) {
+        if let Some(q) = self.queues.get_mut(&dest) {
             q.transports = None;
+        }
+        if let Conversation::Group(id) = dest.0 {
+            self.groups.remove(&id);
         }
     }
 
@@ -372,32 +437,44 @@ impl Sender {
                 return Ok(Some(t.clone()));
             }
         }
-        let found: Option<Vec<TransportInfo>> = self.store.read(|tx| {
-            Ok(match dest {
-                (Conversation::Proton(id), Recipient::Peer) => store::get::<_, ProtonRecord, _>(
+        let found: Option<Vec<TransportInfo>> = match dest {
+            (Conversation::Proton(id), Recipient::Peer) => self.store.read(|tx| {
+                Ok(store::get::<_, ProtonRecord, _>(
                     &tx.open_table(tables::PROTONS)?,
                     id.0,
                     "proton",
                 )?
-                .map(|r| r.peer_transports),
-                (Conversation::Group(id), Recipient::Member(ipk)) => {
+                .map(|r| r.peer_transports))
+            })?,
+            (Conversation::Group(id), Recipient::Member(ipk)) => {
+                // One read of the group serves all its members' queues (a
+                // message to a large group starts one per member at once).
+                let fresh = self.groups.get(&id).filter(|(at, members)| {
+                    at.elapsed() < TRANSPORTS_TTL && members.contains_key(&ipk)
+                });
+                if fresh.is_none() {
                     // Even a group we left: our "leave" must still get out.
-                    store::get::<_, GroupProtonRecord, _>(
-                        &tx.open_table(tables::GROUPS)?,
-                        id.0,
-                        "group",
-                    )?
-                    .and_then(|g| {
-                        g.members
-                            .into_iter()
-                            .chain(g.former)
-                            .find(|m| m.ipk == ipk)
-                            .map(|m| m.transports)
-                    })
+                    let members = self.store.read(|tx| {
+                        Ok(store::get::<_, GroupProtonRecord, _>(
+                            &tx.open_table(tables::GROUPS)?,
+                            id.0,
+                            "group",
+                        )?
+                        .map(|g| {
+                            g.former
+                                .into_iter()
+                                .chain(g.members)
+                                .map(|m| (m.ipk, m.transports))
+                                .collect::<HashMap<_, _>>()
+                        })
+                        .unwrap_or_default())
+                    })?;
+                    self.groups.insert(id, (Instant::now(), members));
                 }
-                _ => None,
-            })
-        })?;
+                self.groups.get(&id).and_then(|(_, m)| m.get(&ipk).cloned())
+            }
+            _ => None,
+        };
         let Some(transports) = found else {
             return Ok(None);
         };
@@ -477,7 +554,7 @@ impl Sender {
         });
     }
 
-    async fn finish(&mut self, attempt: Attempt) {
+    fn finish(&mut self, attempt: Attempt) {
         let Attempt {
             destination,
             rows,
@@ -526,29 +603,25 @@ impl Sender {
             self.report(entry, *delivered);
         }
         let done: HashSet<u64> = finished.iter().map(|(s, _, _)| *s).collect();
-        if !finished.is_empty() {
-            let mut changes = Changes::default();
-            for (seq, entry, delivered) in &finished {
-                changes.outbox_done.push(*seq);
-                if let Some(position) = entry.history {
-                    let change = if *delivered {
-                        StatusChange::Acknowledged
-                    } else {
-                        StatusChange::Failed
-                    };
-                    changes
-                        .statuses
-                        .push((entry.conversation, position, change));
-                }
-            }
-            if let Err(e) = self.store.write(move |tx| changes.apply(tx)).await {
-                // The rows stay in the table; after a restart they are sent
-                // again and the receiver answers Duplicate.
-                tracing::error!(error = %e, "recording deliveries failed");
+        for (seq, entry, delivered) in &finished {
+            self.unrecorded.outbox_done.push(*seq);
+            self.unrecorded_rows.insert(*seq);
+            if let Some(position) = entry.history {
+                let change = if *delivered {
+                    StatusChange::Acknowledged
+                } else {
+                    StatusChange::Failed
+                };
+                self.unrecorded
+                    .statuses
+                    .push((entry.conversation, position, change));
             }
         }
 
         let config = self.config.clone();
+        if transient || next_address {
+            self.forget_transports(destination);
+        }
         if let Some(q) = self.queues.get_mut(&destination) {
             q.busy = false;
             q.remove(&done);
@@ -558,17 +631,14 @@ impl Sender {
                 q.failures = 0;
                 q.retry_at = None;
                 q.candidate = q.candidate.wrapping_add(1);
-                q.transports = None;
             } else if transient {
                 q.failures = q.failures.saturating_add(1);
                 q.retry_at = Some(Instant::now() + backoff(&config, q.failures));
                 q.candidate = q.candidate.wrapping_add(1);
-                q.transports = None;
             } else if next_address {
                 q.refusals += 1;
                 q.candidate = q.candidate.wrapping_add(1);
                 q.retry_at = None;
-                q.transports = None;
             } else {
                 q.failures = 0;
                 q.refusals = 0;
