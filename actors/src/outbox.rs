@@ -62,6 +62,13 @@ const COMMAND_CAPACITY: usize = 1024;
 /// Rows of one destination whose contents are kept in memory; beyond that
 /// only their sequence numbers are, and contents are read when sent.
 const CACHED_ROWS: usize = 4096;
+/// How long one delivery attempt may take before the queue gives up on it
+/// and tries again (another transport next). A connection to a node that
+/// was killed can look alive for a while (QUIC has no close to wait for),
+/// and everything queued behind the batch would wait with it; in a group
+/// that commits meanwhile, a message that waits too long cannot be read
+/// any more (`mls::MAX_PAST_EPOCHS`).
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a destination's transports are trusted before being re-read
 /// (the peer may have sent new ones); they are also re-read after a failure.
 const TRANSPORTS_TTL: Duration = Duration::from_secs(5);
@@ -523,9 +530,12 @@ impl Sender {
         let client = self.client.clone();
         let count = candidates.len();
         self.inflight.push(Box::pin(async move {
-            let result = client
-                .deliver(candidate.peer, candidate.addrs, &envelopes)
-                .await;
+            let result = tokio::time::timeout(
+                ATTEMPT_TIMEOUT,
+                client.deliver(candidate.peer, candidate.addrs, &envelopes),
+            )
+            .await
+            .unwrap_or(Err(DeliveryError::Timeout));
             Attempt {
                 destination: dest,
                 rows: batch,

@@ -25,8 +25,13 @@ pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_
 const MAX_FORWARD_DISTANCE: u32 = 5_000;
 /// How many skipped generations are remembered for late arrivals.
 const OUT_OF_ORDER_TOLERANCE: u32 = 64;
-/// How many past epochs keep their secrets, for messages sent just before a commit.
-const MAX_PAST_EPOCHS: usize = 8;
+/// How many past epochs keep their secrets, for messages sent before the
+/// commits that passed them. A message waits in its sender's outbox while
+/// the receiver is down or unreachable, and the group may commit meanwhile
+/// (a key rotation, a member added): 32 commits is the window it has. Each
+/// kept epoch is also a window of old receive keys (forward secrecy is that
+/// much weaker).
+pub const MAX_PAST_EPOCHS: usize = 32;
 
 /// What failed in an MLS step. openmls's errors are generic over the storage
 /// error; they are kept as text, named by the step.
@@ -54,6 +59,8 @@ pub enum MlsError {
     Process(String),
     #[error("the message was already processed (its key is used up): a retried delivery")]
     Replay,
+    #[error("the message is from an epoch too long ago (more than {MAX_PAST_EPOCHS} commits): its keys are gone and it cannot be read")]
+    Expired,
     #[error("loading the group from storage failed: {0}")]
     Load(String),
     #[error("the group is not in storage")]
@@ -280,10 +287,17 @@ pub fn process(
             // Each message key decrypts once; this is how retried
             // deliveries are told apart from new messages.
             ProcessMessageError::ValidationError(ValidationError::UnableToDecrypt(
-                MessageDecryptionError::SecretTreeError(
-                    SecretTreeError::SecretReuseError | SecretTreeError::TooDistantInThePast,
-                ),
+                MessageDecryptionError::SecretTreeError(SecretTreeError::SecretReuseError),
             )) => MlsError::Replay,
+            // Not a retry: a message that waited longer than the group kept
+            // its epoch's keys. Told apart so that it is never dropped
+            // silently.
+            ProcessMessageError::ValidationError(
+                ValidationError::UnableToDecrypt(MessageDecryptionError::SecretTreeError(
+                    SecretTreeError::TooDistantInThePast,
+                ))
+                | ValidationError::NoPastEpochData,
+            ) => MlsError::Expired,
             other => MlsError::Process(other.to_string()),
         }
     })?;
@@ -548,6 +562,61 @@ mod tests {
                 .write_blocking(|tx| apply_writes(tx, &writes))
                 .unwrap();
         }
+    }
+
+    /// Blair and Alex in one group, Blair having created it.
+    fn pair() -> (Party, Party, MlsGroup, MlsGroup) {
+        let (alex, blair) = (Party::new(), Party::new());
+        let alex_p = alex.provider();
+        let kp = new_key_package(&alex_p, &alex.key).unwrap();
+        alex.commit(&alex_p);
+        let blair_p = blair.provider();
+        let mut blair_group = create_group(&blair_p, &blair.key).unwrap();
+        let (_commit, welcome) = add_members(
+            &mut blair_group,
+            &blair_p,
+            &blair.key,
+            &[kp.key_package().clone()],
+        )
+        .unwrap();
+        blair.commit(&blair_p);
+        let alex_group = join_from_welcome(&alex_p, &welcome).unwrap();
+        alex.commit(&alex_p);
+        (alex, blair, alex_group, blair_group)
+    }
+
+    #[test]
+    fn a_message_older_than_the_kept_epochs_is_expired_not_a_replay() {
+        let (alex, blair, mut alex_group, mut blair_group) = pair();
+        let (alex_p, blair_p) = (alex.provider(), blair.provider());
+        let old = encrypt(&mut blair_group, &blair_p, &blair.key, b"old").unwrap();
+        let mut kept = None;
+        for i in 0..=MAX_PAST_EPOCHS {
+            if i == MAX_PAST_EPOCHS - 1 {
+                kept = Some(encrypt(&mut blair_group, &blair_p, &blair.key, b"kept").unwrap());
+            }
+            let commit = stage_self_update(&mut blair_group, &blair_p, &blair.key).unwrap();
+            merge_pending(&mut blair_group, &blair_p).unwrap();
+            let Incoming::Commit { staged, .. } =
+                process(&mut alex_group, &alex_p, &commit).unwrap()
+            else {
+                panic!("expected a commit");
+            };
+            merge_staged(&mut alex_group, &alex_p, *staged).unwrap();
+        }
+        blair.commit(&blair_p);
+        alex.commit(&alex_p);
+        // Sent two commits ago, within the window: read.
+        assert!(matches!(
+            process(&mut alex_group, &alex_p, &kept.unwrap()),
+            Ok(Incoming::Application { .. })
+        ));
+        // Sent more commits ago than the keys are kept: told apart from a
+        // retried delivery, never mistaken for one.
+        assert!(matches!(
+            process(&mut alex_group, &alex_p, &old),
+            Err(MlsError::Expired)
+        ));
     }
 
     #[test]
