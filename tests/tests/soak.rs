@@ -418,6 +418,7 @@ fn soak_kill_9_random_daemons_while_sending_one_to_one_and_in_groups() {
             contact[j][i] = at_j;
         }
     }
+    let contacts_made = started.elapsed();
     let mut world = World {
         people: people.clone(),
         contact,
@@ -456,11 +457,12 @@ fn soak_kill_9_random_daemons_while_sending_one_to_one_and_in_groups() {
             ids,
         });
     }
+    let groups_claimed = started.elapsed();
     wait_for(SETTLE, || world.groups_agree().ok()?.0.then_some(()))
         .unwrap_or_else(|| panic!("the groups never agreed: {:#?}", world.groups_agree()));
     let world = world;
     println!(
-        "set up {n} nodes, {} contacts, {} groups in {:.1?}",
+        "set up {n} nodes, {} contacts, {} groups in {:.1?} (contacts made at {contacts_made:.1?}, groups claimed at {groups_claimed:.1?})",
         n * (n - 1) / 2,
         world.groups.len(),
         started.elapsed()
