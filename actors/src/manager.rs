@@ -301,13 +301,18 @@ impl RelationshipManager {
     /// Resolves a group: an exact id, a unique name, or a unique id prefix
     /// of at least 4 digits. Groups we left are found only by id.
     fn resolve_group(&self, query: &str) -> Result<GroupProtonRecord, Error> {
-        let all = groups::all_groups(&self.shared.store)?;
         let q = query.trim();
+        // An exact id is one read, not a scan of every group.
         if let Ok(id) = q.parse::<GroupProtonId>() {
-            if let Some(g) = all.iter().find(|g| g.id == id) {
-                return Ok(g.clone());
+            let found: Option<GroupProtonRecord> = self
+                .shared
+                .store
+                .read(|tx| store::get(&tx.open_table(tables::GROUPS)?, id.0, "group"))?;
+            if let Some(g) = found {
+                return Ok(g);
             }
         }
+        let all = groups::all_groups(&self.shared.store)?;
         let live: Vec<&GroupProtonRecord> =
             all.iter().filter(|g| g.state != GroupState::Gone).collect();
         let by_name: Vec<&&GroupProtonRecord> = live
@@ -342,6 +347,22 @@ impl RelationshipManager {
 
     /// A contact or a group, whichever `query` names.
     fn resolve_conversation(&self, query: &str) -> Result<Conversation, Error> {
+        // An exact id: one read each (a group and a relationship never share
+        // an id), no scan.
+        let q = query.trim();
+        if let (Ok(g), Ok(p)) = (q.parse::<GroupProtonId>(), q.parse::<ProtonId>()) {
+            let (group, proton) = self.shared.store.read(|tx| {
+                Ok((
+                    tx.open_table(tables::GROUPS)?.get(g.0)?.is_some(),
+                    tx.open_table(tables::PROTONS)?.get(p.0)?.is_some(),
+                ))
+            })?;
+            match (group, proton) {
+                (true, false) => return Ok(Conversation::Group(g)),
+                (false, true) => return Ok(Conversation::Proton(p)),
+                _ => {}
+            }
+        }
         let contact = self.resolve(query);
         let group = self.resolve_group(query);
         match (contact, group) {
@@ -366,13 +387,18 @@ impl RelationshipManager {
     /// Resolves what the user typed to a relationship: an exact id, a unique
     /// name (case-insensitive), or a unique id prefix of at least 4 digits.
     fn resolve(&self, query: &str) -> Result<ProtonRecord, Error> {
-        let protons = all_protons(&self.shared.store)?;
         let query_trim = query.trim();
+        // An exact id is one read, not a scan of every relationship.
         if let Ok(id) = query_trim.parse::<ProtonId>() {
-            if let Some(p) = protons.iter().find(|p| p.id == id) {
-                return Ok(p.clone());
+            let found: Option<ProtonRecord> = self
+                .shared
+                .store
+                .read(|tx| store::get(&tx.open_table(tables::PROTONS)?, id.0, "proton"))?;
+            if let Some(p) = found {
+                return Ok(p);
             }
         }
+        let protons = all_protons(&self.shared.store)?;
         let retired = retired_map(&self.shared.store)?;
         // A merged relationship is found by its id (or a prefix) only: by
         // name, the merge's result stands for it.

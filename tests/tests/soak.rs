@@ -410,6 +410,8 @@ fn soak_kill_9_random_daemons_while_sending_one_to_one_and_in_groups() {
     let people: Arc<Vec<Person>> = Arc::new(NAMES[..n].iter().map(|name| person(name)).collect());
     let daemons: Arc<Vec<Mutex<Daemon>>> =
         Arc::new(people.iter().map(|p| Mutex::new(p.start())).collect());
+    // (The first CLI call builds the daemon binary when it is stale.)
+    let daemons_up = started.elapsed();
     let mut contact = vec![vec![String::new(); n]; n];
     for i in 0..n {
         for j in i + 1..n {
@@ -462,7 +464,7 @@ fn soak_kill_9_random_daemons_while_sending_one_to_one_and_in_groups() {
         .unwrap_or_else(|| panic!("the groups never agreed: {:#?}", world.groups_agree()));
     let world = world;
     println!(
-        "set up {n} nodes, {} contacts, {} groups in {:.1?} (contacts made at {contacts_made:.1?}, groups claimed at {groups_claimed:.1?})",
+        "set up {n} nodes, {} contacts, {} groups in {:.1?} (daemons up at {daemons_up:.1?}, contacts made at {contacts_made:.1?}, groups claimed at {groups_claimed:.1?})",
         n * (n - 1) / 2,
         world.groups.len(),
         started.elapsed()
