@@ -1524,8 +1524,17 @@ impl GroupSession {
                         commit: a.commit,
                     })
                 });
+                // A placeholder's vote is its introducer's, whatever its
+                // invitee does: only members voting for themselves count
+                // as accepting once they leave.
+                let votes_itself = !self.record.members.iter().any(|m| {
+                    m.ipk == sender
+                        && matches!(m.status, MemberStatus::Placeholder { asserted_by } if asserted_by != sender)
+                });
                 self.record.left.retain(|(i, _)| *i != sender);
-                self.record.left.push((sender, accepted));
+                if votes_itself {
+                    self.record.left.push((sender, accepted));
+                }
                 // The ordering service itself leaves: the next one takes over.
                 if self.orderer() == Some(sender) {
                     let next = self.record.orderer_rank.wrapping_add(1);
