@@ -348,7 +348,7 @@ pub fn create_group(
 /// decodes them from a whole record and leaves the rest unread.
 #[derive(serde::Deserialize)]
 struct GroupHead {
-    _id: GroupProtonId,
+    id: GroupProtonId,
     _created_at: u64,
     _name: Option<String>,
     group_id: Vec<u8>,
@@ -365,20 +365,7 @@ pub fn accept_introduction(
     intro: &Introduction,
     now: u64,
 ) -> Result<(GroupProtonRecord, Changes), GroupError> {
-    let known = store.read(|tx| {
-        let t = tx.open_table(tables::GROUPS)?;
-        for e in t.iter()? {
-            let (_, v) = e?;
-            // The record's first fields only: its members and keys are
-            // not needed to tell whether we are in this group already.
-            let g: GroupHead = store::decode(v.value(), "group")?;
-            if g.group_id == intro.group_id && g.state != GroupState::Gone {
-                return Ok(true);
-            }
-        }
-        Ok(false)
-    })?;
-    if known {
+    if find_by_group_id(store, &intro.group_id)?.is_some() {
         return Err(GroupError::AlreadyMember);
     }
     intro
@@ -508,6 +495,10 @@ pub struct GroupSession {
     /// As the ordering service: the commit we proposed, not yet accepted
     /// by a majority.
     proposal: Option<Proposal>,
+    /// As the ordering service holding a majority alone: a member's commit
+    /// processed and checked once, merged when it is ordered a moment
+    /// later (in the same step) instead of processed a second time.
+    checked: Option<(Vec<u8>, Incoming)>,
 }
 
 /// A [`Payload::View`], its signature apart.
@@ -560,6 +551,7 @@ impl GroupSession {
             last_catch_up: 0,
             sync: None,
             proposal: None,
+            checked: None,
         })
     }
 
@@ -619,6 +611,7 @@ impl GroupSession {
                 Ok(r)
             }
             Err(e) => {
+                self.checked = None;
                 self.provider.mls_storage().restore(writes);
                 self.record = record;
                 self.key = self.record.own_key.key();
@@ -1630,32 +1623,46 @@ impl GroupSession {
                 at: self.epoch(),
             });
         }
-        self.check_commit(bytes)?;
-        self.propose(bytes.to_vec(), now, changes)?;
+        if self.is_majority(&[]) {
+            // Ordered as soon as proposed: processed once, and merged by
+            // `apply_commit` (a failure here leaves the session as it was,
+            // see `isolated`).
+            let incoming = self.check_commit(bytes)?;
+            self.checked = Some((bytes.to_vec(), incoming));
+            let proposed = self.propose(bytes.to_vec(), now, changes);
+            self.checked = None;
+            proposed?;
+        } else {
+            let writes = self.provider.mls_storage().snapshot();
+            let checked = self.check_commit(bytes);
+            self.provider.mls_storage().restore(writes);
+            self.group = mls::load_group(&self.provider, self.group.group_id())?;
+            checked?;
+            self.propose(bytes.to_vec(), now, changes)?;
+        }
         Ok(Received::Other)
     }
 
-    /// Whether a member's commit applies to our group as it is, and a
-    /// claim in it proves itself; changes nothing.
-    fn check_commit(&mut self, bytes: &[u8]) -> Result<(), GroupError> {
-        let writes = self.provider.mls_storage().snapshot();
-        let checked = match mls::process(&mut self.group, &self.provider, bytes) {
-            Ok(Incoming::Commit {
+    /// Processes a member's commit: whether it applies to our group as it
+    /// is, and a claim in it proves itself. Staged, not merged.
+    fn check_commit(&mut self, bytes: &[u8]) -> Result<Incoming, GroupError> {
+        match mls::process(&mut self.group, &self.provider, bytes)? {
+            Incoming::Commit {
                 staged,
                 sender,
                 aad,
-            }) => match mls::summarize(&self.group, &staged, sender).replaced {
-                Some((old, new)) => verify_claim(&aad, old, new)
-                    .map(|_| ())
-                    .map_err(GroupError::BadClaim),
-                None => Ok(()),
-            },
-            Ok(_) => Err(GroupError::Unexpected("not a commit")),
-            Err(e) => Err(e.into()),
-        };
-        self.provider.mls_storage().restore(writes);
-        self.group = mls::load_group(&self.provider, self.group.group_id())?;
-        checked
+            } => {
+                if let Some((old, new)) = mls::summarize(&self.group, &staged, sender).replaced {
+                    verify_claim(&aad, old, new).map_err(GroupError::BadClaim)?;
+                }
+                Ok(Incoming::Commit {
+                    staged,
+                    sender,
+                    aad,
+                })
+            }
+            _ => Err(GroupError::Unexpected("not a commit")),
+        }
     }
 
     fn requeue_pending(&mut self) {
@@ -1690,6 +1697,15 @@ impl GroupSession {
             self.finish_intent(pending, now, changes)?;
             return Ok(replaced);
         }
+        let processed = match self.checked.take() {
+            Some((checked, incoming)) if checked == commit => incoming,
+            _ => {
+                if self.record.pending.is_some() {
+                    mls::clear_pending(&mut self.group, &self.provider)?;
+                }
+                mls::process(&mut self.group, &self.provider, commit)?
+            }
+        };
         if self.record.pending.is_some() {
             mls::clear_pending(&mut self.group, &self.provider)?;
             self.requeue_pending();
@@ -1698,7 +1714,7 @@ impl GroupSession {
             staged,
             sender,
             aad,
-        } = mls::process(&mut self.group, &self.provider, commit)?
+        } = processed
         else {
             return Err(GroupError::Unexpected(
                 "an ordered message that is not a commit",
@@ -2316,6 +2332,33 @@ pub fn load_protons(
 }
 
 /// Every group proton.
+/// Our membership (not gone) of the MLS group `group_id`, if any. Decodes
+/// only each record's first fields: members and keys are not needed.
+pub fn find_by_group_id(
+    store: &Store,
+    group_id: &[u8],
+) -> Result<Option<GroupProtonId>, StoreError> {
+    store.read(|tx| {
+        let t = tx.open_table(tables::GROUPS)?;
+        for e in t.iter()? {
+            let (_, v) = e?;
+            let g: GroupHead = store::decode(v.value(), "group")?;
+            if g.group_id == group_id && g.state != GroupState::Gone {
+                return Ok(Some(g.id));
+            }
+        }
+        Ok(None)
+    })
+}
+
+/// One group record, by its id: one read.
+pub fn get_group(
+    store: &Store,
+    id: GroupProtonId,
+) -> Result<Option<GroupProtonRecord>, StoreError> {
+    store.read(|tx| store::get(&tx.open_table(tables::GROUPS)?, id.0, "group"))
+}
+
 pub fn all_groups(store: &Store) -> Result<Vec<GroupProtonRecord>, StoreError> {
     store.read(|tx| {
         let t = tx.open_table(tables::GROUPS)?;

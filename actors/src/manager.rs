@@ -304,11 +304,7 @@ impl RelationshipManager {
         let q = query.trim();
         // An exact id is one read, not a scan of every group.
         if let Ok(id) = q.parse::<GroupProtonId>() {
-            let found: Option<GroupProtonRecord> = self
-                .shared
-                .store
-                .read(|tx| store::get(&tx.open_table(tables::GROUPS)?, id.0, "group"))?;
-            if let Some(g) = found {
+            if let Some(g) = groups::get_group(&self.shared.store, id)? {
                 return Ok(g);
             }
         }
@@ -698,9 +694,7 @@ fn contact_view(
 ) -> Result<ContactView, Error> {
     let mut view = ContactView::of(p).marked(retired_into, &merge::trust_of(store, p.id)?);
     if let Provenance::MetInGroup { group, .. } = p.provenance {
-        let name = groups::all_groups(store)?
-            .into_iter()
-            .find(|g| g.id == group)
+        let name = groups::get_group(store, group)?
             .and_then(|g| g.name)
             .map(|n| format!("\"{n}\" ({group})"))
             .unwrap_or_else(|| group.to_string());
@@ -1126,10 +1120,8 @@ impl Handler<GroupCommand> for RelationshipManager {
                 .send(Do(command))
                 .await
                 .map_err(|_| Error::Stopped)??;
-            let record = groups::all_groups(&store)?
-                .into_iter()
-                .find(|g| g.id == id)
-                .ok_or(Error::UnknownGroup(id.to_string()))?;
+            let record =
+                groups::get_group(&store, id)?.ok_or(Error::UnknownGroup(id.to_string()))?;
             Ok(GroupView::of(&record))
         })
     }

@@ -485,10 +485,7 @@ pub fn introducer_of(
     let Provenance::MetInGroup { group, .. } = p.provenance else {
         return Ok(None);
     };
-    let Some(g) = crate::groups::all_groups(store)?
-        .into_iter()
-        .find(|g| g.id == group)
-    else {
+    let Some(g) = crate::groups::get_group(store, group)? else {
         return Ok(None);
     };
     let Some((via, _)) = g.introduced else {

@@ -908,20 +908,17 @@ impl ProtonSession {
             Body::Equivalence { ref group_id, .. } | Body::Decline { ref group_id } => {
                 // The group's business: hand it over in the same transaction.
                 let store = self.provider.mls_storage().store();
-                let group = crate::groups::all_groups(store)?
-                    .into_iter()
-                    .find(|g| &g.group_id == group_id)
-                    .ok_or(RelationshipError::Unexpected(
-                        "a message about a group we are not in",
-                    ))?;
+                let group = crate::groups::find_by_group_id(store, group_id)?.ok_or(
+                    RelationshipError::Unexpected("a message about a group we are not in"),
+                )?;
                 changes.inbox.push(InboxEntry {
-                    owner: Owner::Group(group.id),
+                    owner: Owner::Group(group),
                     source: Source::Relationship(self.record.id),
                     context: None,
                     payload: Payload::Relayed(Box::new(plaintext.body)).encode(),
                     received_at: now,
                 });
-                Ok(Received::Relayed(group.id))
+                Ok(Received::Relayed(group))
             }
             Body::MemberInfo(_) | Body::Leave { .. } => Err(RelationshipError::Unexpected(
                 "a group message in a relationship",

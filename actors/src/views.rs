@@ -315,8 +315,10 @@ pub struct GroupView {
 
 impl GroupView {
     pub fn of(g: &GroupProtonRecord) -> Self {
+        // Deriving our public key is a scalar multiplication: once per group.
+        let me = g.own_key.key().ipk();
         let name_of = |ipk: &Ipk| {
-            if *ipk == g.own_key.key().ipk() {
+            if *ipk == me {
                 return "me".to_string();
             }
             g.members
@@ -325,7 +327,6 @@ impl GroupView {
                 .map(|m| m.display.name.clone())
                 .unwrap_or_else(|| ipk.fingerprint())
         };
-        let me = g.own_key.key().ipk();
         let mut members = vec![MemberView {
             id: me.fingerprint(),
             name: g.own_display.name.clone(),
