@@ -319,7 +319,7 @@ pub fn create_group(
         own_transports: own_transports.clone(),
         direct_seed: SealKey::generate().seed(),
         introduced: None,
-        members: invitees.iter().map(|i| i.member.clone()).collect(),
+        members: std::sync::Arc::new(invitees.iter().map(|i| i.member.clone()).collect()),
         orderer_rank: 0,
         synced_rank: 0,
         accepted: None,
@@ -418,7 +418,7 @@ pub fn accept_introduction(
         own_transports: intro.your_transports.clone(),
         direct_seed: SealKey::generate().seed(),
         introduced: Some((proton.id, introducer)),
-        members,
+        members: members.into(),
         orderer_rank: intro.orderer_rank,
         synced_rank: 0,
         accepted: None,
@@ -692,7 +692,7 @@ impl GroupSession {
         now: u64,
     ) -> u32 {
         let mut count = 0;
-        for m in &self.record.members {
+        for m in self.record.members.iter() {
             if only.is_some_and(|o| o != m.ipk) {
                 continue;
             }
@@ -1279,9 +1279,10 @@ impl GroupSession {
                 self.announce(vec![info], now, changes)?;
             }
             Intent::Add { invitees } => {
+                let members = std::sync::Arc::make_mut(&mut self.record.members);
                 for i in &invitees {
-                    self.record.members.retain(|m| m.ipk != i.member.ipk);
-                    self.record.members.push(i.member.clone());
+                    members.retain(|m| m.ipk != i.member.ipk);
+                    members.push(i.member.clone());
                 }
                 // Existing members learn who the placeholders are for.
                 let infos: Vec<MemberInfo> =
@@ -1309,17 +1310,30 @@ impl GroupSession {
     fn sync_roster(&mut self) {
         let roster = self.roster();
         let me = self.key.ipk();
-        let (kept, gone): (Vec<Member>, Vec<Member>) = std::mem::take(&mut self.record.members)
-            .into_iter()
-            .partition(|m| roster.contains(&m.ipk));
-        self.record.members = kept;
+        if roster.len() == self.record.members.len() + 1
+            && roster.contains(&me)
+            && self
+                .record
+                .members
+                .iter()
+                .all(|m| m.ipk != me && roster.contains(&m.ipk))
+        {
+            // Nobody came or went (most commits): the list stays shared.
+            self.record.left.retain(|(i, _)| roster.contains(i));
+            return;
+        }
+        let (kept, gone): (Vec<Member>, Vec<Member>) =
+            std::sync::Arc::unwrap_or_clone(std::mem::take(&mut self.record.members))
+                .into_iter()
+                .partition(|m| roster.contains(&m.ipk));
+        self.record.members = std::sync::Arc::new(kept);
         self.record.former.extend(gone);
         self.record.left.retain(|(i, _)| roster.contains(i));
         let excess = self.record.former.len().saturating_sub(FORMER_KEPT);
         self.record.former.drain(..excess);
         for ipk in roster {
             if ipk != me && !self.record.members.iter().any(|m| m.ipk == ipk) {
-                self.record.members.push(Member {
+                std::sync::Arc::make_mut(&mut self.record.members).push(Member {
                     ipk,
                     display: DisplayIdentity {
                         name: format!("member {}", ipk.fingerprint()),
@@ -1567,7 +1581,10 @@ impl GroupSession {
             return;
         }
         let about_self = info.ipk == sender;
-        let Some(member) = self.record.members.iter_mut().find(|m| m.ipk == info.ipk) else {
+        let Some(member) = std::sync::Arc::make_mut(&mut self.record.members)
+            .iter_mut()
+            .find(|m| m.ipk == info.ipk)
+        else {
             return;
         };
         if about_self {
@@ -1843,7 +1860,10 @@ impl GroupSession {
                 .iter()
                 .find(|(i, _)| *i == new)
                 .map(|(_, p)| *p);
-            if let Some(m) = self.record.members.iter_mut().find(|m| m.ipk == old) {
+            if let Some(m) = std::sync::Arc::make_mut(&mut self.record.members)
+                .iter_mut()
+                .find(|m| m.ipk == old)
+            {
                 m.ipk = new;
                 m.claim = verified.clone();
                 m.status = match (linked, &verified) {
@@ -1879,7 +1899,10 @@ impl GroupSession {
                     attestation.first
                 };
                 attestation.verify_as(Kind::Equivalent, &member_key, &peer.peer_ipk)?;
-                match self.record.members.iter_mut().find(|m| m.ipk == member_key) {
+                match std::sync::Arc::make_mut(&mut self.record.members)
+                    .iter_mut()
+                    .find(|m| m.ipk == member_key)
+                {
                     Some(m) => m.status = MemberStatus::Linked { proton },
                     // The claim commit has not arrived yet.
                     None => self.record.pending_links.push((member_key, proton)),
@@ -2230,9 +2253,7 @@ impl GroupSession {
 
     /// Marks a member verified (checked out of band).
     pub fn verify_member(&mut self, member: Ipk, changes: &mut Changes) -> Result<(), GroupError> {
-        let m = self
-            .record
-            .members
+        let m = std::sync::Arc::make_mut(&mut self.record.members)
             .iter_mut()
             .find(|m| m.ipk == member)
             .ok_or_else(|| GroupError::UnknownMember(member.fingerprint()))?;

@@ -25,7 +25,7 @@ use transports::{Address, Envelope, Receipt, Refusal};
 
 use crate::model::GroupProtonId;
 use crate::records::{AddressKind, AddressRecord, InboxEntry, Owner, Source};
-use crate::seal::SealKey;
+use crate::seal::Resolver;
 use crate::store::{self, tables, StoreError};
 
 /// Stores a batch of envelopes in `tx`: the receipts, in order, and the
@@ -41,7 +41,7 @@ use crate::store::{self, tables, StoreError};
 pub fn store_batch(
     tx: &WriteTransaction,
     envelopes: &[Envelope],
-    service: &SealKey,
+    service: &Resolver,
     now: u64,
 ) -> Result<(Vec<Receipt>, Vec<Owner>), StoreError> {
     let mut addresses = tx.open_table(tables::ADDRESSES)?;
@@ -121,6 +121,7 @@ pub fn store_batch(
 mod tests {
     use super::*;
     use crate::model::{ProtonId, TicketId};
+    use crate::seal::SealKey;
     use crate::store::Store;
     use redb::ReadableTableMetadata;
     use transports::DeliveryAddress;
@@ -183,7 +184,9 @@ mod tests {
             },
         ];
         let (receipts, owners) = store
-            .write_blocking(move |tx| store_batch(tx, &batch, &SealKey::generate(), 50))
+            .write_blocking(move |tx| {
+                store_batch(tx, &batch, &Resolver::new(SealKey::generate()), 50)
+            })
             .unwrap();
         assert_eq!(
             receipts,
@@ -220,7 +223,9 @@ mod tests {
             Envelope::new(derived.clone(), b"early".to_vec()),
             Envelope::new(stranger, b"x".to_vec()),
         ];
-        let svc = service.clone();
+        // One resolver for both batches: the second resolves from memory.
+        let svc = std::sync::Arc::new(Resolver::new(service));
+        let service = svc.clone();
         let (receipts, owners) = store
             .write_blocking(move |tx| store_batch(tx, &batch, &svc, 50))
             .unwrap();
@@ -281,7 +286,9 @@ mod tests {
             Envelope::new(ticket, b"first".to_vec()),
         ];
         let (receipts, _) = store
-            .write_blocking(move |tx| store_batch(tx, &batch, &SealKey::generate(), 50))
+            .write_blocking(move |tx| {
+                store_batch(tx, &batch, &Resolver::new(SealKey::generate()), 50)
+            })
             .unwrap();
         assert_eq!(
             receipts,

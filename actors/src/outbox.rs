@@ -470,7 +470,7 @@ impl Sender {
                         .map(|g| {
                             g.former
                                 .into_iter()
-                                .chain(g.members)
+                                .chain(std::sync::Arc::unwrap_or_clone(g.members))
                                 .map(|m| (m.ipk, m.transports))
                                 .collect::<HashMap<_, _>>()
                         })

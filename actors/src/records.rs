@@ -387,8 +387,10 @@ pub struct GroupProtonRecord {
     pub direct_seed: [u8; 32],
     /// How we came in: through which relationship, introduced by whom.
     pub introduced: Option<(ProtonId, Ipk)>,
-    /// Everyone else.
-    pub members: Vec<Member>,
+    /// Everyone else. Shared, so that copying a record (a step that may be
+    /// rolled back keeps one) costs nothing for a large group; changed
+    /// through `Arc::make_mut`. Encoded as a plain list.
+    pub members: std::sync::Arc<Vec<Member>>,
     /// Failover count of the ordering service: it is the member at this
     /// position (modulo the group's size) in leaf order.
     pub orderer_rank: u32,

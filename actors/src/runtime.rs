@@ -28,7 +28,6 @@ use crate::model::now_ms;
 use crate::outbox::{self, OutboxHandle};
 use crate::proton::Shared;
 use crate::relationship::{Lifetimes, NodeAddrs};
-use crate::seal::SealKey;
 use crate::store::Store;
 use crate::views::Event;
 
@@ -105,7 +104,7 @@ impl Node {
         }
         let receiving = tokio::spawn(receive(
             store,
-            service,
+            Arc::new(crate::seal::Resolver::new((*service).clone())),
             net_events,
             manager.clone(),
             outbox.clone(),
@@ -175,7 +174,7 @@ impl Handler<StopManager> for RelationshipManager {
 /// tells the manager which owners have new rows.
 async fn receive(
     store: Store,
-    service: Arc<SealKey>,
+    service: Arc<crate::seal::Resolver>,
     mut events: mpsc::Receiver<transports::Event>,
     manager: Addr<RelationshipManager>,
     outbox: OutboxHandle,

@@ -115,6 +115,49 @@ impl SealKey {
     }
 }
 
+/// Most derived addresses a [`Resolver`] remembers before it starts over.
+const RESOLVED_KEPT: usize = 4096;
+
+/// Resolves derived addresses with a [`SealKey`], remembering the ones
+/// that resolved: a group member receives every group message at the same
+/// derived address, and opening it is an X25519 operation and more, per
+/// envelope. Only addresses that resolved are kept (junk costs what it
+/// did), and at most [`RESOLVED_KEPT`] of them.
+#[derive(Debug)]
+pub struct Resolver {
+    key: SealKey,
+    known:
+        std::sync::Mutex<std::collections::HashMap<Vec<u8>, (DeliveryAddress, [u8; CONTEXT_LEN])>>,
+}
+
+impl Resolver {
+    pub fn new(key: SealKey) -> Self {
+        Self {
+            key,
+            known: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// As [`SealKey::resolve`].
+    pub fn resolve(
+        &self,
+        derived: &DerivedAddress,
+    ) -> Option<(DeliveryAddress, [u8; CONTEXT_LEN])> {
+        let bytes = derived.as_bytes();
+        if let Some(found) = self.known.lock().ok()?.get(bytes) {
+            return Some(*found);
+        }
+        let found = self.key.resolve(derived)?;
+        if let Ok(mut known) = self.known.lock() {
+            if known.len() >= RESOLVED_KEPT {
+                known.clear();
+            }
+            known.insert(bytes.to_vec(), found);
+        }
+        Some(found)
+    }
+}
+
 impl std::fmt::Debug for SealKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -168,6 +211,13 @@ mod tests {
         assert_eq!(service.resolve(&one), Some((base, context)));
         assert_eq!(service.resolve(&two), Some((base, context)));
         assert_eq!(other.resolve(&one), None);
+        // The resolver answers the same, the first time and from memory.
+        let resolver = Resolver::new(service.clone());
+        for _ in 0..2 {
+            assert_eq!(resolver.resolve(&one), Some((base, context)));
+            assert_eq!(resolver.resolve(&two), Some((base, context)));
+        }
+        assert_eq!(Resolver::new(other).resolve(&one), None);
         // A ciphertext sealed for another use is not an address.
         let sealed = seal(&service.public(), b"another use", &[0; 48]).unwrap();
         assert_eq!(service.resolve(&DerivedAddress::new(sealed).unwrap()), None);

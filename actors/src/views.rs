@@ -333,7 +333,7 @@ impl GroupView {
             status: "self",
             introduced_by: g.introduced.as_ref().map(|(_, by)| name_of(by)),
         }];
-        for m in &g.members {
+        for m in g.members.iter() {
             members.push(MemberView {
                 id: m.ipk.fingerprint(),
                 name: m.display.name.clone(),
