@@ -126,9 +126,11 @@ const RESOLVED_KEPT: usize = 4096;
 #[derive(Debug)]
 pub struct Resolver {
     key: SealKey,
-    known:
-        std::sync::Mutex<std::collections::HashMap<Vec<u8>, (DeliveryAddress, [u8; CONTEXT_LEN])>>,
+    known: std::sync::Mutex<std::collections::HashMap<Vec<u8>, Resolved>>,
 }
+
+/// What a derived address resolves to: its base address and context.
+type Resolved = (DeliveryAddress, [u8; CONTEXT_LEN]);
 
 impl Resolver {
     pub fn new(key: SealKey) -> Self {
@@ -139,10 +141,7 @@ impl Resolver {
     }
 
     /// As [`SealKey::resolve`].
-    pub fn resolve(
-        &self,
-        derived: &DerivedAddress,
-    ) -> Option<(DeliveryAddress, [u8; CONTEXT_LEN])> {
+    pub fn resolve(&self, derived: &DerivedAddress) -> Option<Resolved> {
         let bytes = derived.as_bytes();
         if let Some(found) = self.known.lock().ok()?.get(bytes) {
             return Some(*found);
