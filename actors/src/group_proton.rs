@@ -63,6 +63,8 @@ pub enum Answer {
 enum Work {
     Command(Box<Command>, Reply<Answer>),
     Inbox,
+    /// Envelopes to process after the inbox rows (see `inbound::ProcessDirect`).
+    Direct(Vec<InboxEntry>, oneshot::Sender<bool>),
     Tick,
     RelayDone([u8; 16]),
 }
@@ -125,8 +127,14 @@ impl GroupProton {
         }
         let Some(session) = self.session.as_mut() else {
             for work in self.queue.drain(..) {
-                if let Work::Command(_, reply) = work {
-                    let _ = reply.send(Err(GroupError::Unknown(self.id)));
+                match work {
+                    Work::Command(_, reply) => {
+                        let _ = reply.send(Err(GroupError::Unknown(self.id)));
+                    }
+                    Work::Direct(_, done) => {
+                        let _ = done.send(false);
+                    }
+                    _ => {}
                 }
             }
             return;
@@ -143,8 +151,18 @@ impl GroupProton {
         let mut inbox_done = false;
         let epoch_before = session.epoch();
         let state_before = session.record().state;
+        // Direct envelopes are processed with the inbox rows, after them.
+        let (queue, mut direct, direct_done) = crate::inbound::take_direct(
+            std::mem::take(&mut self.queue),
+            |work| match work {
+                Work::Direct(entries, done) => Ok((entries, done)),
+                other => Err(other),
+            },
+            |work| matches!(work, Work::Inbox),
+            || Work::Inbox,
+        );
 
-        for work in std::mem::take(&mut self.queue) {
+        for work in queue {
             match work {
                 Work::Command(command, reply) => {
                     let result = match *command {
@@ -188,12 +206,14 @@ impl GroupProton {
                         }
                     }
                 }
+                Work::Direct(..) => {}
                 Work::Inbox if !inbox_done => {
                     inbox_done = true;
                     match process_inbox(
                         session,
                         &self.shared.store,
                         self.id,
+                        std::mem::take(&mut direct),
                         now,
                         timeout,
                         &mut changes,
@@ -271,6 +291,9 @@ impl GroupProton {
             for (reply, answer) in replies {
                 let _ = reply.send(Ok(answer));
             }
+            for done in direct_done {
+                let _ = done.send(true);
+            }
             return;
         }
         self.busy = true;
@@ -291,6 +314,9 @@ impl GroupProton {
                     for (reply, answer) in replies {
                         let _ = reply.send(Ok(answer));
                     }
+                    for done in direct_done {
+                        let _ = done.send(true);
+                    }
                     for event in events {
                         act.shared.emit(event);
                     }
@@ -303,6 +329,9 @@ impl GroupProton {
                     tracing::error!(group = %act.id, error = %e, "committing failed; reloading from the store");
                     for (reply, _) in replies {
                         let _ = reply.send(Err(GroupError::Store(StoreError::Worker(e.to_string()))));
+                    }
+                    for done in direct_done {
+                        let _ = done.send(false);
                     }
                     act.reload();
                 }
@@ -348,12 +377,27 @@ fn process_inbox(
     session: &mut GroupSession,
     store: &Store,
     id: GroupProtonId,
+    mut direct: Vec<InboxEntry>,
     now: u64,
     timeout_ms: u64,
     changes: &mut Changes,
 ) -> Result<(Vec<HistoryEntry>, Vec<(String, Ipk)>, bool), StoreError> {
-    let rows = read_inbox(store, id)?;
+    let rows = match read_inbox(store, id) {
+        Ok(rows) => rows,
+        Err(e) => {
+            // Kept, in order, for the next pass.
+            changes.inbox.append(&mut direct);
+            return Err(e);
+        }
+    };
     let more = rows.len() >= INBOX_BATCH;
+    let mut rows: Vec<(Option<u64>, InboxEntry)> =
+        rows.into_iter().map(|(s, e)| (Some(s), e)).collect();
+    if more {
+        // Older rows wait beyond this batch: these wait behind them.
+        changes.inbox.append(&mut direct);
+    }
+    rows.extend(direct.into_iter().map(|e| (None, e)));
     let mut pass = InboxPass {
         session,
         id,
@@ -370,6 +414,12 @@ fn process_inbox(
             pass.retry_held(changes);
         }
     }
+    // Direct rows still held are stored, to be tried again with the others.
+    for (seq, entry) in pass.held {
+        if seq.is_none() {
+            changes.inbox.push(entry);
+        }
+    }
     Ok((pass.received, pass.invitations, more))
 }
 
@@ -381,12 +431,12 @@ struct InboxPass<'a> {
     timeout_ms: u64,
     received: Vec<HistoryEntry>,
     invitations: Vec<(String, Ipk)>,
-    /// Rows for a later epoch, in inbox order.
-    held: Vec<(u64, InboxEntry)>,
+    /// Rows for a later epoch, in inbox order (direct ones have no row yet).
+    held: Vec<(Option<u64>, InboxEntry)>,
 }
 
 impl InboxPass<'_> {
-    fn handle(&mut self, seq: u64, entry: InboxEntry, changes: &mut Changes) {
+    fn handle(&mut self, seq: Option<u64>, entry: InboxEntry, changes: &mut Changes) {
         let relayed = match entry.source {
             Source::Relationship(p) => Some(p),
             Source::Network => None,
@@ -397,13 +447,13 @@ impl InboxPass<'_> {
         {
             Ok(Received::Text(e)) => {
                 self.received.push(e);
-                changes.inbox_done.push(seq);
+                changes.inbox_done.extend(seq);
             }
             Ok(Received::SideInvitation { ticket, from }) => {
                 self.invitations.push((ticket, from));
-                changes.inbox_done.push(seq);
+                changes.inbox_done.extend(seq);
             }
-            Ok(_) => changes.inbox_done.push(seq),
+            Ok(_) => changes.inbox_done.extend(seq),
             Err(GroupError::Deferred) => {
                 self.held.push((seq, entry));
                 self.session
@@ -411,7 +461,7 @@ impl InboxPass<'_> {
             }
             Err(e) => {
                 log_drop(self.id, &e);
-                changes.inbox_done.push(seq);
+                changes.inbox_done.extend(seq);
             }
         }
     }
@@ -493,6 +543,14 @@ impl Handler<ProcessInbox> for GroupProton {
 
     fn handle(&mut self, _: ProcessInbox, ctx: &mut Self::Context) {
         self.push(Work::Inbox, ctx);
+    }
+}
+
+impl Handler<crate::inbound::ProcessDirect> for GroupProton {
+    type Result = ();
+
+    fn handle(&mut self, msg: crate::inbound::ProcessDirect, ctx: &mut Self::Context) {
+        self.push(Work::Direct(msg.0, msg.1), ctx);
     }
 }
 

@@ -15,11 +15,17 @@
 //!                           their INBOX rows later, each in its own txn
 //! ```
 //!
+//! Envelopes for a group we know (see [`direct_owner`]) skip the first
+//! commit: the receiving service hands them to the group's actor
+//! (`manager::Deliver`, [`ProcessDirect`]), which processes them after its
+//! inbox rows and commits their effects, and the batch is answered once
+//! that is durable. What the actor cannot take goes through `store_batch`.
+//!
 //! An unknown address, an expired one and a one-time address already used
 //! all get the same `Refused(UnknownAddress)`, so answers reveal nothing
 //! about which addresses exist.
 
-use redb::{ReadableTable, WriteTransaction};
+use redb::{ReadTransaction, ReadableTable, WriteTransaction};
 use sha2::{Digest, Sha256};
 use transports::{Address, Envelope, Receipt, Refusal};
 
@@ -115,6 +121,91 @@ pub fn store_batch(
         receipts.push(Receipt::Stored);
     }
     Ok((receipts, owners))
+}
+
+/// Envelopes handed to their owner's actor (see [`direct_owner`]), to be
+/// processed after the owner's inbox rows, in the transaction that commits
+/// their effects. The actor answers `true` once that is durable (rows it
+/// cannot process yet are stored as inbox rows in it), and `false`, or
+/// drops the sender, when it could not: the envelopes are then stored as
+/// inbox rows on their own, as any other.
+#[derive(actix::Message)]
+#[rtype(result = "()")]
+pub struct ProcessDirect(pub Vec<InboxEntry>, pub tokio::sync::oneshot::Sender<bool>);
+
+/// What an actor does with its queue of work before a batch: takes out
+/// the direct envelopes (`split` tells them apart), in order, and makes
+/// sure an inbox pass is queued, which processes them after the inbox rows.
+#[allow(clippy::type_complexity)]
+pub fn take_direct<W>(
+    queue: std::collections::VecDeque<W>,
+    split: impl Fn(W) -> Result<(Vec<InboxEntry>, tokio::sync::oneshot::Sender<bool>), W>,
+    is_inbox: impl Fn(&W) -> bool,
+    inbox: impl FnOnce() -> W,
+) -> (
+    std::collections::VecDeque<W>,
+    Vec<InboxEntry>,
+    Vec<tokio::sync::oneshot::Sender<bool>>,
+) {
+    let mut rest = std::collections::VecDeque::with_capacity(queue.len());
+    let mut direct = Vec::new();
+    let mut done = Vec::new();
+    for work in queue {
+        match split(work) {
+            Ok((mut entries, answer)) => {
+                direct.append(&mut entries);
+                done.push(answer);
+            }
+            Err(other) => rest.push_back(other),
+        }
+    }
+    if !done.is_empty() && !rest.iter().any(is_inbox) {
+        rest.push_back(inbox());
+    }
+    (rest, direct, done)
+}
+
+/// The owner that may process `envelope` at once, in the same transaction
+/// as its effects, so that it costs one durable commit instead of two (one
+/// to store it, one to process it): a group, at one of its addresses or at
+/// an address derived for it. `None` for everything else, which
+/// [`store_batch`] stores (and refuses) as before. A relationship's
+/// envelopes are stored first and acknowledged at once: one sender's
+/// stream to one peer is acknowledged faster than its peer's actor can
+/// process it (1:1 throughput fell from 10,900 to 4,700 messages a second
+/// when they went to their actor first), while a group message's cost is
+/// spread over its members' nodes, where the second commit was the most
+/// of it.
+pub fn direct_owner(
+    tx: &ReadTransaction,
+    envelope: &Envelope,
+    service: &Resolver,
+    now: u64,
+) -> Result<Option<Owner>, StoreError> {
+    if envelope.version != transports::PROTOCOL_VERSION {
+        return Ok(None);
+    }
+    let (key, context) = match &envelope.to {
+        Address::Plain(a) => (*a.as_bytes(), None),
+        Address::Derived(d) => match service.resolve(d) {
+            Some((base, context)) => (*base.as_bytes(), Some(context)),
+            None => return Ok(None),
+        },
+    };
+    let addresses = tx.open_table(tables::ADDRESSES)?;
+    let record: Option<AddressRecord> = store::get(&addresses, key, "address")?;
+    let Some(record) = record.filter(|r| now < r.valid_until && r.kind != AddressKind::OneTime)
+    else {
+        return Ok(None);
+    };
+    Ok(match (record.owner, context) {
+        (Owner::Group(g), None) => Some(Owner::Group(g)),
+        (Owner::Proton(p), Some(context)) if record.kind == AddressKind::LongTerm => tx
+            .open_table(tables::DERIVED_ROUTES)?
+            .get((p.0, context))?
+            .map(|g| Owner::Group(GroupProtonId(g.value()))),
+        _ => None,
+    })
 }
 
 #[cfg(test)]
@@ -265,6 +356,90 @@ mod tests {
             rows.iter().all(|r| r.owner == Owner::Group(group)),
             "the waiting row moved with the route"
         );
+    }
+
+    #[test]
+    fn only_a_known_group_s_envelopes_go_to_it_directly() {
+        let service = SealKey::generate();
+        let group = GroupProtonId::random();
+        let proton = ProtonId::random();
+        let record = |owner, kind, valid_until| AddressRecord {
+            owner,
+            kind,
+            valid_until,
+            used_by: None,
+        };
+        let (group_addr, expired, proton_addr, ticket) = (
+            DeliveryAddress::random(),
+            DeliveryAddress::random(),
+            DeliveryAddress::random(),
+            DeliveryAddress::random(),
+        );
+        let (_dir, store) = store_with(&[
+            (
+                group_addr,
+                record(Owner::Group(group), AddressKind::LongTerm, 100),
+            ),
+            (
+                expired,
+                record(Owner::Group(group), AddressKind::Ephemeral, 10),
+            ),
+            (
+                proton_addr,
+                record(Owner::Proton(proton), AddressKind::LongTerm, 100),
+            ),
+            (
+                ticket,
+                record(Owner::Group(group), AddressKind::OneTime, 100),
+            ),
+        ]);
+        let routed = [7u8; 16];
+        let unrouted = [8u8; 16];
+        store
+            .write_blocking(move |tx| {
+                crate::changes::Changes {
+                    routes: vec![(proton, routed, group)],
+                    ..Default::default()
+                }
+                .apply(tx)
+            })
+            .unwrap();
+        let derive = |context: &[u8; 16]| {
+            crate::seal::derive_address(&service.public(), &proton_addr, context).unwrap()
+        };
+        let cases = vec![
+            (
+                Envelope::new(group_addr, b"m".to_vec()),
+                Some(Owner::Group(group)),
+            ),
+            (
+                Envelope::new(derive(&routed), b"m".to_vec()),
+                Some(Owner::Group(group)),
+            ),
+            (Envelope::new(derive(&unrouted), b"m".to_vec()), None),
+            (Envelope::new(expired, b"m".to_vec()), None),
+            (Envelope::new(proton_addr, b"m".to_vec()), None),
+            (Envelope::new(ticket, b"m".to_vec()), None),
+            (
+                Envelope::new(DeliveryAddress::random(), b"m".to_vec()),
+                None,
+            ),
+            (
+                Envelope {
+                    version: 9,
+                    to: group_addr.into(),
+                    payload: b"m".to_vec(),
+                },
+                None,
+            ),
+        ];
+        let resolver = Resolver::new(service.clone());
+        for (envelope, expected) in cases {
+            let got = store
+                .read(|tx| direct_owner(tx, &envelope, &resolver, 50))
+                .unwrap();
+            assert_eq!(got, expected, "{:?}", envelope.to);
+        }
     }
 
     #[test]

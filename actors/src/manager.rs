@@ -238,6 +238,17 @@ pub struct GroupCommand {
 #[rtype(result = "()")]
 pub struct InboxReady(pub Vec<Owner>);
 
+/// Envelopes for one owner to process at once (from the receiving
+/// service, see `inbound::ProcessDirect`). Answered `false` when the owner
+/// cannot take them: a relationship whose ticket is not answered yet.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Deliver(
+    pub Owner,
+    pub Vec<crate::records::InboxEntry>,
+    pub tokio::sync::oneshot::Sender<bool>,
+);
+
 /// A queued row was delivered or refused for good (from the sending service).
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -1338,6 +1349,22 @@ impl Handler<InboxReady> for RelationshipManager {
         }
         if welcomes {
             self.process_welcomes(ctx);
+        }
+    }
+}
+
+impl Handler<Deliver> for RelationshipManager {
+    type Result = ();
+
+    fn handle(&mut self, msg: Deliver, ctx: &mut Self::Context) {
+        let Deliver(owner, entries, done) = msg;
+        let direct = crate::inbound::ProcessDirect(entries, done);
+        match owner {
+            Owner::Proton(id) if self.proton_exists(id) => self.proton(id).do_send(direct),
+            Owner::Group(id) => self.group(id, ctx).do_send(direct),
+            _ => {
+                let _ = direct.1.send(false);
+            }
         }
     }
 }

@@ -82,6 +82,8 @@ enum Work {
         reply: Reply<()>,
     },
     Inbox,
+    /// Envelopes to process after the inbox rows (see `inbound::ProcessDirect`).
+    Direct(Vec<InboxEntry>, oneshot::Sender<bool>),
     Refresh,
     SetState(ProtonState),
 }
@@ -143,8 +145,14 @@ impl Proton {
         }
         let Some(session) = self.session.as_mut() else {
             for work in self.queue.drain(..) {
-                if let Work::Send { reply, .. } = work {
-                    let _ = reply.send(Err(RelationshipError::UnknownProton(self.id)));
+                match work {
+                    Work::Send { reply, .. } => {
+                        let _ = reply.send(Err(RelationshipError::UnknownProton(self.id)));
+                    }
+                    Work::Direct(_, done) => {
+                        let _ = done.send(false);
+                    }
+                    _ => {}
                 }
             }
             return;
@@ -161,8 +169,18 @@ impl Proton {
         let mut more_inbox = false;
         let mut inbox_done = false;
         let state_before = session.record().state;
+        // Direct envelopes are processed with the inbox rows, after them.
+        let (queue, mut direct, direct_done) = crate::inbound::take_direct(
+            std::mem::take(&mut self.queue),
+            |work| match work {
+                Work::Direct(entries, done) => Ok((entries, done)),
+                other => Err(other),
+            },
+            |work| matches!(work, Work::Inbox),
+            || Work::Inbox,
+        );
 
-        for work in std::mem::take(&mut self.queue) {
+        for work in queue {
             match work {
                 Work::Send { text, reply } => {
                     match session.send_text(&text, &node, lifetimes, now, &mut changes) {
@@ -180,18 +198,29 @@ impl Proton {
                         }
                     }
                 }
+                Work::Direct(..) => {}
                 Work::Inbox if !inbox_done => {
                     inbox_done = true;
-                    let rows = match read_inbox(&self.shared.store, self.id) {
-                        Ok(rows) => rows,
+                    let mut rows: Vec<(Option<u64>, InboxEntry)> = match read_inbox(
+                        &self.shared.store,
+                        self.id,
+                    ) {
+                        Ok(rows) => rows.into_iter().map(|(s, e)| (Some(s), e)).collect(),
                         Err(e) => {
                             tracing::error!(proton = %self.id, error = %e, "reading the inbox failed");
+                            // Kept, in order, for the next pass.
+                            changes.inbox.append(&mut direct);
                             continue;
                         }
                     };
                     more_inbox = rows.len() >= INBOX_BATCH;
+                    if more_inbox {
+                        // Older rows wait beyond this batch: these wait behind them.
+                        changes.inbox.append(&mut direct);
+                    }
+                    rows.extend(direct.drain(..).map(|e| (None, e)));
                     for (seq, entry) in rows {
-                        changes.inbox_done.push(seq);
+                        changes.inbox_done.extend(seq);
                         match session.receive(&entry.payload, now, &mut changes) {
                             Ok(Received::Text(entry)) => events.push(Event::Message {
                                 conversation: conversation.to_string(),
@@ -251,6 +280,9 @@ impl Proton {
         }
         session.drain_writes(&mut changes);
         if changes.is_empty() {
+            for done in direct_done {
+                let _ = done.send(true);
+            }
             return;
         }
         self.busy = true;
@@ -269,6 +301,9 @@ impl Proton {
             act.busy = false;
             match result {
                 Ok(_) => {
+                    for done in direct_done {
+                        let _ = done.send(true);
+                    }
                     for (reply, entry) in sent {
                         let _ = reply.send(Ok(entry));
                     }
@@ -293,6 +328,9 @@ impl Proton {
                     }
                     for reply in controlled {
                         let _ = reply.send(Err(failed()));
+                    }
+                    for done in direct_done {
+                        let _ = done.send(false);
                     }
                     act.reload();
                 }
@@ -371,6 +409,14 @@ impl Handler<ProcessInbox> for Proton {
 
     fn handle(&mut self, _: ProcessInbox, ctx: &mut Self::Context) {
         self.push(Work::Inbox, ctx);
+    }
+}
+
+impl Handler<crate::inbound::ProcessDirect> for Proton {
+    type Result = ();
+
+    fn handle(&mut self, msg: crate::inbound::ProcessDirect, ctx: &mut Self::Context) {
+        self.push(Work::Direct(msg.0, msg.1), ctx);
     }
 }
 

@@ -170,6 +170,79 @@ impl Handler<StopManager> for RelationshipManager {
     }
 }
 
+/// Hands each owner its envelopes of `batch` (`direct` says whose they
+/// are), stores the rest, and those whose owner could not take them, as
+/// inbox rows, and answers the batch once all of it is durable.
+async fn deliver_direct(
+    store: Store,
+    service: Arc<crate::seal::Resolver>,
+    manager: Addr<RelationshipManager>,
+    batch: transports::InboundBatch,
+    envelopes: Vec<transports::Envelope>,
+    direct: Vec<Option<crate::records::Owner>>,
+    now: u64,
+) {
+    let mut by_owner: Vec<(crate::records::Owner, Vec<usize>)> = Vec::new();
+    for (i, owner) in direct.iter().enumerate() {
+        let Some(owner) = owner else { continue };
+        match by_owner.iter_mut().find(|(o, _)| o == owner) {
+            Some((_, at)) => at.push(i),
+            None => by_owner.push((*owner, vec![i])),
+        }
+    }
+    let mut answers = Vec::with_capacity(by_owner.len());
+    for (owner, at) in &by_owner {
+        let entries = at
+            .iter()
+            .map(|&i| crate::records::InboxEntry {
+                owner: *owner,
+                source: crate::records::Source::Network,
+                context: None,
+                payload: envelopes[i].payload.clone(),
+                received_at: now,
+            })
+            .collect();
+        let (done, answer) = tokio::sync::oneshot::channel();
+        manager.do_send(manager::Deliver(*owner, entries, done));
+        answers.push(answer);
+    }
+    let mut taken = vec![false; envelopes.len()];
+    for ((_, at), answer) in by_owner
+        .iter()
+        .zip(futures::future::join_all(answers).await)
+    {
+        if answer == Ok(true) {
+            for &i in at {
+                taken[i] = true;
+            }
+        }
+    }
+    let mut receipts = vec![transports::Receipt::Stored; envelopes.len()];
+    let rest: Vec<usize> = (0..envelopes.len()).filter(|&i| !taken[i]).collect();
+    if !rest.is_empty() {
+        let left: Vec<transports::Envelope> = rest.iter().map(|&i| envelopes[i].clone()).collect();
+        match store
+            .write(move |tx| inbound::store_batch(tx, &left, &service, now))
+            .await
+        {
+            Ok((stored, owners)) => {
+                for (&i, receipt) in rest.iter().zip(stored) {
+                    receipts[i] = receipt;
+                }
+                if !owners.is_empty() {
+                    manager.do_send(InboxReady(owners));
+                }
+            }
+            Err(e) => {
+                // Unanswered: the sender is told Unavailable and retries.
+                tracing::error!(error = %e, "storing received envelopes failed");
+                return;
+            }
+        }
+    }
+    batch.respond(receipts);
+}
+
 /// The receiving service: stores inbound batches, acknowledges them, and
 /// tells the manager which owners have new rows.
 async fn receive(
@@ -185,6 +258,35 @@ async fn receive(
                 let peer = batch.peer;
                 let envelopes = std::mem::take(&mut batch.envelopes);
                 let now = now_ms();
+                // Envelopes their owners can process at once are handed to
+                // them: one durable commit for storing and processing.
+                let direct = store
+                    .read(|tx| {
+                        envelopes
+                            .iter()
+                            .map(|e| inbound::direct_owner(tx, e, &service, now))
+                            .collect::<Result<Vec<_>, _>>()
+                    })
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(error = %e, "reading addresses failed; storing the batch");
+                        Vec::new()
+                    });
+                if direct.iter().any(Option::is_some) {
+                    // Answered from its own task, so that the next batch can
+                    // reach its owners meanwhile (each owner's actor takes
+                    // them in order, and commits them together).
+                    tokio::spawn(deliver_direct(
+                        store.clone(),
+                        service.clone(),
+                        manager.clone(),
+                        batch,
+                        envelopes,
+                        direct,
+                        now,
+                    ));
+                    outbox.peer_reachable(peer);
+                    continue;
+                }
                 let service = service.clone();
                 // The batch is answered from the committing thread, the
                 // moment the envelopes are durable; if the commit fails, the
