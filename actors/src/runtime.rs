@@ -170,6 +170,9 @@ impl Handler<StopManager> for RelationshipManager {
     }
 }
 
+/// Most inbound batches handed to their groups' actors at once.
+const DIRECT_IN_FLIGHT: usize = 256;
+
 /// Hands each owner its envelopes of `batch` (`direct` says whose they
 /// are), stores the rest, and those whose owner could not take them, as
 /// inbox rows, and answers the batch once all of it is durable.
@@ -252,6 +255,10 @@ async fn receive(
     manager: Addr<RelationshipManager>,
     outbox: OutboxHandle,
 ) {
+    // Batches handed to their groups' actors and not yet answered. At the
+    // limit the service waits, and so the network stops reading from
+    // peers, as it does while a batch is being stored.
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(DIRECT_IN_FLIGHT));
     while let Some(event) = events.recv().await {
         match event {
             transports::Event::Inbound(mut batch) => {
@@ -275,7 +282,10 @@ async fn receive(
                     // Answered from its own task, so that the next batch can
                     // reach its owners meanwhile (each owner's actor takes
                     // them in order, and commits them together).
-                    tokio::spawn(deliver_direct(
+                    let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                        return; // never closed
+                    };
+                    let task = deliver_direct(
                         store.clone(),
                         service.clone(),
                         manager.clone(),
@@ -283,7 +293,11 @@ async fn receive(
                         envelopes,
                         direct,
                         now,
-                    ));
+                    );
+                    tokio::spawn(async move {
+                        task.await;
+                        drop(permit);
+                    });
                     outbox.peer_reachable(peer);
                     continue;
                 }
