@@ -680,6 +680,21 @@ mod tests {
         assert_eq!(call, Call::Contacts { all: false });
     }
 
+    /// A client gets back the id it sent, also a number too long for an
+    /// f64: the number the answer carries reads back as the same f64 (the
+    /// fuzzer found the default parser one unit off in the last place).
+    #[test]
+    fn a_long_numeric_id_comes_back_as_the_same_number() {
+        let digits = "8".repeat(106) + "4";
+        let line = format!(r#"{{"jsonrpc":"2.0","id":{digits},"method":"status"}}"#);
+        let (id, _) = parse_request(line.as_bytes()).unwrap();
+        let expected: f64 = digits.parse().unwrap();
+        assert_eq!(id.as_f64(), Some(expected));
+        let answer = response(id.clone(), Ok(json!(null))).to_string();
+        let answer: Value = serde_json::from_str(&answer).unwrap();
+        assert_eq!(answer["id"], id);
+    }
+
     #[test]
     fn bad_requests_get_the_right_error_codes() {
         let code = |line: &[u8]| parse_request(line).unwrap_err().1.code;
