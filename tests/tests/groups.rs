@@ -77,7 +77,7 @@ fn texts(p: &Person, group: &str) -> Vec<String> {
 #[test]
 fn alex_introduces_blair_and_charlie_who_claim_talk_and_connect() {
     let (alex, blair, charlie) = (person("Alex"), person("Blair"), person("Charlie"));
-    let _a = alex.start();
+    let mut a = alex.start();
     let _b = blair.start();
     let _c = charlie.start();
     befriend_all(&alex, &[&blair, &charlie]);
@@ -198,6 +198,18 @@ fn alex_introduces_blair_and_charlie_who_claim_talk_and_connect() {
             .starts_with("introduced by Alex in group \"Trio\""),
         "{origin}"
     );
+
+    // Every message Alex's group handed to a relationship (the two
+    // introductions, the equivalences of the claims) was recorded as
+    // queued: none would be sent again after a restart.
+    assert!(a.stop(), "Alex's daemon stops");
+    let store = actors::store::Store::open(&alex.data_dir().join("protonode.redb")).unwrap();
+    let pending: Vec<usize> = actors::groups::all_groups(&store)
+        .unwrap()
+        .iter()
+        .map(|g| g.relays.len())
+        .collect();
+    assert_eq!(pending, [0], "one group, no relay left to send");
 }
 
 #[test]
