@@ -17,8 +17,8 @@ use crate::attestation::Attestation;
 use crate::mls::{apply_writes, delete_namespace, WriteSet};
 use crate::model::{Conversation, GroupProtonId, MessageId, ProtonId, TicketId};
 use crate::records::{
-    AddressRecord, GroupProtonRecord, HistoryEntry, InboxEntry, MergeRecord, MergeState,
-    MessageStatus, OutboxEntry, Owner, ProtonRecord, Recipient, TicketRecord, Trust,
+    AddressRecord, GroupHead, GroupProtonRecord, GroupState, HistoryEntry, InboxEntry, MergeRecord,
+    MergeState, MessageStatus, OutboxEntry, Owner, ProtonRecord, Recipient, TicketRecord, Trust,
 };
 use crate::store::{self, tables, StoreError};
 
@@ -177,11 +177,21 @@ impl Changes {
         }
         {
             let mut t = tx.open_table(tables::GROUPS)?;
+            let mut index = tx.open_table(tables::GROUP_IDS)?;
             for id in &self.delete_groups {
-                t.remove(id.0)?;
+                if let Some(old) = t.remove(id.0)? {
+                    let head: GroupHead = store::decode(old.value(), "group")?;
+                    index.remove((head.group_id.as_slice(), id.0))?;
+                }
             }
             for g in &self.groups {
                 store::put(&mut t, g.id.0, g, "group")?;
+                let key = (g.group_id.as_slice(), g.id.0);
+                if g.state == GroupState::Gone {
+                    index.remove(key)?;
+                } else {
+                    index.insert(key, ())?;
+                }
             }
         }
         {

@@ -344,18 +344,6 @@ pub fn create_group(
     Ok((record, changes))
 }
 
-/// The first fields of a [`GroupProtonRecord`], in its order: postcard
-/// decodes them from a whole record and leaves the rest unread.
-#[derive(serde::Deserialize)]
-struct GroupHead {
-    id: GroupProtonId,
-    _created_at: u64,
-    _name: Option<String>,
-    group_id: Vec<u8>,
-    _context: [u8; 16],
-    state: GroupState,
-}
-
 /// The invitee's side: an introduction arrived inside our relationship
 /// `proton`. Verifies the introducer's equivalence, joins the group as the
 /// placeholder, and routes the group's derived addresses to it.
@@ -499,6 +487,18 @@ pub struct GroupSession {
     /// processed and checked once, merged when it is ordered a moment
     /// later (in the same step) instead of processed a second time.
     checked: Option<(Vec<u8>, Incoming)>,
+    /// The members' IPKs at one epoch (its number and authenticator), in
+    /// leaf order: membership changes only with a commit, which starts a
+    /// new epoch, and reading it from openmls costs a clone and a parse per
+    /// member, on every message.
+    roster: std::cell::RefCell<Option<Roster>>,
+}
+
+/// The members at one epoch, told apart by its number and authenticator.
+struct Roster {
+    epoch: u64,
+    authenticator: Vec<u8>,
+    ipks: Vec<Ipk>,
 }
 
 /// A [`Payload::View`], its signature apart.
@@ -552,6 +552,7 @@ impl GroupSession {
             sync: None,
             proposal: None,
             checked: None,
+            roster: std::cell::RefCell::new(None),
         })
     }
 
@@ -623,7 +624,33 @@ impl GroupSession {
 
     /// Every member's group IPK (ours too), in leaf order.
     pub fn roster(&self) -> Vec<Ipk> {
-        mls::member_ipks(&self.group)
+        self.with_roster(<[Ipk]>::to_vec)
+    }
+
+    /// Whether `ipk` is a member at the current epoch.
+    pub fn is_member(&self, ipk: &Ipk) -> bool {
+        self.with_roster(|roster| roster.contains(ipk))
+    }
+
+    fn with_roster<R>(&self, f: impl FnOnce(&[Ipk]) -> R) -> R {
+        let epoch = self.group.epoch().as_u64();
+        let authenticator = self.group.epoch_authenticator();
+        let mut cached = self.roster.borrow_mut();
+        match &*cached {
+            Some(r) if r.epoch == epoch && r.authenticator == authenticator.as_slice() => {
+                f(&r.ipks)
+            }
+            _ => {
+                let ipks = mls::member_ipks(&self.group);
+                let answer = f(&ipks);
+                *cached = Some(Roster {
+                    epoch,
+                    authenticator: authenticator.as_slice().to_vec(),
+                    ipks,
+                });
+                answer
+            }
+        }
     }
 
     /// The ordering service at a rank: the member at that position (modulo
@@ -1199,7 +1226,7 @@ impl GroupSession {
                 let present: Vec<Ipk> = members
                     .iter()
                     .copied()
-                    .filter(|m| self.roster().contains(m))
+                    .filter(|m| self.is_member(m))
                     .collect();
                 (
                     mls::stage_remove(&mut self.group, &self.provider, &self.key, &present)?,
@@ -1565,7 +1592,7 @@ impl GroupSession {
     /// placeholder it was sent from (the claim proves it is them). Anyone
     /// else (a removed member, on past epochs' keys) is refused.
     fn current_identity(&self, sender: Ipk) -> Result<Ipk, GroupError> {
-        if self.roster().contains(&sender) {
+        if self.is_member(&sender) {
             return Ok(sender);
         }
         self.record
@@ -1989,7 +2016,7 @@ impl GroupSession {
         sealed: &[u8],
         signature: &[u8; SIGNATURE_LEN],
     ) -> Result<Received, GroupError> {
-        if !self.roster().contains(&from) || from == self.key.ipk() {
+        if !self.is_member(&from) || from == self.key.ipk() {
             return Err(GroupError::NotAMember);
         }
         from.verify(
@@ -2089,7 +2116,7 @@ impl GroupSession {
         changes: &mut Changes,
     ) -> Result<Received, GroupError> {
         let me = self.key.ipk();
-        if m.from == me || !self.roster().contains(&m.from) {
+        if m.from == me || !self.is_member(&m.from) {
             return Err(GroupError::NotAMember);
         }
         if m.accepted
@@ -2353,22 +2380,19 @@ pub fn load_protons(
 }
 
 /// Every group proton.
-/// Our membership (not gone) of the MLS group `group_id`, if any. Decodes
-/// only each record's first fields: members and keys are not needed.
+/// Our membership (not gone) of the MLS group `group_id`, if any: one
+/// lookup in the index of group ids (see `tables::GROUP_IDS`).
 pub fn find_by_group_id(
     store: &Store,
     group_id: &[u8],
 ) -> Result<Option<GroupProtonId>, StoreError> {
     store.read(|tx| {
-        let t = tx.open_table(tables::GROUPS)?;
-        for e in t.iter()? {
-            let (_, v) = e?;
-            let g: GroupHead = store::decode(v.value(), "group")?;
-            if g.group_id == group_id && g.state != GroupState::Gone {
-                return Ok(Some(g.id));
-            }
-        }
-        Ok(None)
+        let t = tx.open_table(tables::GROUP_IDS)?;
+        let mut range = t.range((group_id, [0u8; 8])..=(group_id, [0xff; 8]))?;
+        Ok(match range.next() {
+            Some(entry) => Some(GroupProtonId(entry?.0.value().1)),
+            None => None,
+        })
     })
 }
 
@@ -2512,6 +2536,31 @@ mod tests {
         got
     }
 
+    /// Alex befriends Blair and Charlie and makes the group "Trio" that
+    /// introduces them (committed at Alex): the relationships AB, BA, AC,
+    /// CA, and Alex's group record.
+    fn alex_introduces(
+        alex: &Person,
+        blair: &Person,
+        charlie: &Person,
+    ) -> ([crate::model::ProtonId; 4], GroupProtonRecord) {
+        let (ab, ba) = befriend(alex, blair);
+        let (ac, ca) = befriend(alex, charlie);
+        let via = load_protons(&alex.store, [ab, ac]).unwrap();
+        let (record, changes) = create_group(
+            &alex.store,
+            &alex.node,
+            display("Alex"),
+            LIFETIMES,
+            &via,
+            Some("Trio".into()),
+            5,
+        )
+        .unwrap();
+        commit(alex, changes);
+        ([ab, ba, ac, ca], record)
+    }
+
     fn group_of(p: &Person) -> GroupSession {
         let g = all_groups(&p.store).unwrap().into_iter().next().unwrap();
         GroupSession::load(&p.store, g.id).unwrap()
@@ -2556,25 +2605,69 @@ mod tests {
             .collect()
     }
 
+    /// Which of our groups is in an MLS group is one index lookup; the
+    /// index follows the records (a group gone leaves it) and is built
+    /// from them when a database made before it is opened.
+    #[test]
+    fn groups_are_found_by_mls_group_id_also_in_an_older_database() {
+        let (alex, blair, charlie) = (person("Alex"), person("Blair"), person("Charlie"));
+        let (_, record) = alex_introduces(&alex, &blair, &charlie);
+        let found = |store: &Store| find_by_group_id(store, &record.group_id).unwrap();
+        assert_eq!(found(&alex.store), Some(record.id));
+        assert_eq!(
+            find_by_group_id(&alex.store, b"another group").unwrap(),
+            None
+        );
+        let prefix = &record.group_id[..record.group_id.len() - 1];
+        assert_eq!(find_by_group_id(&alex.store, prefix).unwrap(), None);
+
+        // A version 2 database: records, no index.
+        alex.store
+            .write_blocking(|tx| {
+                tx.delete_table(tables::GROUP_IDS)?;
+                tx.open_table(tables::META)?
+                    .insert("schema_version", 2u32.to_be_bytes().as_slice())?;
+                Ok(())
+            })
+            .unwrap();
+        let Person {
+            _dir: dir, store, ..
+        } = alex;
+        drop(store);
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        assert_eq!(found(&store), Some(record.id), "built on open");
+        // Migrated once: a node of version 2 would not keep the index.
+        let version = store
+            .read(|tx| {
+                let meta = tx.open_table(tables::META)?;
+                let v = meta.get("schema_version")?.map(|v| v.value().to_vec());
+                Ok(v)
+            })
+            .unwrap();
+        assert_eq!(
+            version,
+            Some(super::store::SCHEMA_VERSION.to_be_bytes().to_vec())
+        );
+
+        let mut gone = record.clone();
+        gone.state = GroupState::Gone;
+        store
+            .write_blocking(|tx| {
+                Changes {
+                    groups: vec![gone],
+                    ..Changes::default()
+                }
+                .apply(tx)
+            })
+            .unwrap();
+        assert_eq!(found(&store), None, "a group we left is not ours");
+    }
+
     #[test]
     fn alex_introduces_blair_and_charlie_who_claim_their_placeholders() {
         let (alex, blair, charlie) = (person("Alex"), person("Blair"), person("Charlie"));
-        let (ab, ba) = befriend(&alex, &blair);
-        let (ac, ca) = befriend(&alex, &charlie);
-        let via = load_protons(&alex.store, [ab, ac]).unwrap();
-
         // Alex forms the group with placeholders; introductions go inside AB and AC.
-        let (record, changes) = create_group(
-            &alex.store,
-            &alex.node,
-            display("Alex"),
-            LIFETIMES,
-            &via,
-            Some("Trio".into()),
-            5,
-        )
-        .unwrap();
-        commit(&alex, changes);
+        let ([ab, ba, ac, ca], record) = alex_introduces(&alex, &blair, &charlie);
         assert_eq!(record.relays.len(), 2);
         assert!(record
             .members
@@ -2708,7 +2801,7 @@ mod tests {
             "Charlie sees a verified claim"
         );
         // The head of a record decodes from the whole of it.
-        let head: GroupHead =
+        let head: crate::records::GroupHead =
             store::decode(&store::encode(a.record(), "group").unwrap(), "group").unwrap();
         assert_eq!(head.group_id, a.record().group_id);
         assert_eq!(head.state, a.record().state);

@@ -367,6 +367,18 @@ pub struct AcceptedCommit {
     pub commit: Vec<u8>,
 }
 
+/// The first fields of a [`GroupProtonRecord`], in its order: postcard
+/// decodes them from a whole record and leaves the rest unread.
+#[derive(Deserialize)]
+pub(crate) struct GroupHead {
+    pub id: GroupProtonId,
+    _created_at: u64,
+    _name: Option<String>,
+    pub group_id: Vec<u8>,
+    _context: [u8; 16],
+    pub state: GroupState,
+}
+
 /// One membership of a group, as its owner stores it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GroupProtonRecord {

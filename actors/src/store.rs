@@ -22,8 +22,11 @@ use serde::{de::DeserializeOwned, Serialize};
 use crate::seal::SealKey;
 
 /// Version of the layout of the tables and records below. Bump it when a
-/// stored format changes incompatibly.
-pub const SCHEMA_VERSION: u32 = 2;
+/// stored format changes incompatibly. 3: `tables::GROUP_IDS` (a version 2
+/// database is migrated on open: the index is built from its records; a
+/// node of version 2 refuses a version 3 database, whose index it would
+/// not keep).
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// META key of the seed of this node's service key (see `crate::seal`).
 const SERVICE_KEY: &str = "service_key_seed";
@@ -38,6 +41,11 @@ pub mod tables {
     pub const PROTONS: TableDefinition<[u8; 8], &[u8]> = TableDefinition::new("protons");
     /// Group proton id → `GroupProtonRecord`.
     pub const GROUPS: TableDefinition<[u8; 8], &[u8]> = TableDefinition::new("groups");
+    /// (MLS group id, group proton id) for each group proton not gone: which
+    /// of ours is in an MLS group, without reading every group record.
+    /// Written with the records (`changes`); built from them once when a
+    /// database made before it is opened.
+    pub const GROUP_IDS: TableDefinition<(&[u8], [u8; 8]), ()> = TableDefinition::new("group_ids");
     /// (proton id, context) → group proton id: where envelopes to an address
     /// derived from that proton's address with that context go.
     pub const DERIVED_ROUTES: TableDefinition<([u8; 8], [u8; 16]), [u8; 8]> =
@@ -72,6 +80,21 @@ pub mod tables {
     pub const INBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("inbox");
     /// openmls storage, namespaced per proton / group proton (see `crate::mls`).
     pub const MLS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("mls");
+}
+
+/// Builds `tables::GROUP_IDS` from the group records (migrating from
+/// version 2, which had records and no index).
+pub(crate) fn index_group_ids(tx: &WriteTransaction) -> Result<(), StoreError> {
+    let groups = tx.open_table(tables::GROUPS)?;
+    let mut index = tx.open_table(tables::GROUP_IDS)?;
+    for entry in groups.iter()? {
+        let (_, value) = entry?;
+        let head: crate::records::GroupHead = decode(value.value(), "group")?;
+        if head.state != crate::records::GroupState::Gone {
+            index.insert((head.group_id.as_slice(), head.id.0), ())?;
+        }
+    }
+    Ok(())
 }
 
 /// What went wrong in the store.
@@ -137,6 +160,7 @@ impl Store {
         let db = Database::create(path)?;
         let store = Self { db: Arc::new(db) };
         store.write_blocking(|tx| {
+            let mut migrate_from_2 = false;
             let mut meta = tx.open_table(tables::META)?;
             let found = meta
                 .get("schema_version")?
@@ -147,6 +171,10 @@ impl Store {
                     meta.insert("schema_version", SCHEMA_VERSION.to_be_bytes().as_slice())?;
                 }
                 Some(v) if v == SCHEMA_VERSION => {}
+                Some(2) => {
+                    migrate_from_2 = true;
+                    meta.insert("schema_version", SCHEMA_VERSION.to_be_bytes().as_slice())?;
+                }
                 Some(found) => {
                     return Err(StoreError::SchemaMismatch {
                         found,
@@ -162,6 +190,10 @@ impl Store {
             // Create every table so readers never meet a missing one.
             tx.open_table(tables::PROTONS)?;
             tx.open_table(tables::GROUPS)?;
+            tx.open_table(tables::GROUP_IDS)?;
+            if migrate_from_2 {
+                index_group_ids(tx)?;
+            }
             tx.open_table(tables::DERIVED_ROUTES)?;
             tx.open_table(tables::ORDERED_LOG)?;
             tx.open_table(tables::MERGES)?;
@@ -283,6 +315,7 @@ impl Store {
             table(tx, tables::META, &mut h)?;
             table(tx, tables::PROTONS, &mut h)?;
             table(tx, tables::GROUPS, &mut h)?;
+            table(tx, tables::GROUP_IDS, &mut h)?;
             table(tx, tables::DERIVED_ROUTES, &mut h)?;
             table(tx, tables::ORDERED_LOG, &mut h)?;
             table(tx, tables::MERGES, &mut h)?;
