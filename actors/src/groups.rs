@@ -344,6 +344,12 @@ pub fn create_group(
     Ok((record, changes))
 }
 
+/// Makes `record` the group record that `changes` writes.
+pub fn replace_record(changes: &mut Changes, record: &GroupProtonRecord) {
+    changes.groups.retain(|g| g.id != record.id);
+    changes.groups.push(record.clone());
+}
+
 /// The invitee's side: an introduction arrived inside our relationship
 /// `proton`. Verifies the introducer's equivalence, joins the group as the
 /// placeholder, and routes the group's derived addresses to it.

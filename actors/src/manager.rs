@@ -26,7 +26,8 @@ use crate::outbox::Outcome;
 use crate::protocol::Body;
 use crate::protocol::Payload;
 use crate::proton::{
-    Notice, ProcessInbox, Proton, RefreshTransports, SendControl, SendText, SetState, Shared,
+    LendControl, Notice, ProcessInbox, Proton, RefreshTransports, SendControl, SendText, SetState,
+    Shared,
 };
 use crate::records::{
     GroupProtonRecord, GroupState, HistoryEntry, InboxEntry, Intent, MergeRecord, MessageStatus,
@@ -1048,12 +1049,55 @@ impl Handler<CreateGroup> for RelationshipManager {
                 now_ms(),
             )?)
         })();
+        // Each introduction is encrypted by its relationship's actor and
+        // committed with the group: one durable commit for all of it.
+        let mut loans = Vec::new();
+        if let Ok((record, _)) = &created {
+            for relay in &record.relays {
+                let (outcome, told) = tokio::sync::oneshot::channel();
+                let answer = self.proton(relay.via).send(LendControl {
+                    body: relay.body.clone(),
+                    outcome: told,
+                });
+                loans.push((relay.id, outcome, answer));
+            }
+        }
         let shared = self.shared.clone();
         let me = ctx.address();
         Box::pin(async move {
-            let (record, changes) = created?;
-            shared.store.write(move |tx| changes.apply(tx)).await?;
-            // The group's actor sends the introductions through the relationships.
+            let (mut record, mut changes) = created?;
+            let mut committed = Vec::new();
+            for (relay, outcome, answer) in loans {
+                match answer.await {
+                    Ok(Ok(lent)) => {
+                        changes.extend(lent);
+                        record.relays.retain(|r| r.id != relay);
+                        committed.push(outcome);
+                    }
+                    // Left to the group's actor, which sends what is pending.
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "an introduction could not be encrypted; it is sent later")
+                    }
+                    Err(_) => tracing::warn!(
+                        "a relationship's actor stopped; its introduction is sent later"
+                    ),
+                }
+            }
+            groups::replace_record(&mut changes, &record);
+            let outbox = shared.outbox.clone();
+            shared
+                .store
+                .write_then(
+                    move |tx| changes.apply(tx),
+                    move |applied| {
+                        outbox.queued(std::mem::take(&mut applied.outbox));
+                        for outcome in committed {
+                            let _ = outcome.send(true);
+                        }
+                    },
+                )
+                .await?;
+            // The group's actor sends whatever introduction is still pending.
             me.do_send(StartGroup(record.id));
             shared.emit(Event::Group {
                 group: record.id.to_string(),

@@ -119,6 +119,17 @@ impl OutboxHandle {
     pub async fn stop(&self) {
         let _ = self.commands.send(Command::Stop).await;
     }
+
+    /// A handle whose rows go nowhere (tests read them from the store).
+    #[cfg(test)]
+    pub(crate) fn detached() -> Self {
+        let (commands, _) = mpsc::channel(COMMAND_CAPACITY);
+        Self {
+            commands,
+            rescan: Arc::new(AtomicBool::new(false)),
+            wake: Arc::new(Notify::new()),
+        }
+    }
 }
 
 /// Starts the sending service on the current tokio runtime.

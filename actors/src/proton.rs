@@ -81,6 +81,12 @@ enum Work {
         body: Box<Body>,
         reply: Reply<()>,
     },
+    /// A control message whose changes the caller commits (see [`LendControl`]).
+    Lend {
+        body: Box<Body>,
+        reply: Reply<Changes>,
+        outcome: oneshot::Receiver<bool>,
+    },
     Inbox,
     /// Envelopes to process after the inbox rows (see `inbound::ProcessDirect`).
     Direct(Vec<InboxEntry>, oneshot::Sender<bool>),
@@ -113,6 +119,21 @@ pub struct SetState(pub ProtonState);
 #[derive(Message)]
 #[rtype(result = "Result<(), RelationshipError>")]
 pub struct SendControl(pub Body);
+
+/// Encrypt a control message to the peer and answer with its changes (the
+/// relationship's MLS state, the outbox row), for the caller to commit in
+/// its own transaction: an introducer creates a group and queues both
+/// introductions in one durable commit instead of three in a row. The
+/// actor holds all other work until `outcome` says how that commit ended:
+/// `true`, committed, and memory is what the store holds; anything else
+/// (`false`, or the sender dropped) and the session is reloaded from the
+/// store, as after a failed commit of its own.
+#[derive(Message)]
+#[rtype(result = "Result<Changes, RelationshipError>")]
+pub struct LendControl {
+    pub body: Body,
+    pub outcome: oneshot::Receiver<bool>,
+}
 
 pub struct Proton {
     id: ProtonId,
@@ -152,10 +173,29 @@ impl Proton {
                     Work::Direct(_, done) => {
                         let _ = done.send(false);
                     }
+                    Work::Lend { reply, .. } => {
+                        let _ = reply.send(Err(RelationshipError::UnknownProton(self.id)));
+                    }
                     _ => {}
                 }
             }
             return;
+        };
+        if matches!(self.queue.front(), Some(Work::Lend { .. })) {
+            self.lend(ctx);
+            return;
+        }
+        // A loan is a batch of its own: take the work queued before it.
+        let batch = match self
+            .queue
+            .iter()
+            .position(|w| matches!(w, Work::Lend { .. }))
+        {
+            Some(at) => {
+                let rest = self.queue.split_off(at);
+                std::mem::replace(&mut self.queue, rest)
+            }
+            None => std::mem::take(&mut self.queue),
         };
         let node = self.shared.node_addrs();
         let lifetimes = self.shared.lifetimes;
@@ -171,7 +211,7 @@ impl Proton {
         let state_before = session.record().state;
         // Direct envelopes are processed with the inbox rows, after them.
         let (queue, mut direct, direct_done) = crate::inbound::take_direct(
-            std::mem::take(&mut self.queue),
+            batch,
             |work| match work {
                 Work::Direct(entries, done) => Ok((entries, done)),
                 other => Err(other),
@@ -198,6 +238,8 @@ impl Proton {
                         }
                     }
                 }
+                // Not in a batch (taken apart above); kept for the next.
+                lend @ Work::Lend { .. } => self.queue.push_front(lend),
                 Work::Direct(..) => {}
                 Work::Inbox if !inbox_done => {
                     inbox_done = true;
@@ -339,6 +381,50 @@ impl Proton {
         }));
     }
 
+    /// Runs the loan at the head of the queue (see [`LendControl`]).
+    fn lend(&mut self, ctx: &mut Context<Self>) {
+        let Some(Work::Lend {
+            body,
+            reply,
+            outcome,
+        }) = self.queue.pop_front()
+        else {
+            return;
+        };
+        let Some(session) = self.session.as_mut() else {
+            let _ = reply.send(Err(RelationshipError::UnknownProton(self.id)));
+            return;
+        };
+        let node = self.shared.node_addrs();
+        let mut changes = Changes::default();
+        if let Err(e) =
+            session.send_control(*body, &node, self.shared.lifetimes, now_ms(), &mut changes)
+        {
+            let _ = reply.send(Err(e));
+            self.drain(ctx);
+            return;
+        }
+        session.drain_writes(&mut changes);
+        if reply.send(Ok(changes)).is_err() {
+            // Nobody will commit what was encrypted: back to the store.
+            self.reload();
+            self.drain(ctx);
+            return;
+        }
+        self.busy = true;
+        ctx.spawn(
+            async move { outcome.await.unwrap_or(false) }
+                .into_actor(self)
+                .map(|committed, act, ctx| {
+                    act.busy = false;
+                    if !committed {
+                        act.reload();
+                    }
+                    act.drain(ctx);
+                }),
+        );
+    }
+
     fn reload(&mut self) {
         match ProtonSession::load(&self.shared.store, self.id) {
             Ok(session) => self.session = Some(session),
@@ -391,6 +477,29 @@ impl Handler<SendControl> for Proton {
             Work::Control {
                 body: Box::new(msg.0),
                 reply,
+            },
+            ctx,
+        );
+        Box::pin(async move {
+            rx.await.unwrap_or_else(|_| {
+                Err(RelationshipError::Store(crate::store::StoreError::Worker(
+                    "the relationship stopped".into(),
+                )))
+            })
+        })
+    }
+}
+
+impl Handler<LendControl> for Proton {
+    type Result = ResponseFuture<Result<Changes, RelationshipError>>;
+
+    fn handle(&mut self, msg: LendControl, ctx: &mut Self::Context) -> Self::Result {
+        let (reply, rx) = oneshot::channel();
+        self.push(
+            Work::Lend {
+                body: Box::new(msg.body),
+                reply,
+                outcome: msg.outcome,
             },
             ctx,
         );
@@ -457,4 +566,106 @@ fn read_inbox(
         }
         Ok(rows)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::OutboxEntry;
+    use crate::relationship::tests::{befriend, commit, side, Side, LIFETIMES};
+    use std::time::Duration;
+
+    fn start(side: &Side, id: ProtonId) -> Addr<Proton> {
+        let shared = Shared {
+            store: side.store.clone(),
+            outbox: crate::outbox::OutboxHandle::detached(),
+            events: broadcast::channel(16).0,
+            node: Arc::new(RwLock::new(side.node.clone())),
+            lifetimes: LIFETIMES,
+            config: config::Delivery::default(),
+            notices: Arc::new(OnceLock::new()),
+        };
+        Proton::new(id, shared).start()
+    }
+
+    /// The payloads `side` has queued, oldest first.
+    fn queued(side: &Side) -> Vec<Vec<u8>> {
+        side.store
+            .read(|tx| {
+                let t = tx.open_table(tables::OUTBOX)?;
+                let mut out = Vec::new();
+                for row in t.iter()? {
+                    let (_, v) = row?;
+                    let entry: OutboxEntry = store::decode(v.value(), "outbox entry")?;
+                    out.push(entry.payload);
+                }
+                Ok(out)
+            })
+            .unwrap()
+    }
+
+    /// Borrows the changes of a control message; the sender says how
+    /// their commit ended.
+    async fn lend(actor: &Addr<Proton>) -> (Changes, oneshot::Sender<bool>) {
+        let (told, outcome) = oneshot::channel();
+        let lent = actor
+            .send(LendControl {
+                body: Body::Transports,
+                outcome,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        (lent, told)
+    }
+
+    /// A relationship lends a control message's changes to a caller that
+    /// commits them: until the caller says how its commit ended, the
+    /// relationship does nothing else; then it goes on from the lent state
+    /// (committed) or from the store's (not committed), and its peer reads
+    /// everything that was committed, in order.
+    #[actix_rt::test]
+    async fn a_loan_holds_the_relationship_until_its_commit_ends() {
+        let (alex, blair) = (side(), side());
+        let (ab, ba) = befriend(&alex, &blair);
+        let actor = start(&alex, ab);
+        let before = queued(&alex).len();
+
+        let (lent, told) = lend(&actor).await;
+        assert_eq!(lent.outbox.len(), 1, "the lent changes queue the message");
+        let text = actor.send(SendText("after the loan".into()));
+        tokio::pin!(text);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), &mut text)
+                .await
+                .is_err(),
+            "nothing else happens while the loan is out"
+        );
+        commit(&alex, lent);
+        told.send(true).unwrap();
+        text.await.unwrap().unwrap();
+
+        // A loan whose commit never happened is forgotten.
+        let (lent, told) = lend(&actor).await;
+        drop((lent, told));
+        actor
+            .send(SendText("after the lost loan".into()))
+            .await
+            .unwrap()
+            .unwrap();
+
+        let payloads = queued(&alex);
+        assert_eq!(payloads.len(), before + 3);
+        let mut b = ProtonSession::load(&blair.store, ba).unwrap();
+        let mut got = Vec::new();
+        for payload in &payloads[before..] {
+            let mut c = Changes::default();
+            got.push(b.receive(payload, 5_000, &mut c).unwrap());
+            b.drain_writes(&mut c);
+            commit(&blair, c);
+        }
+        assert!(matches!(got[0], Received::Transports));
+        assert!(matches!(&got[1], Received::Text(e) if e.text == "after the loan"));
+        assert!(matches!(&got[2], Received::Text(e) if e.text == "after the lost loan"));
+    }
 }

@@ -957,24 +957,24 @@ pub fn known_peers(store: &Store) -> Result<BTreeMap<PeerId, Vec<Multiaddr>>, St
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! The 1:1 story with two stores and no network: the envelope that one
     //! side queues is handed to the other by hand.
 
     use super::*;
 
-    struct Side {
+    pub(crate) struct Side {
         _dir: tempfile::TempDir,
-        store: Store,
-        node: NodeAddrs,
+        pub(crate) store: Store,
+        pub(crate) node: NodeAddrs,
     }
 
-    const LIFETIMES: Lifetimes = Lifetimes {
+    pub(crate) const LIFETIMES: Lifetimes = Lifetimes {
         ephemeral: Duration::from_secs(3600),
         long_term: Duration::from_secs(365 * 24 * 3600),
     };
 
-    fn side() -> Side {
+    pub(crate) fn side() -> Side {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("db")).unwrap();
         let node = NodeAddrs {
@@ -1000,7 +1000,7 @@ mod tests {
         }
     }
 
-    fn commit(side: &Side, changes: Changes) -> crate::changes::Applied {
+    pub(crate) fn commit(side: &Side, changes: Changes) -> crate::changes::Applied {
         side.store
             .write_blocking(move |tx| changes.apply(tx))
             .unwrap()
@@ -1014,7 +1014,7 @@ mod tests {
     }
 
     /// Alex invites, Blair accepts, Alex receives the answer.
-    fn befriend(alex: &Side, blair: &Side) -> (ProtonId, ProtonId) {
+    pub(crate) fn befriend(alex: &Side, blair: &Side) -> (ProtonId, ProtonId) {
         let invite = create_invite(
             &alex.store,
             &alex.node,
