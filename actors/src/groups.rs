@@ -126,18 +126,32 @@ pub fn context_of(group_id: &[u8]) -> [u8; 16] {
 /// The transports of a relationship's peer, with addresses derived from its
 /// long-term ones for this group: how the group reaches that person's
 /// placeholder before they answer, resolvable only by their node.
+///
+/// One address per service key (per node), shared by that node's
+/// transports: it resolves to one of the relationship's long-term
+/// addresses, and any of them leads to the same relationship. A seal costs
+/// two X25519 operations, the most of an introduction's work per invitee
+/// after its key package.
 fn derived_transports(
     peer: &ProtonRecord,
     context: &[u8; 16],
 ) -> Result<Vec<TransportInfo>, GroupError> {
     let mut out = Vec::new();
+    let mut made: Vec<([u8; 32], AddressLease)> = Vec::new();
     for t in &peer.peer_transports {
         let (Some(base), Some(key)) = (t.long_term.plain(), t.service_key) else {
             continue;
         };
-        let lease = AddressLease {
-            address: seal::derive_address(&key, &base, context)?.into(),
-            valid_until: t.long_term.valid_until,
+        let lease = match made.iter().find(|(k, _)| *k == key) {
+            Some((_, lease)) => lease.clone(),
+            None => {
+                let lease = AddressLease {
+                    address: seal::derive_address(&key, &base, context)?.into(),
+                    valid_until: t.long_term.valid_until,
+                };
+                made.push((key, lease.clone()));
+                lease
+            }
         };
         let mut derived = t.clone();
         derived.long_term = lease.clone();
