@@ -11,10 +11,18 @@
 //! transaction is aborted and nothing of it is kept. Closures must do no
 //! network I/O. Reads ([`Store::read`]) see a consistent snapshot and never
 //! wait for a writer.
+//!
+//! Group commit: operations that queue while a commit is under way are run
+//! one after the other in one write transaction and made durable by one
+//! commit (what a commit costs is mostly its fsync and one set of pages per
+//! table it changed). Each is still all or nothing: if any of them fails,
+//! that transaction is dropped and each operation runs again in its own,
+//! in order, so a failure touches no other. That is why an operation is a
+//! `Fn`: it may run twice, and must change nothing outside its transaction.
 
 use std::borrow::Borrow;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, WriteTransaction};
 use serde::{de::DeserializeOwned, Serialize};
@@ -151,6 +159,73 @@ impl From<redb::DatabaseError> for StoreError {
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Database>,
+    writes: Arc<Mutex<Writes>>,
+}
+
+/// Operations waiting to be written, and whether a writer is at work.
+#[derive(Default)]
+struct Writes {
+    queued: Vec<Box<dyn Job>>,
+    writing: bool,
+}
+
+/// A queued write operation (see [`Store::write_then`]).
+trait Job: Send {
+    /// Runs the operation in `tx`. It may run again in another transaction
+    /// when the one it ran in is dropped.
+    fn run(&mut self, tx: &WriteTransaction) -> Result<(), StoreError>;
+    /// The transaction it last ran in was committed (`Ok`), or not.
+    fn finish(self: Box<Self>, outcome: Result<(), StoreError>);
+}
+
+struct Operation<R, F, A> {
+    f: F,
+    after: Option<A>,
+    result: Option<R>,
+    reply: Option<tokio::sync::oneshot::Sender<Result<R, StoreError>>>,
+}
+
+impl<R, F, A> Job for Operation<R, F, A>
+where
+    F: Fn(&WriteTransaction) -> Result<R, StoreError> + Send,
+    A: FnOnce(&mut R) + Send,
+    R: Send,
+{
+    fn run(&mut self, tx: &WriteTransaction) -> Result<(), StoreError> {
+        self.result = None;
+        self.result = Some((self.f)(tx)?);
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>, outcome: Result<(), StoreError>) {
+        let answer = outcome.and_then(|()| {
+            let mut result = self
+                .result
+                .take()
+                .ok_or_else(|| StoreError::Worker("a write finished without running".into()))?;
+            if let Some(after) = self.after.take() {
+                after(&mut result);
+            }
+            Ok(result)
+        });
+        if let Some(reply) = self.reply.take() {
+            // The caller may have gone; what was written stays written.
+            let _ = reply.send(answer);
+        }
+    }
+}
+
+/// Runs `job` in `tx`; a panic in it fails it like an error.
+fn run_caught(job: &mut dyn Job, tx: &WriteTransaction) -> Result<(), StoreError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run(tx)))
+        .unwrap_or_else(|_| Err(StoreError::Worker("a write operation panicked".into())))
+}
+
+/// Reports `outcome` to `job`; a panic in its follow-up is contained.
+fn finish_caught(job: Box<dyn Job>, outcome: Result<(), StoreError>) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.finish(outcome))).is_err() {
+        tracing::error!("the follow-up of a committed write panicked");
+    }
 }
 
 impl Store {
@@ -158,7 +233,10 @@ impl Store {
     /// checks the schema version.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let db = Database::create(path)?;
-        let store = Self { db: Arc::new(db) };
+        let store = Self {
+            db: Arc::new(db),
+            writes: Arc::default(),
+        };
         store.write_blocking(|tx| {
             let mut migrate_from_2 = false;
             let mut meta = tx.open_table(tables::META)?;
@@ -257,32 +335,96 @@ impl Store {
 
     /// Runs `f` in a write transaction on tokio's blocking pool and commits
     /// durably: when this returns `Ok`, the operation survives a crash.
+    /// Operations queued meanwhile share the transaction (see the module's
+    /// notes): `f` may run twice and must change nothing outside `tx`.
     pub async fn write<R, F>(&self, f: F) -> Result<R, StoreError>
     where
-        F: FnOnce(&WriteTransaction) -> Result<R, StoreError> + Send + 'static,
+        F: Fn(&WriteTransaction) -> Result<R, StoreError> + Send + 'static,
         R: Send + 'static,
     {
         self.write_then(f, |_| {}).await
     }
 
-    /// Like [`Store::write`], and runs `after` on the same worker thread as
+    /// Like [`Store::write`], and runs `after` on the writer's thread as
     /// soon as the commit is durable, before the caller is woken. For work
     /// that may only happen after the commit and should not wait for the
     /// caller: answering a peer, handing queued envelopes to the sender.
     pub async fn write_then<R, F, A>(&self, f: F, after: A) -> Result<R, StoreError>
     where
-        F: FnOnce(&WriteTransaction) -> Result<R, StoreError> + Send + 'static,
+        F: Fn(&WriteTransaction) -> Result<R, StoreError> + Send + 'static,
         A: FnOnce(&mut R) + Send + 'static,
         R: Send + 'static,
     {
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut result = store.write_blocking(f)?;
-            after(&mut result);
-            Ok(result)
-        })
-        .await
-        .map_err(|e| StoreError::Worker(e.to_string()))?
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut writes = self.lock_writes();
+            writes.queued.push(Box::new(Operation {
+                f,
+                after: Some(after),
+                result: None,
+                reply: Some(reply),
+            }));
+            !std::mem::replace(&mut writes.writing, true)
+        };
+        if start {
+            let store = self.clone();
+            tokio::task::spawn_blocking(move || store.write_queued());
+        }
+        answer
+            .await
+            .map_err(|_| StoreError::Worker("the writer stopped".into()))?
+    }
+
+    fn lock_writes(&self) -> MutexGuard<'_, Writes> {
+        // Nothing panics while holding it; if something did, the queue
+        // itself is still whole.
+        self.writes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The writer: commits what is queued, all of it at once, until nothing is.
+    fn write_queued(&self) {
+        loop {
+            let jobs = {
+                let mut writes = self.lock_writes();
+                if writes.queued.is_empty() {
+                    writes.writing = false;
+                    return;
+                }
+                std::mem::take(&mut writes.queued)
+            };
+            if jobs.len() == 1 {
+                jobs.into_iter().for_each(|job| self.write_alone(job));
+            } else {
+                self.write_together(jobs);
+            }
+        }
+    }
+
+    fn write_alone(&self, mut job: Box<dyn Job>) {
+        let outcome = self.write_blocking(|tx| run_caught(job.as_mut(), tx));
+        finish_caught(job, outcome);
+    }
+
+    /// One transaction for all of `jobs`; if any fails (or the commit
+    /// does), each runs again alone, in order.
+    fn write_together(&self, mut jobs: Vec<Box<dyn Job>>) {
+        let together = self.write_blocking(|tx| {
+            jobs.iter_mut()
+                .try_for_each(|job| run_caught(job.as_mut(), tx))
+        });
+        match together {
+            Ok(()) => {
+                for job in jobs {
+                    finish_caught(job, Ok(()));
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, writes = jobs.len(), "a shared write failed; writing each alone");
+                for job in jobs {
+                    self.write_alone(job);
+                }
+            }
+        }
     }
 }
 
@@ -413,6 +555,53 @@ mod tests {
         let path = dir.path().join("db");
         let _first = Store::open(&path).unwrap();
         assert!(matches!(Store::open(&path), Err(StoreError::InUse)));
+    }
+
+    /// Writes queued together share a commit, and one that fails among
+    /// them leaves nothing, as alone, while every other one is written and
+    /// answered with its own result, its follow-up run once.
+    #[actix_rt::test]
+    async fn writes_queued_together_fail_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let followed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let writes: Vec<_> = (0..40u64)
+            .map(|i| {
+                let followed = followed.clone();
+                store.write_then(
+                    move |tx| {
+                        let mut t = tx.open_table(tables::OUTBOX)?;
+                        t.insert(i, b"row".as_slice())?;
+                        if i == 17 {
+                            return Err(StoreError::Worker("injected failure".into()));
+                        }
+                        Ok(i * 2)
+                    },
+                    move |_| {
+                        followed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    },
+                )
+            })
+            .collect();
+        let results = futures::future::join_all(writes).await;
+        for (i, result) in results.into_iter().enumerate() {
+            match result {
+                Ok(doubled) => assert_eq!(doubled, i as u64 * 2),
+                Err(e) => assert_eq!(i, 17, "{e}"),
+            }
+        }
+        assert_eq!(followed.load(std::sync::atomic::Ordering::SeqCst), 39);
+        let keys: Vec<u64> = store
+            .read(|tx| {
+                let t = tx.open_table(tables::OUTBOX)?;
+                let mut keys = Vec::new();
+                for row in t.iter()? {
+                    keys.push(row?.0.value());
+                }
+                Ok(keys)
+            })
+            .unwrap();
+        assert_eq!(keys, (0..40).filter(|&i| i != 17).collect::<Vec<_>>());
     }
 
     #[test]
