@@ -2683,6 +2683,47 @@ mod tests {
         assert_eq!(found(&store), None, "a group we left is not ours");
     }
 
+    /// Each invitee's node gets one address derived for the group, on all
+    /// of its transports: only that node resolves it, to its relationship
+    /// with the introducer, under the group's context.
+    #[test]
+    fn an_invitee_s_transports_share_one_derived_address() {
+        let (alex, blair, charlie) = (person("Alex"), person("Blair"), person("Charlie"));
+        let ([_, ba, _, ca], record) = alex_introduces(&alex, &blair, &charlie);
+        for (member, (invitee, proton)) in record.members.iter().zip([(&blair, ba), (&charlie, ca)])
+        {
+            assert_eq!(member.transports.len(), 2, "TCP and QUIC");
+            let address = &member.transports[0].long_term.address;
+            assert!(member
+                .transports
+                .iter()
+                .all(|t| t.long_term.address == *address && t.ephemeral.address == *address));
+            let transports::Address::Derived(derived) = address else {
+                panic!("a plain address for an invitee: {address:?}");
+            };
+            let (base, context) = invitee
+                .store
+                .service_key()
+                .unwrap()
+                .resolve(derived)
+                .unwrap();
+            assert_eq!(context, record.context);
+            let owner = invitee
+                .store
+                .read(|tx| {
+                    store::get::<_, AddressRecord, _>(
+                        &tx.open_table(tables::ADDRESSES)?,
+                        *base.as_bytes(),
+                        "address",
+                    )
+                })
+                .unwrap()
+                .map(|r| r.owner);
+            assert_eq!(owner, Some(Owner::Proton(proton)));
+            assert_eq!(alex.store.service_key().unwrap().resolve(derived), None);
+        }
+    }
+
     #[test]
     fn alex_introduces_blair_and_charlie_who_claim_their_placeholders() {
         let (alex, blair, charlie) = (person("Alex"), person("Blair"), person("Charlie"));
