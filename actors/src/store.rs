@@ -215,6 +215,32 @@ where
     }
 }
 
+/// The writer's turn on the blocking pool. Dropped without running (the
+/// runtime shutting down before it started), it leaves no write waiting on
+/// a writer that will never come: it fails what is queued (each caller
+/// hears that the writer stopped) and lets the next write start another.
+struct Writer(Option<Store>);
+
+impl Writer {
+    fn run(mut self) {
+        if let Some(store) = &self.0 {
+            store.write_queued();
+        }
+        // Done: the writer let go of the queue itself.
+        self.0 = None;
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Some(store) = self.0.take() {
+            let mut writes = store.lock_writes();
+            writes.queued.clear();
+            writes.writing = false;
+        }
+    }
+}
+
 /// Runs `job` in `tx`; a panic in it fails it like an error.
 fn run_caught(job: &mut dyn Job, tx: &WriteTransaction) -> Result<(), StoreError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run(tx)))
@@ -367,8 +393,8 @@ impl Store {
             !std::mem::replace(&mut writes.writing, true)
         };
         if start {
-            let store = self.clone();
-            tokio::task::spawn_blocking(move || store.write_queued());
+            let writer = Writer(Some(self.clone()));
+            tokio::task::spawn_blocking(move || writer.run());
         }
         answer
             .await
@@ -602,6 +628,42 @@ mod tests {
             })
             .unwrap();
         assert_eq!(keys, (0..40).filter(|&i| i != 17).collect::<Vec<_>>());
+    }
+
+    /// A writer that never runs (its runtime shut down first) fails what
+    /// waits for it, and the next write starts another.
+    #[actix_rt::test]
+    async fn a_writer_that_never_ran_strands_no_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let (reply, answer) = tokio::sync::oneshot::channel::<Result<(), StoreError>>();
+        {
+            let mut writes = store.lock_writes();
+            writes.queued.push(Box::new(Operation {
+                f: |_: &WriteTransaction| Ok(()),
+                after: Some(|_: &mut ()| {}),
+                result: None,
+                reply: Some(reply),
+            }));
+            writes.writing = true;
+        }
+        drop(Writer(Some(store.clone())));
+        // Bounded: what this test guards against is a wait without end.
+        let bound = std::time::Duration::from_secs(10);
+        let heard = tokio::time::timeout(bound, answer).await;
+        assert!(
+            matches!(heard, Ok(Err(_))),
+            "the caller hears the writer stopped"
+        );
+        let next = store.write(|tx| {
+            tx.open_table(tables::OUTBOX)?
+                .insert(1, b"row".as_slice())?;
+            Ok(())
+        });
+        tokio::time::timeout(bound, next)
+            .await
+            .expect("the next write starts a writer")
+            .unwrap();
     }
 
     #[test]
