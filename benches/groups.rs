@@ -28,7 +28,10 @@
 //!    merging it at the ordering member and at the other member, 3 durable
 //!    commits, 2 round trips; times two.
 //! 3. One message to a group of PROTONODE_BENCH_GROUP_SIZE (128) nodes, all
-//!    in this process: the creator's `SendMessage` with `wait`, which returns
+//!    in this process, the members on one host thread per core ([`Hosts`]:
+//!    a thread pool per node would be 500 threads on 2 cores, a cost of
+//!    this harness that no deployed node pays and the floor does not
+//!    have): the creator's `SendMessage` with `wait`, which returns
 //!    once every member's node acknowledged, i.e. stored it durably. The time
 //!    until every member's node has also processed it (`Event::Message`) is
 //!    shown too. Floor: one encrypt in a group of that size, one durable
@@ -56,7 +59,7 @@ use actors::views::{Event, GroupView};
 use openmls::prelude::MlsGroup;
 use protonode_bench::{
     env_usize, load_average, loopback_config, machine, ms, open_files_limit, CommitFleet,
-    CommitProbe, FanOut, ProcessUse, Remote, Stats,
+    CommitProbe, FanOut, Hosts, ProcessUse, Remote, Stats,
 };
 use redb::ReadableTableMetadata;
 use tokio::sync::{broadcast, oneshot};
@@ -801,6 +804,7 @@ async fn next_message(mut events: broadcast::Receiver<Event>) -> Instant {
 struct BigGroup {
     creator: Node,
     members: Vec<Remote>,
+    hosts: Hosts,
     group: String,
     _dirs: Vec<tempfile::TempDir>,
 }
@@ -811,10 +815,11 @@ impl BigGroup {
         let mut dirs = Vec::with_capacity(size);
         dirs.push(tempfile::tempdir().expect("a temporary directory"));
         let creator = start_local(&dirs[0], "Creator").await;
+        let mut hosts = Hosts::new();
         let mut members = Vec::with_capacity(size - 1);
         for i in 1..size {
             let dir = tempfile::tempdir().expect("a temporary directory");
-            members.push(Remote::start_as(
+            members.push(hosts.start(
                 dir.path().to_path_buf(),
                 loopback_config(&format!("Member {i}")),
             ));
@@ -913,6 +918,7 @@ impl BigGroup {
         Self {
             creator,
             members,
+            hosts,
             group: created.id,
             _dirs: dirs,
         }
@@ -956,6 +962,7 @@ impl BigGroup {
         let BigGroup {
             creator,
             mut members,
+            hosts,
             _dirs,
             ..
         } = self;
@@ -963,6 +970,7 @@ impl BigGroup {
             m.signal_stop();
         }
         drop(members);
+        hosts.stop();
         creator.stop().await;
         drop(_dirs);
     }

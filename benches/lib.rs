@@ -357,6 +357,37 @@ impl FanOut {
     }
 }
 
+/// What a [`Remote`] hands back once its node runs.
+type Started = (
+    actix::Addr<actors::manager::RelationshipManager>,
+    actors::store::Store,
+    tokio::sync::broadcast::Sender<actors::views::Event>,
+);
+
+/// Runs a node (its database in `dir`) until told to stop, or until the
+/// handle that could tell it is gone.
+async fn run_node(
+    dir: std::path::PathBuf,
+    config: config::Config,
+    started: std::sync::mpsc::Sender<Started>,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let store =
+        actors::store::Store::open(&dir.join("protonode.redb")).expect("the node's database");
+    let node = actors::runtime::Node::start(
+        store.clone(),
+        config,
+        transports::identity::Keypair::generate_ed25519(),
+    )
+    .await
+    .expect("the node starts");
+    started
+        .send((node.manager.clone(), store, node.event_sender()))
+        .expect("the benchmark waits for the node");
+    let _ = stop.await;
+    node.stop().await;
+}
+
 /// A node on its own thread with its own actix system and tokio runtime,
 /// as a separate process would have.
 pub struct Remote {
@@ -365,7 +396,15 @@ pub struct Remote {
     pub store: actors::store::Store,
     events: tokio::sync::broadcast::Sender<actors::views::Event>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    stopped: Stopped,
+}
+
+/// How a [`Remote`]'s end is awaited.
+enum Stopped {
+    /// Its own thread ends.
+    Thread(Option<std::thread::JoinHandle<()>>),
+    /// It says so (it shares an arbiter with other nodes).
+    Told(std::sync::mpsc::Receiver<()>),
 }
 
 impl Remote {
@@ -386,31 +425,43 @@ impl Remote {
                     .build()
                     .expect("a tokio runtime");
                 let system = actix::System::with_tokio_rt(move || runtime);
-                system.block_on(async move {
-                    let store = actors::store::Store::open(&dir.join("protonode.redb"))
-                        .expect("the node's database");
-                    let node = actors::runtime::Node::start(
-                        store.clone(),
-                        config,
-                        transports::identity::Keypair::generate_ed25519(),
-                    )
-                    .await
-                    .expect("the node starts");
-                    tx.send((node.manager.clone(), store, node.event_sender()))
-                        .expect("the benchmark waits for the node");
-                    // Stopped by a message, or when the handle is gone.
-                    let _ = stop_rx.await;
-                    node.stop().await;
-                });
+                system.block_on(run_node(dir, config, tx, stop_rx));
             })
             .expect("a thread for the node");
-        let (manager, store, events) = rx.recv().expect("the node started");
+        Self::started(&rx, stop_tx, Stopped::Thread(Some(thread)))
+    }
+
+    /// A node with this configuration on `host`, a thread it shares with
+    /// other nodes (see [`Hosts`]).
+    pub fn start_on(
+        host: &actix::ArbiterHandle,
+        dir: std::path::PathBuf,
+        config: config::Config,
+    ) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let started = host.spawn(async move {
+            run_node(dir, config, tx, stop_rx).await;
+            let _ = done_tx.send(());
+        });
+        assert!(started, "the host thread runs");
+        Self::started(&rx, stop_tx, Stopped::Told(done_rx))
+    }
+
+    /// The handle of a node once it says it runs.
+    fn started(
+        started: &std::sync::mpsc::Receiver<Started>,
+        stop: tokio::sync::oneshot::Sender<()>,
+        stopped: Stopped,
+    ) -> Self {
+        let (manager, store, events) = started.recv().expect("the node started");
         Self {
             manager,
             store,
             events,
-            stop: Some(stop_tx),
-            thread: Some(thread),
+            stop: Some(stop),
+            stopped,
         }
     }
 
@@ -430,9 +481,58 @@ impl Remote {
 impl Drop for Remote {
     fn drop(&mut self) {
         self.signal_stop();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        match &mut self.stopped {
+            Stopped::Thread(t) => {
+                if let Some(t) = t.take() {
+                    let _ = t.join();
+                }
+            }
+            Stopped::Told(done) => {
+                let _ = done.recv();
+            }
         }
+    }
+}
+
+/// Threads that host many nodes each, one per core: many nodes in one
+/// process without a thread pool each (an actix arbiter is a thread with
+/// a single-threaded tokio runtime, plus its blocking pool for the
+/// store's writer). A node's actors, swarm and services then share its
+/// host's thread with the other nodes there, and the process runs about
+/// as many busy threads as there are cores.
+pub struct Hosts {
+    arbiters: Vec<actix::Arbiter>,
+    next: usize,
+}
+
+impl Hosts {
+    pub fn new() -> Self {
+        let n = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Self {
+            arbiters: (0..n).map(|_| actix::Arbiter::new()).collect(),
+            next: 0,
+        }
+    }
+
+    /// A node on the next host, round robin.
+    pub fn start(&mut self, dir: std::path::PathBuf, config: config::Config) -> Remote {
+        let host = self.arbiters[self.next % self.arbiters.len()].handle();
+        self.next += 1;
+        Remote::start_on(&host, dir, config)
+    }
+
+    /// Stops the hosts (after their nodes were dropped).
+    pub fn stop(self) {
+        for a in self.arbiters {
+            a.stop();
+            let _ = a.join();
+        }
+    }
+}
+
+impl Default for Hosts {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
