@@ -1,9 +1,9 @@
 //! The redb store: one database file per node holding all of its state.
 //!
 //! Every table is declared in [`tables`]; values are postcard-encoded
-//! records (see [`crate::records`]) except openmls's own entities, which are
-//! stored the way openmls's providers store them (serde_json, see
-//! [`crate::mls`]). The schema version is checked when the file is opened.
+//! records (see [`crate::records`]) except openmls's own entities, which
+//! need a self-describing format (MessagePack; JSON in databases written
+//! before, still read; see [`crate::mls::storage`]). The schema version is checked when the file is opened.
 //!
 //! Atomicity rule (DESIGN.md section 6): one logical operation is one write
 //! transaction. [`Store::write`] runs a closure inside a write transaction on

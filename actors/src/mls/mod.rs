@@ -677,6 +677,73 @@ mod tests {
         ));
     }
 
+    /// The MLS table's values: how many are packed, how many JSON.
+    fn formats(party: &Party) -> (usize, usize) {
+        use redb::ReadableTable;
+        party
+            .store
+            .read(|tx| {
+                let t = tx.open_table(crate::store::tables::MLS)?;
+                let (mut packed, mut json) = (0, 0);
+                for row in t.iter()? {
+                    if row?.1.value().first() == Some(&storage::PACKED) {
+                        packed += 1;
+                    } else {
+                        json += 1;
+                    }
+                }
+                Ok((packed, json))
+            })
+            .unwrap()
+    }
+
+    /// A node that stored its groups as JSON (before values were packed)
+    /// goes on with them: reloaded, they read, send, commit and read again,
+    /// the new values packed beside the old ones.
+    #[test]
+    fn groups_stored_as_json_by_an_older_node_go_on() {
+        storage::WRITE_JSON.set(true);
+        let (alex, blair, alex_group, blair_group) = pair();
+        let (alex_p, blair_p) = (alex.provider(), blair.provider());
+        let mut blair_group = blair_group;
+        let before = encrypt(&mut blair_group, &blair_p, &blair.key, b"before").unwrap();
+        blair.commit(&blair_p);
+        storage::WRITE_JSON.set(false);
+        for party in [&alex, &blair] {
+            let (packed, json) = formats(party);
+            assert_eq!(packed, 0);
+            assert!(json > 5, "{json} JSON values");
+        }
+        // Reloaded by the new code from what the old one wrote.
+        let mut alex_group = load_group(&alex_p, alex_group.group_id()).unwrap();
+        let mut blair_group = load_group(&blair_p, blair_group.group_id()).unwrap();
+        let read = |group: &mut MlsGroup, p: &Provider, ct: &[u8]| match process(group, p, ct) {
+            Ok(Incoming::Application { bytes, .. }) => bytes,
+            _ => panic!("expected an application message"),
+        };
+        assert_eq!(read(&mut alex_group, &alex_p, &before), b"before");
+        alex.commit(&alex_p);
+        let commit = stage_self_update(&mut alex_group, &alex_p, &alex.key).unwrap();
+        merge_pending(&mut alex_group, &alex_p).unwrap();
+        alex.commit(&alex_p);
+        let Incoming::Commit { staged, .. } = process(&mut blair_group, &blair_p, &commit).unwrap()
+        else {
+            panic!("expected a commit");
+        };
+        merge_staged(&mut blair_group, &blair_p, *staged).unwrap();
+        blair.commit(&blair_p);
+        let after = encrypt(&mut alex_group, &alex_p, &alex.key, b"after").unwrap();
+        alex.commit(&alex_p);
+        let mut blair_group = load_group(&blair_p, blair_group.group_id()).unwrap();
+        assert_eq!(read(&mut blair_group, &blair_p, &after), b"after");
+        blair.commit(&blair_p);
+        assert_eq!(
+            epoch_authenticator(&load_group(&alex_p, alex_group.group_id()).unwrap()),
+            epoch_authenticator(&blair_group)
+        );
+        assert!(formats(&alex).0 > 0, "new values are packed");
+    }
+
     #[test]
     fn uncommitted_writes_are_not_visible_after_reload() {
         let party = Party::new();

@@ -12,8 +12,16 @@
 //! Keys are namespaced per proton / group proton (8 bytes first), so a
 //! placeholder and its successor can hold state of the same MLS group in one
 //! node, and a whole conversation's MLS state can be dropped by prefix.
-//! Values use serde_json, as openmls's own providers do: some openmls types
-//! deserialise through `serde(untagged)`, which postcard cannot read.
+//! Values are MessagePack with named fields (rmp-serde): some openmls types
+//! deserialise through `serde(untagged)`, which needs a self-describing
+//! format and which postcard cannot read. openmls's own providers use
+//! serde_json, as this one did before: a value written then (it starts
+//! with a JSON character) is still read as JSON; a value written now starts
+//! with the byte [`PACKED`], which starts no JSON text. MessagePack writes
+//! a byte of key material as one or two bytes where JSON wrote it as up to
+//! four digits and a comma: a group member's state after one message in a
+//! 128-member group, rewritten at each message, was 5.1 KB of JSON.
+//! Keys keep their JSON encoding, so that values written before are found.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -35,6 +43,63 @@ pub enum MlsStorageError {
     Store(String),
     #[error("openmls value could not be (de)serialised: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("openmls value could not be serialised: {0}")]
+    Pack(#[from] rmp_serde::encode::Error),
+    #[error("openmls value could not be deserialised: {0}")]
+    Unpack(#[from] rmp_serde::decode::Error),
+    #[error("a stored openmls list is malformed")]
+    List,
+}
+
+/// The first byte of every value written in MessagePack: `0xc1` is the one
+/// byte MessagePack never uses, and no JSON text starts with it.
+pub const PACKED: u8 = 0xc1;
+
+/// `value` as it is stored: [`PACKED`], then MessagePack with named fields.
+fn pack<V: Serialize + ?Sized>(value: &V) -> Result<Vec<u8>, MlsStorageError> {
+    #[cfg(test)]
+    if WRITE_JSON.get() {
+        return Ok(serde_json::to_vec(value)?);
+    }
+    let mut out = vec![PACKED];
+    pack_into(&mut out, value)?;
+    Ok(out)
+}
+
+fn pack_into<V: Serialize + ?Sized>(out: &mut Vec<u8>, value: &V) -> Result<(), MlsStorageError> {
+    value.serialize(&mut rmp_serde::Serializer::new(out).with_struct_map())?;
+    Ok(())
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Set, this thread writes as a node did before values were packed
+    /// (tests of reading what such a node left).
+    pub static WRITE_JSON: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether a list with nothing stored yet is begun in JSON (only in tests
+/// that write as an older node did).
+fn begin_lists_in_json() -> bool {
+    #[cfg(test)]
+    return WRITE_JSON.get();
+    #[cfg(not(test))]
+    false
+}
+
+/// A stored value, written now (packed) or before (JSON).
+fn unpack<V: DeserializeOwned>(bytes: &[u8]) -> Result<V, MlsStorageError> {
+    match bytes.split_first() {
+        Some((&PACKED, packed)) => Ok(rmp_serde::from_slice(packed)?),
+        _ => Ok(serde_json::from_slice(bytes)?),
+    }
+}
+
+/// A packed list: how many items, and their bytes (one after the other).
+fn packed_items(packed: &[u8]) -> Result<(u32, &[u8]), MlsStorageError> {
+    let mut items = packed;
+    let len = rmp::decode::read_array_len(&mut items).map_err(|_| MlsStorageError::List)?;
+    Ok((len, items))
 }
 
 impl From<StoreError> for MlsStorageError {
@@ -134,7 +199,7 @@ impl MlsStorage {
         value: &V,
     ) -> Result<(), MlsStorageError> {
         let k = self.key(label, key)?;
-        self.raw_put(k, serde_json::to_vec(value)?);
+        self.raw_put(k, pack(value)?);
         Ok(())
     }
 
@@ -145,7 +210,7 @@ impl MlsStorage {
     ) -> Result<Option<V>, MlsStorageError> {
         let k = self.key(label, key)?;
         match self.raw_get(&k)? {
-            Some(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
+            Some(bytes) => Ok(Some(unpack(&bytes)?)),
             None => Ok(None),
         }
     }
@@ -170,9 +235,36 @@ impl MlsStorage {
         key: &K,
         value: &V,
     ) -> Result<(), MlsStorageError> {
-        let mut list: Vec<serde_json::Value> = self.read_list(label, key)?;
-        list.push(serde_json::to_value(value)?);
-        self.write(label, key, &list)
+        let k = self.key(label, key)?;
+        let stored = self.raw_get(&k)?;
+        // A list written as JSON stays JSON.
+        let in_json = match &stored {
+            Some(bytes) => bytes.first() != Some(&PACKED),
+            None => begin_lists_in_json(),
+        };
+        let list = if in_json {
+            let mut list: Vec<serde_json::Value> = match &stored {
+                Some(json) => serde_json::from_slice(json)?,
+                None => Vec::new(),
+            };
+            list.push(serde_json::to_value(value)?);
+            serde_json::to_vec(&list)?
+        } else {
+            // A packed array is its length, then its items: one more item
+            // is a new length, the same items, and the new one after them.
+            let (len, items) = match &stored {
+                Some(bytes) => packed_items(bytes.get(1..).unwrap_or_default())?,
+                None => (0, &[][..]),
+            };
+            let mut list = vec![PACKED];
+            rmp::encode::write_array_len(&mut list, len.saturating_add(1))
+                .map_err(|_| MlsStorageError::List)?;
+            list.extend_from_slice(items);
+            pack_into(&mut list, value)?;
+            list
+        };
+        self.raw_put(k, list);
+        Ok(())
     }
 }
 
@@ -628,9 +720,15 @@ impl StorageProvider<CURRENT_VERSION> for MlsStorage {
         group_id: &GroupId,
         proposal_ref: &ProposalRef,
     ) -> Result<(), Self::Error> {
+        // Compared as values, whichever way the list was written.
         let target = serde_json::to_value(proposal_ref)?;
-        let refs: Vec<serde_json::Value> = self.read_list(PROPOSAL_REFS, group_id)?;
-        let kept: Vec<serde_json::Value> = refs.into_iter().filter(|r| *r != target).collect();
+        let refs: Vec<ProposalRef> = self.read_list(PROPOSAL_REFS, group_id)?;
+        let mut kept = Vec::with_capacity(refs.len());
+        for r in refs {
+            if serde_json::to_value(&r)? != target {
+                kept.push(r);
+            }
+        }
         self.write(PROPOSAL_REFS, group_id, &kept)?;
         self.delete(PROPOSAL, &(group_id, proposal_ref))
     }
@@ -766,5 +864,58 @@ impl StorageProvider<CURRENT_VERSION> for MlsStorage {
         psk_id: &PskKey,
     ) -> Result<(), Self::Error> {
         self.delete(PSK, psk_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lists (appended item by item) in either format, and values of a
+    /// type that needs a self-describing format.
+    #[test]
+    fn lists_and_untagged_values_round_trip_in_either_format() {
+        #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Number { n: u64 },
+            Bytes { b: Vec<u8>, more: Option<String> },
+        }
+        let items = [
+            Either::Number { n: 7 },
+            Either::Bytes {
+                b: vec![0, 200, 255],
+                more: None,
+            },
+            Either::Bytes {
+                b: vec![],
+                more: Some("x".into()),
+            },
+        ];
+        for json in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let s = MlsStorage::new(Store::open(&dir.path().join("db")).unwrap(), [1; 8]);
+            WRITE_JSON.set(json);
+            for item in &items {
+                s.append("list", &1u8, item).unwrap();
+            }
+            s.write("one", &2u8, &items[1]).unwrap();
+            WRITE_JSON.set(false);
+            // One more, now, to a list begun either way.
+            s.append("list", &1u8, &items[0]).unwrap();
+            let list: Vec<Either> = s.read_list("list", &1u8).unwrap();
+            assert_eq!(list.len(), 4);
+            assert_eq!(list[..3], items[..]);
+            assert_eq!(list[3], items[0]);
+            let one: Option<Either> = s.read("one", &2u8).unwrap();
+            assert_eq!(one.as_ref(), Some(&items[1]));
+            // Committed and read back from the file, the same.
+            let writes = s.take_writes();
+            s.store()
+                .write_blocking(|tx| apply_writes(tx, &writes))
+                .unwrap();
+            let list: Vec<Either> = s.read_list("list", &1u8).unwrap();
+            assert_eq!(list.len(), 4);
+        }
     }
 }
