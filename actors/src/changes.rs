@@ -166,7 +166,10 @@ impl Changes {
         }
         apply_writes(tx, &self.mls)?;
 
-        {
+        // A table is opened only when something changes in it: opening one
+        // in a write transaction costs a lookup now and work at the commit,
+        // and most commits touch two or three of them.
+        if !self.delete_protons.is_empty() || !self.protons.is_empty() {
             let mut t = tx.open_table(tables::PROTONS)?;
             for id in &self.delete_protons {
                 t.remove(id.0)?;
@@ -175,7 +178,7 @@ impl Changes {
                 store::put(&mut t, p.id.0, p, "proton")?;
             }
         }
-        {
+        if !self.delete_groups.is_empty() || !self.groups.is_empty() {
             let mut t = tx.open_table(tables::GROUPS)?;
             let mut index = tx.open_table(tables::GROUP_IDS)?;
             for id in &self.delete_groups {
@@ -194,7 +197,7 @@ impl Changes {
                 }
             }
         }
-        {
+        if !self.delete_routes.is_empty() || !self.routes.is_empty() {
             let mut t = tx.open_table(tables::DERIVED_ROUTES)?;
             for (p, c) in &self.delete_routes {
                 t.remove((p.0, *c))?;
@@ -267,7 +270,7 @@ impl Changes {
                 }
             }
         }
-        {
+        if !self.delete_tickets.is_empty() || !self.tickets.is_empty() {
             let mut t = tx.open_table(tables::TICKETS)?;
             for id in &self.delete_tickets {
                 t.remove(id.0)?;
@@ -276,7 +279,7 @@ impl Changes {
                 store::put(&mut t, r.id.0, r, "ticket")?;
             }
         }
-        {
+        if !self.delete_accepted_tickets.is_empty() || !self.accepted_tickets.is_empty() {
             let mut t = tx.open_table(tables::ACCEPTED_TICKETS)?;
             for id in &self.delete_accepted_tickets {
                 t.remove(id.0)?;
@@ -285,7 +288,7 @@ impl Changes {
                 t.insert(ticket.0, proton.0)?;
             }
         }
-        {
+        if !self.delete_addresses.is_empty() || !self.addresses.is_empty() {
             let mut t = tx.open_table(tables::ADDRESSES)?;
             for a in &self.delete_addresses {
                 t.remove(*a.as_bytes())?;
@@ -295,6 +298,7 @@ impl Changes {
             }
         }
         let mut positions: HashMap<MessageId, u64> = HashMap::new();
+        if !self.delete_history.is_empty() || !self.history.is_empty() || !self.statuses.is_empty()
         {
             let mut history = tx.open_table(tables::HISTORY)?;
             for conv in &self.delete_history {
@@ -338,7 +342,7 @@ impl Changes {
                 applied.statuses.push((*conv, entry.id, entry.status));
             }
         }
-        {
+        if !self.outbox_done.is_empty() || !self.outbox.is_empty() {
             let mut t = tx.open_table(tables::OUTBOX)?;
             for seq in &self.outbox_done {
                 t.remove(*seq)?;
@@ -356,7 +360,7 @@ impl Changes {
                 applied.outbox.push((seq, entry));
             }
         }
-        {
+        if !self.inbox_done.is_empty() || !self.routes.is_empty() || !self.inbox.is_empty() {
             let mut t = tx.open_table(tables::INBOX)?;
             for seq in &self.inbox_done {
                 t.remove(*seq)?;
