@@ -30,6 +30,7 @@ const BLOCK: usize = 50;
 fn main() {
     let samples = env_usize("PROTONODE_BENCH_SAMPLES", 300);
     let messages = env_usize("PROTONODE_BENCH_MESSAGES", 5_000);
+    protonode_bench::timeline_from_env();
     // As the daemon runs: actors on the system's thread, the swarms and
     // services on tokio's worker threads.
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -45,6 +45,32 @@ pub fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// With `PROTONODE_BENCH_TIMELINE` set (to anything), every node's
+/// timeline events ([`actors::TIMELINE`]) and the benchmark's own marks go
+/// to stderr, with the thread and the time since the start: where an
+/// operation's time goes, step by step. The events are formatted as they
+/// happen, which slows the nodes a little; the figures of such a run are
+/// not comparable with others.
+pub fn timeline_from_env() {
+    if std::env::var_os("PROTONODE_BENCH_TIMELINE").is_none() {
+        return;
+    }
+    let filter = tracing_subscriber::EnvFilter::new(format!("{}=trace", actors::TIMELINE));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_thread_names(true)
+        .with_timer(tracing_subscriber::fmt::time::uptime())
+        .with_target(false)
+        .with_ansi(false)
+        .init();
+}
+
+/// A mark in the timeline (see [`timeline_from_env`]).
+pub fn mark(what: &str) {
+    tracing::trace!(target: actors::TIMELINE, "bench: {what}");
+}
+
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }

@@ -140,6 +140,7 @@ impl GroupProton {
             return;
         };
         let now = now_ms();
+        tracing::trace!(target: crate::TIMELINE, store = %self.shared.store.name(), group = %self.id, works = self.queue.len(), "group: pass");
         let node = self.shared.node_addrs();
         let lifetimes = self.shared.lifetimes;
         let timeout = self.shared.config.ordering_timeout_ms;
@@ -297,6 +298,7 @@ impl GroupProton {
             return;
         }
         self.busy = true;
+        tracing::trace!(target: crate::TIMELINE, store = %self.shared.store.name(), group = %self.id, outbox = changes.outbox.len(), "group: commit");
         let store = self.shared.store.clone();
         let outbox = self.shared.outbox.clone();
         let commit = async move {
@@ -308,6 +310,7 @@ impl GroupProton {
                 .await
         };
         ctx.spawn(commit.into_actor(self).map(move |result, act, ctx| {
+            tracing::trace!(target: crate::TIMELINE, store = %act.shared.store.name(), group = %act.id, ok = result.is_ok(), "group: committed");
             act.busy = false;
             match result {
                 Ok(_) => {

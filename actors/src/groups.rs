@@ -1451,6 +1451,7 @@ impl GroupSession {
             return Err(GroupError::Gone);
         }
         let payload = Payload::decode(payload)?;
+        tracing::trace!(target: crate::TIMELINE, store = %self.provider_store().name(), group = %self.record.id, kind = payload.kind(), "group: receives");
         // A commit request for a higher rank: the group is failing over (we
         // may be the next ordering service). An ordering service that is
         // still syncing, or waits for its proposal to be accepted, keeps

@@ -537,6 +537,7 @@ impl Sender {
             batch.push((seq, entry));
         }
         q.busy = true;
+        tracing::trace!(target: crate::TIMELINE, store = %self.store.name(), peer = %candidate.peer, envelopes = envelopes.len(), "out: batch");
         q.peer = Some(candidate.peer);
         let client = self.client.clone();
         let count = candidates.len();
@@ -582,6 +583,7 @@ impl Sender {
             candidates,
             result,
         } = attempt;
+        tracing::trace!(target: crate::TIMELINE, store = %self.store.name(), ok = result.is_ok(), "out: answered");
         let mut finished: Vec<(u64, OutboxEntry, bool)> = Vec::new();
         let mut transient = false;
         let mut next_address = false;

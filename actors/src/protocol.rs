@@ -168,6 +168,21 @@ impl Payload {
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         decode_versioned(bytes, "payload", transports::MAX_PAYLOAD_BYTES)
     }
+
+    /// Its variant's name, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Payload::Welcome { .. } => "welcome",
+            Payload::Mls(_) => "mls",
+            Payload::Commit { .. } => "commit",
+            Payload::Ordered { .. } => "ordered",
+            Payload::CatchUp { .. } => "catch-up",
+            Payload::Relayed(_) => "relayed",
+            Payload::Sealed { .. } => "sealed",
+            Payload::Propose { .. } => "propose",
+            Payload::View { .. } => "view",
+        }
+    }
 }
 
 /// The plaintext of an MLS application message.

@@ -197,6 +197,7 @@ impl Proton {
             }
             None => std::mem::take(&mut self.queue),
         };
+        tracing::trace!(target: crate::TIMELINE, store = %self.shared.store.name(), proton = %self.id, works = batch.len(), "relationship: pass");
         let node = self.shared.node_addrs();
         let lifetimes = self.shared.lifetimes;
         let now = now_ms();
@@ -340,6 +341,7 @@ impl Proton {
                 .await
         };
         ctx.spawn(commit.into_actor(self).map(move |result, act, ctx| {
+            tracing::trace!(target: crate::TIMELINE, store = %act.shared.store.name(), proton = %act.id, ok = result.is_ok(), "relationship: committed");
             act.busy = false;
             match result {
                 Ok(_) => {

@@ -264,6 +264,7 @@ async fn receive(
             transports::Event::Inbound(mut batch) => {
                 let peer = batch.peer;
                 let envelopes = std::mem::take(&mut batch.envelopes);
+                tracing::trace!(target: crate::TIMELINE, store = %store.name(), %peer, envelopes = envelopes.len(), "in: batch");
                 let now = now_ms();
                 // Envelopes their owners can process at once are handed to
                 // them: one durable commit for storing and processing.

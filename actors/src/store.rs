@@ -159,6 +159,8 @@ impl From<redb::DatabaseError> for StoreError {
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Database>,
+    /// The database file, to tell nodes apart in logs.
+    name: Arc<str>,
     writes: Arc<Mutex<Writes>>,
 }
 
@@ -261,6 +263,7 @@ impl Store {
         let db = Database::create(path)?;
         let store = Self {
             db: Arc::new(db),
+            name: path.display().to_string().into(),
             writes: Arc::default(),
         };
         store.write_blocking(|tx| {
@@ -347,7 +350,9 @@ impl Store {
         let tx = self.db.begin_write()?;
         match f(&tx) {
             Ok(r) => {
+                tracing::trace!(target: crate::TIMELINE, store = %self.name, "commit: changes written");
                 tx.commit()?;
+                tracing::trace!(target: crate::TIMELINE, store = %self.name, "commit: durable");
                 Ok(r)
             }
             Err(e) => {
@@ -455,6 +460,11 @@ impl Store {
 }
 
 impl Store {
+    /// The database file's path, to tell nodes apart in logs.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// A digest of the contents of every table: equal digests mean equal
     /// contents. Tests use it to prove that refused input changed nothing,
     /// and that a failed operation left exactly the state before it.
