@@ -4,7 +4,7 @@
 /// The tracing target of the timeline events: one at each step of an
 /// envelope's way through a node (in, processed, committed, out, answered),
 /// at trace level, each naming the node's store. Off, they cost a check
-/// each; `RUST_LOG=protonode::timeline=trace` shows where an operation's
+/// each; `RUST_LOG=info,protonode::timeline=trace` shows where an operation's
 /// time goes (`PROTONODE_BENCH_TIMELINE=1` in the benchmarks).
 pub const TIMELINE: &str = "protonode::timeline";
 
