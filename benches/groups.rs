@@ -58,8 +58,8 @@ use actors::store::{tables, Store};
 use actors::views::{Event, GroupView};
 use openmls::prelude::MlsGroup;
 use protonode_bench::{
-    env_usize, load_average, loopback_config, machine, mark, ms, open_files_limit, CommitFleet,
-    CommitProbe, FanOut, Hosts, ProcessUse, Remote, Stats,
+    env_usize, load_average, loopback_config, machine, measured_end, measured_start, ms,
+    open_files_limit, CommitFleet, CommitProbe, FanOut, Hosts, ProcessUse, Remote, Stats,
 };
 use redb::ReadableTableMetadata;
 use tokio::sync::{broadcast, oneshot};
@@ -632,7 +632,7 @@ impl Trio {
             .map(|s| (s.clone(), groups_len(s) + 1))
             .to_vec();
         let joined = watch.expect(stores);
-        mark("introduction starts");
+        measured_start("introduction");
         let t = Instant::now();
         let created = self
             .alex
@@ -648,7 +648,7 @@ impl Trio {
             .await
             .expect("both invitees' nodes list the group within the wait");
         let elapsed = end.saturating_duration_since(t);
-        mark("introduction done: both invitees list the group");
+        measured_end("introduction", "both invitees list the group");
 
         // Untimed: the group each invitee's node lists now, with 3 members.
         let mut ids = Vec::new();
@@ -691,7 +691,7 @@ impl Trio {
             reach_epoch(self.blair.subscribe(), g.at_blair.clone(), target),
             reach_epoch(self.charlie.subscribe(), g.at_charlie.clone(), target),
         ]);
-        mark("claims start");
+        measured_start("claims");
         let t = Instant::now();
         let claim = |node: &Remote, group: &str| {
             node.manager.send(GroupCommand {
@@ -709,7 +709,7 @@ impl Trio {
             .expect("Charlie's manager runs")
             .expect("Charlie's claim");
         let mut end = times.into_iter().max().expect("three nodes");
-        mark("claims done: all three nodes at the epoch after both");
+        measured_end("claims", "all three nodes at the epoch after both");
 
         // Untimed, unless they do not agree yet: same epoch and
         // authenticator everywhere, nobody a placeholder.
@@ -944,7 +944,7 @@ impl BigGroup {
                 .max()
                 .expect("members")
         });
-        mark("group message starts");
+        measured_start("group message");
         let t = Instant::now();
         let sent = self
             .creator
@@ -958,7 +958,7 @@ impl BigGroup {
             .expect("the creator's manager runs")
             .expect("the message is sent");
         let acked = t.elapsed();
-        mark("group message done: all members acknowledged");
+        measured_end("group message", "all members acknowledged");
         assert_eq!(sent.status, "delivered");
         let last = processed.await.expect("every member's node processed it");
         settle(&[&self.creator.manager]).await;

@@ -71,6 +71,71 @@ pub fn mark(what: &str) {
     tracing::trace!(target: actors::TIMELINE, "bench: {what}");
 }
 
+/// The start of a measured operation named `op`: a timeline mark and, with
+/// `PROTONODE_BENCH_PERF_CONTROL` set (see [`Profiler`]), the profiler on.
+pub fn measured_start(op: &str) {
+    mark(&format!("{op} starts"));
+    Profiler::switch(op, true);
+}
+
+/// The end of the measured operation `op` ([`measured_start`]): `what` is
+/// the condition that ended it.
+pub fn measured_end(op: &str, what: &str) {
+    Profiler::switch(op, false);
+    mark(&format!("{op} done: {what}"));
+}
+
+/// `perf record` driven through its control FIFOs, so that a profile holds
+/// only the measured operations (not the set-up, floors, or checks between
+/// them). `PROTONODE_BENCH_PERF_CONTROL=CTL,ACK` names the FIFOs given to
+/// `perf record --control fifo:CTL,ACK -D -1`; `PROTONODE_BENCH_PERF_ONLY`
+/// (optional) keeps only the operations whose name starts with it.
+/// BENCHMARKS.md, "Commands", shows a whole run.
+pub struct Profiler {
+    control: std::fs::File,
+    ack: std::io::BufReader<std::fs::File>,
+    only: Option<String>,
+}
+
+impl Profiler {
+    fn switch(op: &str, on: bool) {
+        static PROFILER: std::sync::OnceLock<Option<std::sync::Mutex<Profiler>>> =
+            std::sync::OnceLock::new();
+        let profiler = PROFILER.get_or_init(|| {
+            let fifos = std::env::var("PROTONODE_BENCH_PERF_CONTROL").ok()?;
+            let (control, ack) = fifos
+                .split_once(',')
+                .expect("PROTONODE_BENCH_PERF_CONTROL is CTL,ACK (two FIFO paths)");
+            let control = std::fs::OpenOptions::new()
+                .write(true)
+                .open(control)
+                .expect("perf's control FIFO opens");
+            let ack = std::fs::File::open(ack).expect("perf's ack FIFO opens");
+            Some(std::sync::Mutex::new(Profiler {
+                control,
+                ack: std::io::BufReader::new(ack),
+                only: std::env::var("PROTONODE_BENCH_PERF_ONLY").ok(),
+            }))
+        });
+        let Some(profiler) = profiler else { return };
+        let mut p = profiler.lock().expect("the profiler's lock");
+        if p.only
+            .as_ref()
+            .is_some_and(|only| !op.starts_with(only.as_str()))
+        {
+            return;
+        }
+        use std::io::{BufRead as _, Write as _};
+        let command = if on { "enable\n" } else { "disable\n" };
+        p.control
+            .write_all(command.as_bytes())
+            .expect("perf takes a command");
+        // perf answers "ack" once the command is in effect.
+        let mut answer = String::new();
+        p.ack.read_line(&mut answer).expect("perf acknowledges");
+    }
+}
+
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
