@@ -835,11 +835,12 @@ impl GroupSession {
         Ok(())
     }
 
-    fn own_info(&self) -> MemberInfo {
+    /// Who we are to the other members under `ipk`, reached at `transports`.
+    fn own_info(&self, ipk: Ipk, transports: &[TransportInfo]) -> MemberInfo {
         MemberInfo {
-            ipk: self.key.ipk(),
+            ipk,
             display: self.record.own_display.clone(),
-            transports: self.record.own_transports.clone(),
+            transports: transports.to_vec(),
             direct_key: Some(SealKey::from_seed(self.record.direct_seed).public()),
             placeholder_of: None,
             claim: None,
@@ -1225,11 +1226,28 @@ impl GroupSession {
 
     fn stage(&mut self, intent: &Intent) -> Result<(Vec<u8>, Option<Vec<u8>>), GroupError> {
         Ok(match intent {
-            Intent::Claim { key, follows, .. } => {
+            Intent::Claim {
+                key,
+                transports,
+                follows,
+            } => {
+                let new = key.key();
+                let info = postcard::to_allocvec(&self.own_info(new.ipk(), transports))
+                    .map_err(|e| MlsError::Encode(e.to_string()))?;
+                let aad = ClaimAad {
+                    follows: (**follows).clone(),
+                    info: mls::seal_for_epoch(
+                        &self.group,
+                        &self.provider,
+                        CLAIM_INFO_LABEL,
+                        new.ipk().as_bytes(),
+                        &info,
+                    )?,
+                };
                 let aad =
-                    postcard::to_allocvec(follows).map_err(|e| MlsError::Encode(e.to_string()))?;
+                    postcard::to_allocvec(&aad).map_err(|e| MlsError::Encode(e.to_string()))?;
                 (
-                    mls::stage_claim(&mut self.group, &self.provider, &self.key, &key.key(), aad)?,
+                    mls::stage_claim(&mut self.group, &self.provider, &self.key, &new, aad)?,
                     None,
                 )
             }
@@ -1313,17 +1331,13 @@ impl GroupSession {
     ) -> Result<(), GroupError> {
         match pending.intent {
             Intent::Claim {
-                key,
-                transports,
-                follows,
+                key, transports, ..
             } => {
                 self.key = key.key();
                 self.record.own_key = key;
                 self.record.own_transports = transports;
+                // The members learn our info from the claim itself.
                 self.record.state = GroupState::Active;
-                let mut info = self.own_info();
-                info.claim = Some(*follows);
-                self.announce(vec![info], now, changes)?;
             }
             Intent::Add { invitees } => {
                 let members = std::sync::Arc::make_mut(&mut self.record.members);
@@ -1786,6 +1800,10 @@ impl GroupSession {
             ));
         };
         let summary = mls::summarize(&self.group, &staged, sender);
+        // A claim's info is sealed under the epoch it commits from.
+        let claim_info = summary
+            .replaced
+            .and_then(|(_, new)| self.open_claim_info(&aad, new));
         let removed_us = staged.self_removed();
         mls::merge_staged(&mut self.group, &self.provider, *staged)?;
         if removed_us {
@@ -1794,7 +1812,7 @@ impl GroupSession {
             self.save(changes);
             return Ok(summary.replaced);
         }
-        self.apply_summary(&summary, &aad);
+        self.apply_summary(&summary, &aad, claim_info);
         self.save(changes);
         Ok(summary.replaced)
     }
@@ -1899,7 +1917,12 @@ impl GroupSession {
     }
 
     /// Updates the member list after someone else's commit.
-    fn apply_summary(&mut self, summary: &mls::CommitSummary, aad: &[u8]) {
+    fn apply_summary(
+        &mut self,
+        summary: &mls::CommitSummary,
+        aad: &[u8],
+        claim_info: Option<MemberInfo>,
+    ) {
         if let Some((old, new)) = summary.replaced {
             let verified = verify_claim(aad, old, new).ok();
             let linked = self
@@ -1923,8 +1946,30 @@ impl GroupSession {
                 };
             }
             self.record.pending_links.retain(|(i, _)| *i != new);
+            if let (Some(info), Some(_)) = (claim_info, verified) {
+                self.apply_member_info(new, info);
+            }
         }
         self.sync_roster();
+    }
+
+    /// The member info a claim of `new` carries, if it opens under our
+    /// epoch (the one the claim commits from) and is about `new`. A claim
+    /// whose info does not open still replaces the placeholder: the
+    /// members stay in step, and keep the placeholder's transports.
+    fn open_claim_info(&self, aad: &[u8], new: Ipk) -> Option<MemberInfo> {
+        let aad: ClaimAad = postcard::from_bytes(aad).ok()?;
+        let info = mls::open_for_epoch(
+            &self.group,
+            &self.provider,
+            CLAIM_INFO_LABEL,
+            new.as_bytes(),
+            &aad.info,
+        )
+        .ok()?;
+        let info: MemberInfo = postcard::from_bytes(&info).ok()?;
+        let about_new = info.ipk == new && info.placeholder_of.is_none() && info.claim.is_none();
+        (about_new && info.validate().is_ok()).then_some(info)
     }
 
     /// A control message our relationship's peer sent about this group.
@@ -2370,10 +2415,25 @@ fn side_message(group_id: &[u8], from: &Ipk, sealed: &[u8]) -> Vec<u8> {
 /// A claim commit's authenticated data must be "`new` follows `old`",
 /// signed by both.
 fn verify_claim(aad: &[u8], old: Ipk, new: Ipk) -> Result<Attestation, AttestationError> {
-    let attestation: Attestation =
-        postcard::from_bytes(aad).map_err(|_| AttestationError::Mismatch)?;
-    attestation.verify_as(Kind::Follows, &old, &new)?;
-    Ok(attestation)
+    let aad: ClaimAad = postcard::from_bytes(aad).map_err(|_| AttestationError::Mismatch)?;
+    aad.follows.verify_as(Kind::Follows, &old, &new)?;
+    Ok(aad.follows)
+}
+
+/// The label of the key a claim's member info is sealed under.
+const CLAIM_INFO_LABEL: &str = "protonode/v1/claim-info";
+
+/// What a claim commit carries in its authenticated data (which travels in
+/// the clear, signed with the commit).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ClaimAad {
+    /// "The claimer's new key follows the placeholder", signed by both.
+    follows: Attestation,
+    /// The claimer's [`MemberInfo`] under its new key (transports, direct
+    /// key, display), sealed for the members of the epoch the claim commits
+    /// from: they learn it with the claim, in the same step, and nobody
+    /// else can read it.
+    info: Vec<u8>,
 }
 
 fn decode_bundle_key_package(bundle: &[u8]) -> Result<openmls::prelude::KeyPackage, GroupError> {
@@ -2790,6 +2850,14 @@ mod tests {
         // Blair claims: the equivalence goes to Alex inside BA, the commit to the orderer (Alex).
         let ba_record = load_protons(&blair.store, [ba]).unwrap().pop().unwrap();
         let placeholder_b = b.own_ipk();
+        let derived_for_blair = a
+            .record()
+            .members
+            .iter()
+            .find(|m| m.ipk == placeholder_b)
+            .unwrap()
+            .transports
+            .clone();
         let rows = step(&blair, &mut b, |s, ch| {
             s.claim(&ba_record, &blair.node, LIFETIMES, 40, ch).unwrap()
         });
@@ -2843,10 +2911,41 @@ mod tests {
         assert!(rows_for(&fanned, placeholder_b).is_empty());
         assert_eq!(rows_for(&fanned, c.own_ipk()).len(), 1);
         let ordered = fanned[0].payload.clone();
+        let mut after_claim = Vec::new();
         for (p, s) in [(&blair, &mut b), (&charlie, &mut c)] {
-            assert_eq!(deliver(p, s, &ordered).unwrap(), Received::Committed);
+            let mut ch = Changes::default();
+            assert_eq!(
+                s.receive(&ordered, None, 43, &mut ch).unwrap(),
+                Received::Committed
+            );
+            s.drain_writes(&mut ch);
+            after_claim.push(ch.outbox.len());
+            commit(p, ch);
         }
+        assert_eq!(
+            after_claim,
+            [0, 0],
+            "a claim needs no announcement after it"
+        );
         let gp_b = b.own_ipk();
+        // The claim carried Blair's info under her new key, sealed for the
+        // members: her new transports and direct key, her name.
+        let blair_info = |s: &GroupSession| {
+            let m = s.record().members.iter().find(|m| m.ipk == gp_b).unwrap();
+            (m.transports.clone(), m.direct_key, m.display.name.clone())
+        };
+        let own = b.record();
+        let expected = (
+            own.own_transports.clone(),
+            Some(SealKey::from_seed(own.direct_seed).public()),
+            own.own_display.name.clone(),
+        );
+        assert_ne!(
+            expected.0, derived_for_blair,
+            "fresh transports, not the ones Alex derived"
+        );
+        assert_eq!(blair_info(&a), expected, "Alex learns it with the claim");
+        assert_eq!(blair_info(&c), expected, "Charlie learns it with the claim");
         assert_eq!(rows_for(&fanned, gp_b).len(), 1);
         assert_ne!(gp_b, placeholder_b);
         assert_eq!(b.record().state, GroupState::Active);

@@ -71,6 +71,8 @@ pub enum MlsError {
     Unexpected(&'static str),
     #[error("encoding failed: {0}")]
     Encode(String),
+    #[error("the sealed data does not open under this epoch's key")]
+    Unseal,
 }
 
 /// openmls provider: RustCrypto for crypto and randomness, our redb storage.
@@ -453,6 +455,82 @@ pub fn stage_claim(
     encode_message(bundle.commit())
 }
 
+/// Length of the nonce in front of [`seal_for_epoch`]'s output.
+const EPOCH_SEAL_NONCE_LEN: usize = 12;
+
+/// The AES-128-GCM key of `label` and `context` for the members of the
+/// group's current epoch (MLS's exporter: nobody outside that epoch can
+/// derive it, nor can a later or earlier epoch's member).
+fn epoch_key(
+    group: &MlsGroup,
+    provider: &Provider,
+    label: &str,
+    context: &[u8],
+) -> Result<Vec<u8>, MlsError> {
+    group
+        .export_secret(
+            provider.crypto(),
+            label,
+            context,
+            AeadType::Aes128Gcm.key_size(),
+        )
+        .map_err(|e| MlsError::Encrypt(e.to_string()))
+}
+
+/// Seals `plaintext` for whoever is a member of the group's current epoch:
+/// a random nonce, then AES-128-GCM under the epoch's key of `label` and
+/// `context` ([`open_for_epoch`] is the other half). For what travels in
+/// the clear beside an MLS message, such as a commit's authenticated data.
+pub fn seal_for_epoch(
+    group: &MlsGroup,
+    provider: &Provider,
+    label: &str,
+    context: &[u8],
+    plaintext: &[u8],
+) -> Result<Vec<u8>, MlsError> {
+    let key = epoch_key(group, provider, label, context)?;
+    let nonce: [u8; EPOCH_SEAL_NONCE_LEN] = rand::random();
+    let sealed = provider
+        .crypto()
+        .aead_encrypt(
+            AeadType::Aes128Gcm,
+            &key,
+            plaintext,
+            &nonce,
+            label.as_bytes(),
+        )
+        .map_err(|e| MlsError::Encrypt(format!("{e:?}")))?;
+    let mut out = nonce.to_vec();
+    out.extend_from_slice(&sealed);
+    Ok(out)
+}
+
+/// Opens what [`seal_for_epoch`] sealed in the group's current epoch, with
+/// the same `label` and `context`.
+pub fn open_for_epoch(
+    group: &MlsGroup,
+    provider: &Provider,
+    label: &str,
+    context: &[u8],
+    sealed: &[u8],
+) -> Result<Vec<u8>, MlsError> {
+    if sealed.len() < EPOCH_SEAL_NONCE_LEN {
+        return Err(MlsError::Unseal);
+    }
+    let (nonce, ciphertext) = sealed.split_at(EPOCH_SEAL_NONCE_LEN);
+    let key = epoch_key(group, provider, label, context)?;
+    provider
+        .crypto()
+        .aead_decrypt(
+            AeadType::Aes128Gcm,
+            &key,
+            ciphertext,
+            nonce,
+            label.as_bytes(),
+        )
+        .map_err(|_| MlsError::Unseal)
+}
+
 /// Merges our own staged commit (the ordering service accepted it).
 pub fn merge_pending(group: &mut MlsGroup, provider: &Provider) -> Result<(), MlsError> {
     group
@@ -583,6 +661,45 @@ mod tests {
         let alex_group = join_from_welcome(&alex_p, &welcome).unwrap();
         alex.commit(&alex_p);
         (alex, blair, alex_group, blair_group)
+    }
+
+    /// What is sealed for an epoch opens for that epoch's members, with
+    /// the same label and context, and for nobody after the next commit.
+    #[test]
+    fn sealed_for_an_epoch_opens_only_in_it() {
+        let (alex, blair, mut alex_group, mut blair_group) = pair();
+        let (alex_p, blair_p) = (alex.provider(), blair.provider());
+        let sealed = seal_for_epoch(&blair_group, &blair_p, "label", b"ctx", b"secret").unwrap();
+        assert_eq!(
+            open_for_epoch(&alex_group, &alex_p, "label", b"ctx", &sealed).unwrap(),
+            b"secret"
+        );
+        let refused = |label: &str, context: &[u8], sealed: &[u8]| {
+            matches!(
+                open_for_epoch(&alex_group, &alex_p, label, context, sealed),
+                Err(MlsError::Unseal)
+            )
+        };
+        assert!(refused("other label", b"ctx", &sealed));
+        assert!(refused("label", b"other context", &sealed));
+        let mut flipped = sealed.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        assert!(refused("label", b"ctx", &flipped));
+        assert!(refused("label", b"ctx", &sealed[..5]));
+        assert!(refused("label", b"ctx", &[]));
+
+        let commit = stage_self_update(&mut blair_group, &blair_p, &blair.key).unwrap();
+        merge_pending(&mut blair_group, &blair_p).unwrap();
+        let Incoming::Commit { staged, .. } = process(&mut alex_group, &alex_p, &commit).unwrap()
+        else {
+            panic!("expected a commit");
+        };
+        merge_staged(&mut alex_group, &alex_p, *staged).unwrap();
+        assert!(matches!(
+            open_for_epoch(&alex_group, &alex_p, "label", b"ctx", &sealed),
+            Err(MlsError::Unseal)
+        ));
     }
 
     #[test]
