@@ -2785,6 +2785,53 @@ mod tests {
         }
     }
 
+    /// A claim whose sealed member info does not open (garbage, or sealed
+    /// for another epoch) still replaces the placeholder, so the members
+    /// stay in step, but nobody takes anything from it: the placeholder's
+    /// transports stay, and the claim counts as verified only through its
+    /// follows attestation.
+    #[test]
+    fn a_claim_with_info_that_does_not_open_changes_only_the_key() {
+        let (alex, blair, charlie) = (person("Alex"), person("Blair"), person("Charlie"));
+        let ([_, ba, _, ca], record) = alex_introduces(&alex, &blair, &charlie);
+        for (r, (to, proton)) in record.relays.iter().zip([(&blair, ba), (&charlie, ca)]) {
+            relay(&alex, to, proton, r);
+        }
+        let (mut a, mut b, mut c) = (group_of(&alex), group_of(&blair), group_of(&charlie));
+        let placeholder_b = b.own_ipk();
+        let before = |s: &GroupSession| {
+            let m = s.record().members.iter().find(|m| m.ipk == placeholder_b);
+            m.map(|m| (m.transports.clone(), m.direct_key, m.display.clone()))
+        };
+        let (at_alex, at_charlie) = (before(&a).unwrap(), before(&c).unwrap());
+
+        let new = IdentityKey::generate();
+        let garbage = ClaimAad {
+            follows: Attestation::follows(&b.key, &new, 40),
+            info: vec![7; 64],
+        };
+        let aad = postcard::to_allocvec(&garbage).unwrap();
+        let commit = mls::stage_claim(&mut b.group, &b.provider, &b.key, &new, aad).unwrap();
+        let request = Payload::Commit { commit, rank: 0 }.encode();
+        let fanned = order(&alex, &mut a, &request, 42);
+        let ordered = rows_for(&fanned, c.own_ipk()).pop().unwrap();
+        assert_eq!(
+            deliver(&charlie, &mut c, &ordered).unwrap(),
+            Received::Committed
+        );
+        for (s, was) in [(&a, at_alex), (&c, at_charlie)] {
+            let m = s
+                .record()
+                .members
+                .iter()
+                .find(|m| m.ipk == new.ipk())
+                .expect("the new key replaced the placeholder");
+            assert_eq!((m.transports.clone(), m.direct_key, m.display.clone()), was);
+            assert!(m.claim.is_some(), "the follows attestation verified");
+        }
+        assert_eq!(a.epoch_authenticator(), c.epoch_authenticator());
+    }
+
     #[test]
     fn alex_introduces_blair_and_charlie_who_claim_their_placeholders() {
         let (alex, blair, charlie) = (person("Alex"), person("Blair"), person("Charlie"));
