@@ -1958,18 +1958,25 @@ impl GroupSession {
     /// whose info does not open still replaces the placeholder: the
     /// members stay in step, and keep the placeholder's transports.
     fn open_claim_info(&self, aad: &[u8], new: Ipk) -> Option<MemberInfo> {
-        let aad: ClaimAad = postcard::from_bytes(aad).ok()?;
-        let info = mls::open_for_epoch(
-            &self.group,
-            &self.provider,
-            CLAIM_INFO_LABEL,
-            new.as_bytes(),
-            &aad.info,
-        )
-        .ok()?;
-        let info: MemberInfo = postcard::from_bytes(&info).ok()?;
-        let about_new = info.ipk == new && info.placeholder_of.is_none() && info.claim.is_none();
-        (about_new && info.validate().is_ok()).then_some(info)
+        let opened = (|| {
+            let aad: ClaimAad = postcard::from_bytes(aad).ok()?;
+            let info = mls::open_for_epoch(
+                &self.group,
+                &self.provider,
+                CLAIM_INFO_LABEL,
+                new.as_bytes(),
+                &aad.info,
+            )
+            .ok()?;
+            let info: MemberInfo = postcard::from_bytes(&info).ok()?;
+            let about_new =
+                info.ipk == new && info.placeholder_of.is_none() && info.claim.is_none();
+            (about_new && info.validate().is_ok()).then_some(info)
+        })();
+        if opened.is_none() {
+            tracing::warn!(group = %self.record.id, member = %new, "a claim's member info does not open; the member keeps the placeholder's transports");
+        }
+        opened
     }
 
     /// A control message our relationship's peer sent about this group.
