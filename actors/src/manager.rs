@@ -1006,15 +1006,25 @@ impl Handler<SendMessage> for RelationshipManager {
     }
 }
 
+/// How long a history read waits for delivery outcomes already reported to
+/// be recorded (one write, normally a millisecond).
+const RECORDS_WAIT: Duration = Duration::from_secs(2);
+
 impl Handler<GetHistory> for RelationshipManager {
-    type Result = Result<Vec<MessageView>, Error>;
+    type Result = ResponseFuture<Result<Vec<MessageView>, Error>>;
 
     fn handle(&mut self, msg: GetHistory, _: &mut Self::Context) -> Self::Result {
-        let conversation = self.resolve_conversation(&msg.of)?;
-        Ok(history(&self.shared.store, conversation)?
-            .iter()
-            .map(|e| MessageView::of(conversation, e))
-            .collect())
+        let conversation = self.resolve_conversation(&msg.of);
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let conversation = conversation?;
+            // What `send --wait` or `watch` said was delivered, history says too.
+            shared.outbox.recorded(RECORDS_WAIT).await;
+            Ok(history(&shared.store, conversation)?
+                .iter()
+                .map(|e| MessageView::of(conversation, e))
+                .collect())
+        })
     }
 }
 

@@ -31,7 +31,10 @@
 //! just after: the receiver has the envelope durably whatever happens to our
 //! note of it, and if a crash loses the note, the row is sent again and the
 //! receiver answers Duplicate. Recording off the reply path keeps its fsync
-//! out of the latency a sender sees. Records are group-committed: one write
+//! out of the latency a sender sees; a reader that must see what was
+//! reported (`history`) first waits for the records (`OutboxHandle::recorded`),
+//! so `send --wait` saying "delivered" is never followed by a history that
+//! says "queued". Records are group-committed: one write
 //! at a time, taking every receipt that came in meanwhile, so a message to a
 //! group of 127 costs a few writes, not 127 in a row.
 
@@ -43,7 +46,7 @@ use std::time::Duration;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use redb::ReadableTable;
-use tokio::sync::{broadcast, mpsc, Notify};
+use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use transports::{Address, DeliveryError, Envelope, Multiaddr, PeerId, Receipt, Refusal};
@@ -88,6 +91,8 @@ pub type OutcomeFn = Arc<dyn Fn(Outcome) + Send + Sync>;
 enum Command {
     Queued(Vec<(u64, OutboxEntry)>),
     PeerReachable(PeerId),
+    /// Answer once every outcome reported so far is recorded.
+    Recorded(oneshot::Sender<()>),
     Stop,
 }
 
@@ -114,6 +119,22 @@ impl OutboxHandle {
     /// The peer is reachable again: retry its destinations now.
     pub fn peer_reachable(&self, peer: PeerId) {
         let _ = self.commands.try_send(Command::PeerReachable(peer));
+    }
+
+    /// Returns once every delivery outcome reported so far (events, `send
+    /// --wait`) is in the store, or after `limit`: a history read after it
+    /// agrees with what was reported. Returns at once when nothing is
+    /// waiting to be recorded or the service has stopped.
+    pub async fn recorded(&self, limit: Duration) {
+        let (tx, rx) = oneshot::channel();
+        let wait = async {
+            if self.commands.send(Command::Recorded(tx)).await.is_ok() {
+                let _ = rx.await;
+            }
+        };
+        if tokio::time::timeout(limit, wait).await.is_err() {
+            tracing::warn!(?limit, "delivery records are late; reading without them");
+        }
     }
 
     pub async fn stop(&self) {
@@ -157,6 +178,9 @@ pub fn spawn(
         unrecorded: Changes::default(),
         recording: FuturesUnordered::new(),
         unrecorded_rows: HashSet::new(),
+        reported: 0,
+        recorded: 0,
+        waiting: Vec::new(),
         groups: HashMap::new(),
     };
     let task = tokio::spawn(sender.run());
@@ -243,11 +267,17 @@ struct Sender {
     inflight: FuturesUnordered<futures::future::BoxFuture<'static, Attempt>>,
     /// Finished rows (and their history statuses) not yet being recorded.
     unrecorded: Changes,
-    /// The one write of finished rows under way; yields its rows.
-    recording: FuturesUnordered<futures::future::BoxFuture<'static, Vec<u64>>>,
+    /// The one write of finished rows under way; yields its rows and the
+    /// `reported` count it covers.
+    recording: FuturesUnordered<futures::future::BoxFuture<'static, (Vec<u64>, u64)>>,
     /// Finished rows whose removal is not yet committed: a rescan must not
     /// queue them again.
     unrecorded_rows: HashSet<u64>,
+    /// How many batches of outcomes were reported, and how many of them are
+    /// recorded; `waiting` holds readers until `recorded` reaches theirs.
+    reported: u64,
+    recorded: u64,
+    waiting: Vec<(u64, oneshot::Sender<()>)>,
     /// Members' transports per group, read once for all its destinations.
     groups: HashMap<GroupProtonId, (Instant, HashMap<Ipk, Vec<TransportInfo>>)>,
 }
@@ -275,6 +305,13 @@ impl Sender {
                         }
                     }
                     Some(Command::PeerReachable(peer)) => self.reachable(peer),
+                    Some(Command::Recorded(reply)) => {
+                        if self.recorded == self.reported {
+                            let _ = reply.send(());
+                        } else {
+                            self.waiting.push((self.reported, reply));
+                        }
+                    }
                     Some(Command::Stop) | None => break,
                 },
                 Some(attempt) = self.inflight.next() => {
@@ -285,9 +322,14 @@ impl Sender {
                     }
                     self.record();
                 }
-                Some(rows) = self.recording.next() => {
+                Some((rows, covers)) = self.recording.next() => {
                     for seq in rows {
                         self.unrecorded_rows.remove(&seq);
+                    }
+                    self.recorded = covers;
+                    let recorded = self.recorded;
+                    for (_, reply) in self.waiting.extract_if(.., |(upto, _)| *upto <= recorded) {
+                        let _ = reply.send(());
                     }
                     self.record();
                 }
@@ -311,13 +353,14 @@ impl Sender {
         let changes = std::mem::take(&mut self.unrecorded);
         let rows = changes.outbox_done.clone();
         let store = self.store.clone();
+        let covers = self.reported;
         self.recording.push(Box::pin(async move {
             if let Err(e) = store.write(move |tx| changes.apply(tx)).await {
                 // The rows stay in the table; after a restart they are sent
                 // again and the receiver answers Duplicate.
                 tracing::error!(error = %e, "recording deliveries failed");
             }
-            rows
+            (rows, covers)
         }));
     }
 
@@ -622,6 +665,9 @@ impl Sender {
             }
         }
 
+        if !finished.is_empty() {
+            self.reported += 1;
+        }
         for (_, entry, delivered) in &finished {
             self.report(entry, *delivered);
         }

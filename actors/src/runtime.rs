@@ -336,3 +336,82 @@ async fn receive(
     }
     tracing::debug!("receiving service stopped");
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::manager::{AcceptInvite, CreateInvite, GetHistory, ListContacts, SendMessage};
+
+    fn loopback(name: &str) -> config::Config {
+        let mut config = config::Config::new(name);
+        config.network.mdns = false;
+        config.network.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
+        config.delivery.retry_initial_ms = 20;
+        config
+    }
+
+    async fn node(dir: &tempfile::TempDir, name: &str) -> Node {
+        let store = Store::open(&dir.path().join("protonode.redb")).unwrap();
+        Node::start(store, loopback(name), Keypair::generate_ed25519())
+            .await
+            .unwrap()
+    }
+
+    /// `send` with `wait` answers as soon as the receipt is in hand and the
+    /// sender records it just after; a history read in between must still
+    /// say "delivered", as the caller was told. In one process the read
+    /// comes microseconds after the answer, well inside that window.
+    #[actix_rt::test]
+    async fn history_right_after_send_wait_says_delivered() {
+        let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let alex = node(&a_dir, "Alex").await;
+        let blair = node(&b_dir, "Blair").await;
+        let ticket = blair
+            .manager
+            .send(CreateInvite { ttl: None })
+            .await
+            .unwrap()
+            .unwrap()
+            .ticket;
+        let accepted = alex
+            .manager
+            .send(AcceptInvite { ticket })
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(accepted.delivered);
+        let contact = alex.manager.send(ListContacts).await.unwrap().unwrap()[0]
+            .id
+            .clone();
+
+        for i in 0..20 {
+            let text = format!("message {i}");
+            let sent = alex
+                .manager
+                .send(SendMessage {
+                    to: contact.clone(),
+                    text: text.clone(),
+                    wait: Some(Duration::from_secs(10)),
+                })
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(sent.status, "delivered");
+            let history = alex
+                .manager
+                .send(GetHistory {
+                    of: contact.clone(),
+                })
+                .await
+                .unwrap()
+                .unwrap();
+            let last = history.last().unwrap();
+            assert_eq!(last.text, text);
+            assert_eq!(last.status, "delivered", "message {i}");
+        }
+        alex.stop().await;
+        blair.stop().await;
+    }
+}

@@ -48,6 +48,24 @@ fn two_daemons_chat_both_ways_without_mdns() {
     let mut a = alex.start();
     let mut b = blair.start();
     chat(&alex, &blair);
+
+    // What `send --wait` reports, the history right after it shows: the
+    // sender records the receipt off the reply path, and a history read
+    // waits for that record (this raced once in CI; the sharp test is
+    // `actors::runtime::tests::history_right_after_send_wait_says_delivered`).
+    for i in 0..5 {
+        let text = format!("in order {i}");
+        let sent = blair.ok(&["send", "Alex", &text, "--wait"]);
+        assert_eq!(sent["status"], "delivered");
+        let h = blair.history("Alex");
+        let last = h.last().expect("a message");
+        assert_eq!(last["text"], text.as_str());
+        assert_eq!(
+            last["status"], "delivered",
+            "history right after send --wait"
+        );
+    }
+
     let status = alex.ok(&["status"]);
     assert_eq!(status["peer_id"], a.peer_id.as_str());
     assert!(status["listen"].as_array().is_some_and(|l| !l.is_empty()));
