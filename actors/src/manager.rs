@@ -1007,8 +1007,9 @@ impl Handler<SendMessage> for RelationshipManager {
 }
 
 /// How long a history read waits for delivery outcomes already reported to
-/// be recorded (one write, normally a millisecond).
-const RECORDS_WAIT: Duration = Duration::from_secs(2);
+/// be recorded (one write, normally a millisecond; far more only when the
+/// disk stalls, and then the read goes ahead without them).
+const RECORDS_WAIT: Duration = Duration::from_secs(10);
 
 impl Handler<GetHistory> for RelationshipManager {
     type Result = ResponseFuture<Result<Vec<MessageView>, Error>>;

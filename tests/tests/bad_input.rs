@@ -1,7 +1,9 @@
 //! Malformed and oversize frames sent to a daemon's delivery protocol get
 //! an error; the daemon stays up and its store is unchanged.
 
-use harness::{delivery_target, raw_client, store_digest, Person};
+use std::time::Duration;
+
+use harness::{delivery_target, raw_client, store_digest, wait_for, Person};
 use transports::{DeliveryAddress, DeliveryResponse, Envelope, Receipt, Refusal};
 
 #[test]
@@ -13,6 +15,15 @@ fn malformed_and_oversize_frames_are_refused_and_change_nothing() {
         let mut b = blair.start();
         alex.befriend(&blair);
         blair.ok(&["send", "Alex", "something to keep", "--wait"]);
+        // Acknowledged means stored in Alex's inbox; wait until it is filed
+        // too, or the next start would file it and change the store.
+        wait_for(Duration::from_secs(20), || {
+            let h = alex.history("Blair");
+            h.iter()
+                .any(|m| m["text"] == "something to keep")
+                .then_some(())
+        })
+        .expect("Alex's node files the message");
         assert!(a.stop() && b.stop());
     }
     let before = store_digest(alex.data_dir());

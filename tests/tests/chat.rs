@@ -10,6 +10,12 @@ fn chat(alex: &Person, blair: &Person) {
 
     let sent = blair.ok(&["send", "Alex", "Hello from Blair", "--wait"]);
     assert_eq!(sent["status"], "delivered");
+    // Delivered means in Alex's inbox; Alex replies once it is on screen,
+    // so both histories have the same order.
+    wait_for(Duration::from_secs(10), || {
+        (alex.history("Blair").len() == 1).then_some(())
+    })
+    .expect("Alex sees Blair's message");
     let reply = alex.ok(&["send", &blair_at_alex, "Hi Blair!", "--wait"]);
     assert_eq!(reply["status"], "delivered");
 
@@ -98,7 +104,8 @@ fn reused_and_expired_tickets_are_refused_with_a_clear_message() {
     let _c = charlie.start();
 
     let ticket = alex.ok(&["invite"])["ticket"].as_str().unwrap().to_string();
-    blair.ok(&["accept", &ticket]);
+    let accepted = blair.ok(&["accept", &ticket]);
+    assert_eq!(accepted["delivered"], true, "Alex's node stored the answer");
     let again = blair.json(&["accept", &ticket]).unwrap_err();
     assert!(again.contains("already accepted"), "{again}");
     let reused = charlie.json(&["accept", &ticket]).unwrap_err();

@@ -8,7 +8,7 @@ use std::time::Duration;
 use harness::{wait_for, Person};
 use serde_json::Value;
 
-const SETTLE: Duration = Duration::from_secs(20);
+const SETTLE: Duration = Duration::from_secs(60);
 
 fn person(name: &str) -> Person {
     Person::init(name)
@@ -177,6 +177,15 @@ fn alex_introduces_blair_and_charlie_who_claim_talk_and_connect() {
         Some(())
     })
     .expect("Blair sees Charlie as a contact");
+    // `connect` waits for Blair's answer only so long: wait for it here.
+    wait_for(SETTLE, || {
+        let c = charlie.ok(&["contacts"]);
+        c.as_array()?
+            .iter()
+            .find(|c| c["name"] == "Blair" && c["state"] == "active")?;
+        Some(())
+    })
+    .expect("Charlie sees Blair as a contact");
     charlie.ok(&["send", "Blair", "just between us", "--wait"]);
     let side = wait_for(SETTLE, || {
         let h = blair.history("Charlie");

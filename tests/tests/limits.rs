@@ -65,6 +65,15 @@ fn a_flood_of_junk_envelopes_is_throttled_then_cut_off_with_memory_bounded() {
         let mut b = blair.start();
         alex.befriend(&blair);
         blair.ok(&["send", "Alex", "before the flood", "--wait"]);
+        // Acknowledged means stored in Alex's inbox; wait until it is filed
+        // too, or the next start would file it and change the store.
+        wait_for(Duration::from_secs(20), || {
+            let h = alex.history("Blair");
+            h.iter()
+                .any(|m| m["text"] == "before the flood")
+                .then_some(())
+        })
+        .expect("Alex's node files the message");
         assert!(a.stop() && b.stop());
     }
     let before = store_digest(alex.data_dir());

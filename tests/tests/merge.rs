@@ -105,6 +105,14 @@ fn introduce_and_connect(
             .and_then(|x| x["id"].as_str().map(String::from))
     })
     .unwrap_or_else(|| panic!("{name}: {} never got the side relationship", b_person.name));
+    // `connect` waits for the answer only so long; the caller sends next.
+    wait_for(SETTLE, || {
+        contacts(c_person, true)
+            .iter()
+            .any(|x| x["id"] == at_c.as_str() && x["state"] == "active")
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("{name}: {} never saw the answer", c_person.name));
     (at_b, at_c)
 }
 
