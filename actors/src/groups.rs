@@ -505,8 +505,9 @@ pub struct GroupSession {
     proposal: Option<Proposal>,
     /// As the ordering service holding a majority alone: a member's commit
     /// processed and checked once, merged when it is ordered a moment
-    /// later (in the same step) instead of processed a second time.
-    checked: Option<(Vec<u8>, Incoming)>,
+    /// later (in the same step) instead of processed a second time; with
+    /// the claim it proved, if it is one (checked once too).
+    checked: Option<(Vec<u8>, Incoming, Option<Attestation>)>,
     /// The members' IPKs at one epoch (its number and authenticator), in
     /// leaf order: membership changes only with a commit, which starts a
     /// new epoch, and reading it from openmls costs a clone and a parse per
@@ -1706,8 +1707,8 @@ impl GroupSession {
             // Ordered as soon as proposed: processed once, and merged by
             // `apply_commit` (a failure here leaves the session as it was,
             // see `isolated`).
-            let incoming = self.check_commit(bytes)?;
-            self.checked = Some((bytes.to_vec(), incoming));
+            let (incoming, claim) = self.check_commit(bytes)?;
+            self.checked = Some((bytes.to_vec(), incoming, claim));
             let proposed = self.propose(bytes.to_vec(), now, changes);
             self.checked = None;
             proposed?;
@@ -1723,22 +1724,30 @@ impl GroupSession {
     }
 
     /// Processes a member's commit: whether it applies to our group as it
-    /// is, and a claim in it proves itself. Staged, not merged.
-    fn check_commit(&mut self, bytes: &[u8]) -> Result<Incoming, GroupError> {
+    /// is, and a claim in it proves itself (the proof, if it is a claim).
+    /// Staged, not merged.
+    fn check_commit(
+        &mut self,
+        bytes: &[u8],
+    ) -> Result<(Incoming, Option<Attestation>), GroupError> {
         match mls::process(&mut self.group, &self.provider, bytes)? {
             Incoming::Commit {
                 staged,
                 sender,
                 aad,
             } => {
-                if let Some((old, new)) = mls::summarize(&self.group, &staged, sender).replaced {
-                    verify_claim(&aad, old, new).map_err(GroupError::BadClaim)?;
-                }
-                Ok(Incoming::Commit {
+                let claim = match mls::summarize(&self.group, &staged, sender).replaced {
+                    Some((old, new)) => {
+                        Some(verify_claim(&aad, old, new).map_err(GroupError::BadClaim)?)
+                    }
+                    None => None,
+                };
+                let incoming = Incoming::Commit {
                     staged,
                     sender,
                     aad,
-                })
+                };
+                Ok((incoming, claim))
             }
             _ => Err(GroupError::Unexpected("not a commit")),
         }
@@ -1776,13 +1785,13 @@ impl GroupSession {
             self.finish_intent(pending, now, changes)?;
             return Ok(replaced);
         }
-        let processed = match self.checked.take() {
-            Some((checked, incoming)) if checked == commit => incoming,
+        let (processed, checked_claim) = match self.checked.take() {
+            Some((checked, incoming, claim)) if checked == commit => (incoming, Some(claim)),
             _ => {
                 if self.record.pending.is_some() {
                     mls::clear_pending(&mut self.group, &self.provider)?;
                 }
-                mls::process(&mut self.group, &self.provider, commit)?
+                (mls::process(&mut self.group, &self.provider, commit)?, None)
             }
         };
         if self.record.pending.is_some() {
@@ -1800,6 +1809,12 @@ impl GroupSession {
             ));
         };
         let summary = mls::summarize(&self.group, &staged, sender);
+        // A claim checked when it came in is not verified again.
+        let claim = checked_claim.unwrap_or_else(|| {
+            summary
+                .replaced
+                .and_then(|(old, new)| verify_claim(&aad, old, new).ok())
+        });
         // A claim's info is sealed under the epoch it commits from.
         let claim_info = summary
             .replaced
@@ -1812,7 +1827,7 @@ impl GroupSession {
             self.save(changes);
             return Ok(summary.replaced);
         }
-        self.apply_summary(&summary, &aad, claim_info);
+        self.apply_summary(&summary, claim, claim_info);
         self.save(changes);
         Ok(summary.replaced)
     }
@@ -1916,15 +1931,15 @@ impl GroupSession {
         Ok(Received::Other)
     }
 
-    /// Updates the member list after someone else's commit.
+    /// Updates the member list after someone else's commit; `verified` is
+    /// the follows attestation of a claim in it, if it verified.
     fn apply_summary(
         &mut self,
         summary: &mls::CommitSummary,
-        aad: &[u8],
+        verified: Option<Attestation>,
         claim_info: Option<MemberInfo>,
     ) {
         if let Some((old, new)) = summary.replaced {
-            let verified = verify_claim(aad, old, new).ok();
             let linked = self
                 .record
                 .pending_links
