@@ -862,17 +862,7 @@ impl GroupSession {
         if self.record.state != GroupState::Invited {
             return Err(GroupError::AlreadyClaimed);
         }
-        if self
-            .record
-            .intents
-            .iter()
-            .any(|i| matches!(i, Intent::Claim { .. }))
-            || self
-                .record
-                .pending
-                .as_ref()
-                .is_some_and(|p| matches!(p.intent, Intent::Claim { .. }))
-        {
+        if self.record.claiming() {
             return Ok(()); // already on its way
         }
         let key = IdentityKey::generate();

@@ -433,3 +433,13 @@ pub struct GroupProtonRecord {
     pub epoch: u64,
     pub authenticator: Vec<u8>,
 }
+
+impl GroupProtonRecord {
+    /// Whether our claim of the placeholder is on its way: queued, or
+    /// staged and waiting for the ordering service.
+    pub fn claiming(&self) -> bool {
+        let is_claim = |i: &Intent| matches!(i, Intent::Claim { .. });
+        self.intents.iter().any(is_claim)
+            || self.pending.as_ref().is_some_and(|p| is_claim(&p.intent))
+    }
+}

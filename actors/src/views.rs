@@ -308,6 +308,9 @@ pub struct GroupView {
     pub epoch_authenticator: String,
     /// An introduction we have not claimed or declined yet.
     pub pending: bool,
+    /// Our claim of a pending introduction is on its way (the group has
+    /// not ordered it yet).
+    pub claiming: bool,
     /// "invited", "active" or "gone".
     pub state: &'static str,
     pub members: Vec<MemberView>,
@@ -352,6 +355,7 @@ impl GroupView {
             epoch: g.epoch,
             epoch_authenticator: data_encoding::HEXLOWER.encode(&g.authenticator),
             pending: g.state == GroupState::Invited,
+            claiming: g.state == GroupState::Invited && g.claiming(),
             state: match g.state {
                 GroupState::Invited => "invited",
                 GroupState::Active => "active",

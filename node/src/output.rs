@@ -196,7 +196,9 @@ pub fn groups(list: &Value) -> String {
             .and_then(Value::as_str)
             .map(|n| format!(" \"{n}\""))
             .unwrap_or_default();
-        let state = if g["pending"] == Value::Bool(true) {
+        let state = if g["claiming"] == Value::Bool(true) {
+            "claim sent: waiting for the group to order it".to_string()
+        } else if g["pending"] == Value::Bool(true) {
             "pending: `protonode claim` or `protonode decline`".to_string()
         } else {
             s(g, "state").to_string()

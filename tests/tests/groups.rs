@@ -88,6 +88,7 @@ fn alex_introduces_blair_and_charlie_who_claim_talk_and_connect() {
     // Figure 3.3.1: a group of three with two placeholders Alex asserts.
     let at_blair = the_group(&blair);
     assert_eq!(at_blair["pending"], true, "Blair has not claimed yet");
+    assert_eq!(at_blair["claiming"], false, "no claim is on its way");
     let seen = statuses(&at_blair);
     assert_eq!(seen["Blair"], "self");
     assert_eq!(
@@ -117,7 +118,11 @@ fn alex_introduces_blair_and_charlie_who_claim_talk_and_connect() {
     }
 
     // Figure 3.3.2: both claim; everyone agrees, nobody is a placeholder.
-    blair.ok(&["claim", "Trio"]);
+    let claimed = blair.ok(&["claim", "Trio"]);
+    assert!(
+        claimed["claiming"] == true || claimed["pending"] == false,
+        "the claim is on its way, or already ordered: {claimed}"
+    );
     charlie.ok(&["claim", "Trio"]);
     let groups = wait_for_agreement(&[&alex, &blair, &charlie], 3);
     let epoch = groups[0]["epoch"].as_u64().unwrap();
