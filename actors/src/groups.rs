@@ -94,7 +94,7 @@ pub enum GroupError {
     NoDerivableAddress(String),
     #[error("unexpected message: {0}")]
     Unexpected(&'static str),
-    #[error("message not valid: {0}")]
+    #[error("{0}")]
     Invalid(#[from] InvalidValue),
     #[error(transparent)]
     Decode(#[from] DecodeError),

@@ -69,6 +69,12 @@ pub enum Error {
     AmbiguousConversation { query: String },
     #[error("no member of the group matches {0:?}; `protonode groups` lists them")]
     UnknownMember(String),
+    #[error(
+        "{query:?} matches several members ({matches}); use the member id `protonode groups` shows"
+    )]
+    AmbiguousMember { query: String, matches: String },
+    #[error("{0:?} is you; `protonode group leave GROUP` leaves a group")]
+    OwnMember(String),
     #[error("{0} is not an active relationship yet; wait until it is")]
     NotActive(String),
     #[error("{0}")]
@@ -1297,29 +1303,49 @@ impl Handler<RelayRequest> for RelationshipManager {
 /// A group member: by key fingerprint (or a prefix of at least 4 hex
 /// digits), or by unique name.
 fn resolve_member(g: &GroupProtonRecord, query: &str) -> Result<Ipk, Error> {
-    let q = query.trim().to_ascii_lowercase();
-    let by_id: Vec<Ipk> = g
-        .members
+    pick_member(&g.members, query, &g.own_display.name, || {
+        g.own_key.key().ipk()
+    })
+}
+
+/// The member `query` names among `members`: a unique id (or id prefix of
+/// at least 4 characters) or a unique name. `own` (our key, derived only if
+/// nothing else matches) and `own_name` tell "that is you" from "unknown".
+fn pick_member(
+    members: &[crate::records::Member],
+    query: &str,
+    own_name: &str,
+    own: impl FnOnce() -> Ipk,
+) -> Result<Ipk, Error> {
+    let q = query.trim();
+    let matches_id = |ipk: &Ipk| {
+        let (fingerprint, q) = (ipk.fingerprint(), q.to_ascii_lowercase());
+        q.len() >= 4
+            && (fingerprint == q
+                || fingerprint
+                    .replace('-', "")
+                    .starts_with(&q.replace('-', "")))
+    };
+    let by_id: Vec<Ipk> = members.iter().map(|m| m.ipk).filter(matches_id).collect();
+    let by_name: Vec<Ipk> = members
         .iter()
-        .filter(|m| {
-            q.len() >= 4
-                && (m.ipk.fingerprint() == q
-                    || m.ipk
-                        .fingerprint()
-                        .replace('-', "")
-                        .starts_with(&q.replace('-', "")))
-        })
-        .map(|m| m.ipk)
-        .collect();
-    let by_name: Vec<Ipk> = g
-        .members
-        .iter()
-        .filter(|m| m.display.name.eq_ignore_ascii_case(query.trim()))
+        .filter(|m| m.display.name.eq_ignore_ascii_case(q))
         .map(|m| m.ipk)
         .collect();
     match (by_id.as_slice(), by_name.as_slice()) {
-        ([one], _) | ([], [one]) => Ok(*one),
-        _ => Err(Error::UnknownMember(query.to_string())),
+        ([one], _) | (_, [one]) => Ok(*one),
+        ([], []) if own_name.eq_ignore_ascii_case(q) || matches_id(&own()) => {
+            Err(Error::OwnMember(query.to_string()))
+        }
+        ([], []) => Err(Error::UnknownMember(query.to_string())),
+        (many, []) | ([], many) | (many, _) => Err(Error::AmbiguousMember {
+            query: query.to_string(),
+            matches: many
+                .iter()
+                .map(Ipk::fingerprint)
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
     }
 }
 
@@ -1694,4 +1720,55 @@ fn prune(tx: &redb::WriteTransaction, now: u64) -> Result<usize, StoreError> {
     count += changes.inbox_done.len();
     changes.apply(tx)?;
     Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::IdentityKey;
+    use crate::records::{Member, MemberStatus};
+
+    fn member(name: &str) -> Member {
+        Member {
+            ipk: IdentityKey::generate().ipk(),
+            display: crate::model::DisplayIdentity {
+                name: name.into(),
+                pronouns: None,
+                picture: None,
+            },
+            transports: Vec::new(),
+            status: MemberStatus::Verified,
+            introduced_by: None,
+            direct_key: None,
+            via: None,
+            claim: None,
+        }
+    }
+
+    #[test]
+    fn a_member_is_named_by_id_or_unique_name_and_never_by_guess() {
+        let (sam, sam2, kim) = (member("Sam"), member("sam"), member("Kim"));
+        let me = IdentityKey::generate().ipk();
+        let members = [sam.clone(), sam2.clone(), kim.clone()];
+        let pick = |q: &str| pick_member(&members, q, "Alex", || me);
+
+        assert_eq!(pick("kim").ok(), Some(kim.ipk));
+        assert_eq!(pick(&sam2.ipk.fingerprint()).ok(), Some(sam2.ipk));
+        assert_eq!(pick(&sam.ipk.fingerprint()[..9]).ok(), Some(sam.ipk));
+        match pick("Sam") {
+            Err(Error::AmbiguousMember { matches, .. }) => {
+                assert!(matches.contains(&sam.ipk.fingerprint()));
+                assert!(matches.contains(&sam2.ipk.fingerprint()));
+            }
+            other => panic!("two members named Sam: {other:?}"),
+        }
+        assert!(matches!(pick("alex"), Err(Error::OwnMember(_))));
+        assert!(matches!(pick(&me.fingerprint()), Err(Error::OwnMember(_))));
+        assert!(matches!(pick("Zed"), Err(Error::UnknownMember(_))));
+        // Too short to be taken for an id.
+        assert!(matches!(
+            pick(&kim.ipk.fingerprint()[..3]),
+            Err(Error::UnknownMember(_))
+        ));
+    }
 }

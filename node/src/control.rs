@@ -196,7 +196,9 @@ impl From<manager::Error> for RpcError {
             | E::UnknownGroup(_)
             | E::AmbiguousGroup { .. }
             | E::AmbiguousConversation { .. }
-            | E::UnknownMember(_) => codes::UNKNOWN_CONTACT,
+            | E::UnknownMember(_)
+            | E::AmbiguousMember { .. } => codes::UNKNOWN_CONTACT,
+            E::OwnMember(_) => codes::INVALID_INPUT,
             E::TicketRefused => codes::TICKET_REFUSED,
             E::NotYetDelivered(_) => codes::NOT_DELIVERED,
             E::Relationship(

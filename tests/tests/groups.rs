@@ -289,6 +289,19 @@ fn a_plain_group_grows_and_shrinks() {
     })
     .expect("Blair reads Charlie");
 
+    // Removing oneself is leaving, and the error says so; nothing changes.
+    let own = alex.cli(&["group", "remove", "Book club", "Alex"]);
+    assert_eq!(own.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&own.stderr);
+    assert!(
+        said.contains("is you") && said.contains("group leave"),
+        "{said}"
+    );
+    assert_eq!(
+        the_group(&alex)["members"].as_array().map(Vec::len),
+        Some(3)
+    );
+
     alex.ok(&["group", "remove", "Book club", "Charlie"]);
     wait_for_agreement(&[&alex, &blair], 2);
     wait_for(SETTLE, || charlie.groups().is_empty().then_some(()))
