@@ -212,6 +212,12 @@ pub struct CreateGroup {
 #[rtype(result = "Result<Vec<GroupView>, Error>")]
 pub struct ListGroups;
 
+/// Every group, also those we left or were removed from (state "gone"):
+/// their history stays readable.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<GroupView>, Error>")]
+pub struct ListAllGroups;
+
 /// Starts a side relationship with a member of a group (DESIGN.md 8.4).
 #[derive(Message)]
 #[rtype(result = "Result<AcceptView, Error>")]
@@ -316,8 +322,18 @@ impl RelationshipManager {
         addr
     }
 
+    /// Our groups, oldest first; with `all`, also those we are no longer in.
+    fn group_views(&self, all: bool) -> Result<Vec<GroupView>, Error> {
+        let mut groups = groups::all_groups(&self.shared.store)?;
+        groups.retain(|g| all || g.state != GroupState::Gone);
+        groups.sort_by_key(|g| g.created_at);
+        Ok(groups.iter().map(GroupView::of).collect())
+    }
+
     /// Resolves a group: an exact id, a unique name, or a unique id prefix
-    /// of at least 4 digits. Groups we left are found only by id.
+    /// of at least 4 digits. Groups we are still in come first; a group we
+    /// left or were removed from is found when no other matches (its
+    /// history stays readable).
     fn resolve_group(&self, query: &str) -> Result<GroupProtonRecord, Error> {
         let q = query.trim();
         // An exact id is one read, not a scan of every group.
@@ -327,26 +343,24 @@ impl RelationshipManager {
             }
         }
         let all = groups::all_groups(&self.shared.store)?;
-        let live: Vec<&GroupProtonRecord> =
-            all.iter().filter(|g| g.state != GroupState::Gone).collect();
-        let by_name: Vec<&&GroupProtonRecord> = live
-            .iter()
-            .filter(|g| g.name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(q)))
-            .collect();
-        let by_prefix: Vec<&&GroupProtonRecord> = if q.len() >= 4 {
-            live.iter()
+        let named = |gone: bool| -> Vec<&GroupProtonRecord> {
+            let candidates = || all.iter().filter(|g| (g.state == GroupState::Gone) == gone);
+            let by_name: Vec<&GroupProtonRecord> = candidates()
+                .filter(|g| g.name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(q)))
+                .collect();
+            if !by_name.is_empty() || q.len() < 4 {
+                return by_name;
+            }
+            candidates()
                 .filter(|g| g.id.to_string().starts_with(&q.to_ascii_lowercase()))
                 .collect()
-        } else {
-            Vec::new()
         };
-        let matches = if by_name.is_empty() {
-            by_prefix
-        } else {
-            by_name
-        };
+        let mut matches = named(false);
+        if matches.is_empty() {
+            matches = named(true);
+        }
         match matches.as_slice() {
-            [one] => Ok((**one).clone()),
+            [one] => Ok((*one).clone()),
             [] => Err(Error::UnknownGroup(query.to_string())),
             many => Err(Error::AmbiguousGroup {
                 query: query.to_string(),
@@ -380,6 +394,8 @@ impl RelationshipManager {
         let contact = self.resolve(query);
         let group = self.resolve_group(query);
         match (contact, group) {
+            // A group we are no longer in gives way to a contact.
+            (Ok(p), Ok(g)) if g.state == GroupState::Gone => Ok(Conversation::Proton(p.id)),
             (Ok(_), Ok(_)) => Err(Error::AmbiguousConversation {
                 query: query.to_string(),
             }),
@@ -1143,10 +1159,15 @@ impl Handler<ListGroups> for RelationshipManager {
     type Result = Result<Vec<GroupView>, Error>;
 
     fn handle(&mut self, _: ListGroups, _: &mut Self::Context) -> Self::Result {
-        let mut all = groups::all_groups(&self.shared.store)?;
-        all.retain(|g| g.state != GroupState::Gone);
-        all.sort_by_key(|g| g.created_at);
-        Ok(all.iter().map(GroupView::of).collect())
+        self.group_views(false)
+    }
+}
+
+impl Handler<ListAllGroups> for RelationshipManager {
+    type Result = Result<Vec<GroupView>, Error>;
+
+    fn handle(&mut self, _: ListAllGroups, _: &mut Self::Context) -> Self::Result {
+        self.group_views(true)
     }
 }
 
@@ -1205,6 +1226,9 @@ impl Handler<Connect> for RelationshipManager {
     fn handle(&mut self, msg: Connect, ctx: &mut Self::Context) -> Self::Result {
         let prepared = (|| {
             let g = self.resolve_group(&msg.group)?;
+            if g.state == GroupState::Gone {
+                return Err(Error::Group(GroupError::Gone));
+            }
             if g.state != GroupState::Active {
                 return Err(Error::Group(GroupError::NotClaimed));
             }

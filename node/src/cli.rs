@@ -172,7 +172,12 @@ pub enum Command {
         name: Option<String>,
     },
     /// List your groups with their members and how far you trust each.
-    Groups,
+    Groups {
+        /// Also list groups you left or were removed from (their history
+        /// stays readable with `history`).
+        #[arg(long)]
+        all: bool,
+    },
     /// Accept an introduction: replace the placeholder made for you with your own key.
     Claim {
         /// Group id or unambiguous name.

@@ -20,8 +20,8 @@ use std::time::Duration;
 use actix::Addr;
 use actors::manager::{
     self, AcceptInvite, AcceptMerge, Connect, ContactDetail, CreateGroup, CreateInvite, GetHistory,
-    GetStatus, GroupAction, GroupCommand, IgnoreMerge, Link, ListAllContacts, ListContacts,
-    ListGroups, ListMerges, RelationshipManager, RequestMerge, SendMessage,
+    GetStatus, GroupAction, GroupCommand, IgnoreMerge, Link, ListAllContacts, ListAllGroups,
+    ListContacts, ListGroups, ListMerges, RelationshipManager, RequestMerge, SendMessage,
 };
 use actors::merge::MergeError;
 use actors::relationship::RelationshipError;
@@ -104,7 +104,11 @@ pub enum Call {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         name: Option<String>,
     },
-    Groups {},
+    Groups {
+        /// Also groups we are no longer in.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        all: bool,
+    },
     Claim {
         group: String,
     },
@@ -486,8 +490,13 @@ async fn dispatch(manager: &Addr<RelationshipManager>, call: Call) -> Result<Val
                 .map_err(stopped)??;
             to_json(serde_json::to_value(group))
         }
-        Call::Groups {} => {
-            let groups = manager.send(ListGroups).await.map_err(stopped)??;
+        Call::Groups { all } => {
+            let groups = if all {
+                manager.send(ListAllGroups).await
+            } else {
+                manager.send(ListGroups).await
+            }
+            .map_err(stopped)??;
             to_json(serde_json::to_value(groups))
         }
         Call::Connect { group, member } => {
@@ -746,7 +755,7 @@ mod tests {
                 contacts: vec![],
                 name: None,
             },
-            Call::Groups {},
+            Call::Groups { all: true },
             Call::Claim { group: s() },
             Call::Decline { group: s() },
             Call::Connect {

@@ -263,7 +263,7 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
             } else {
                 // Authors are contacts (1:1) or group members (by key id).
                 let mut names = daemon.call(&Call::Contacts { all: true }).await?;
-                let groups = daemon.call(&Call::Groups {}).await?;
+                let groups = daemon.call(&Call::Groups { all: true }).await?;
                 if let (Some(list), Some(groups)) = (names.as_array_mut(), groups.as_array()) {
                     for g in groups {
                         for m in g["members"].as_array().into_iter().flatten() {
@@ -317,8 +317,8 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
                 );
             }
         }
-        Command::Groups => {
-            let v = daemon.call(&Call::Groups {}).await?;
+        Command::Groups { all } => {
+            let v = daemon.call(&Call::Groups { all }).await?;
             if json {
                 print_json(&v);
             } else {

@@ -187,7 +187,7 @@ pub fn groups(list: &Value) -> String {
         return String::new();
     };
     if items.is_empty() {
-        return "No groups yet. Introduce two contacts with `protonode introduce A B`, or `protonode group create NAME CONTACT...`.\n".into();
+        return "No groups. Introduce two contacts with `protonode introduce A B`, or `protonode group create NAME CONTACT...`; `protonode groups --all` also lists groups you left.\n".into();
     }
     let mut out = String::new();
     for g in items {
@@ -200,6 +200,8 @@ pub fn groups(list: &Value) -> String {
             "claim sent: waiting for the group to order it".to_string()
         } else if g["pending"] == Value::Bool(true) {
             "pending: `protonode claim` or `protonode decline`".to_string()
+        } else if s(g, "state") == "gone" {
+            "gone: you are no longer in it; `protonode history` still shows it".to_string()
         } else {
             s(g, "state").to_string()
         };

@@ -307,8 +307,19 @@ fn a_plain_group_grows_and_shrinks() {
     wait_for(SETTLE, || charlie.groups().is_empty().then_some(()))
         .expect("Charlie learns she was removed");
 
+    // What Charlie read stays hers: `groups --all` lists the group she was
+    // removed from, and its history still reads.
+    let all = charlie.ok(&["groups", "--all"]);
+    assert_eq!(all[0]["state"], "gone", "{all}");
+    assert!(texts(&charlie, "Book club").contains(&"thanks for adding me".to_string()));
+
     blair.ok(&["group", "leave", "Book club"]);
     assert!(blair.groups().is_empty());
+    assert!(texts(&blair, "Book club").contains(&"thanks for adding me".to_string()));
+    let send = blair.cli(&["send", "Book club", "still here?"]);
+    assert_eq!(send.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&send.stderr);
+    assert!(said.contains("no longer in this group"), "{said}");
     wait_for(SETTLE, || {
         (the_group(&alex)["members"].as_array()?.len() == 1).then_some(())
     })
