@@ -30,8 +30,9 @@ use crate::proton::{
     Shared,
 };
 use crate::records::{
-    GroupProtonRecord, GroupState, HistoryEntry, InboxEntry, Intent, MergeRecord, MessageStatus,
-    OutboxKind, Owner, ProtonRecord, ProtonState, Provenance, TicketOrigin, TicketRecord,
+    GroupProtonRecord, GroupState, HistoryEntry, InboxEntry, Intent, MemberStatus, MergeRecord,
+    MessageStatus, OutboxKind, Owner, ProtonRecord, ProtonState, Provenance, TicketOrigin,
+    TicketRecord,
 };
 use crate::relationship::{self, RelationshipError};
 use crate::store::{self, tables, StoreError};
@@ -777,12 +778,25 @@ impl Handler<ContactDetail> for RelationshipManager {
         };
         let mut vouched_by = Vec::new();
         let mut attestations = Vec::new();
+        let mut met_directly = false;
         for id in merge::lineage(store, p.id)? {
             let Some(r) = store.read(|tx| {
                 store::get::<_, ProtonRecord, _>(&tx.open_table(tables::PROTONS)?, id.0, "proton")
             })?
             else {
                 continue;
+            };
+            // Their key came to us directly: by a ticket, or it is a group
+            // member's we checked out of band (`group verify`).
+            met_directly |= match &r.provenance {
+                Provenance::InvitedByUs { .. } | Provenance::AcceptedTicket { .. } => true,
+                Provenance::MetInGroup { group, member } => groups::get_group(store, *group)?
+                    .is_some_and(|g| {
+                        g.members
+                            .iter()
+                            .any(|m| m.ipk == *member && matches!(m.status, MemberStatus::Verified))
+                    }),
+                Provenance::Merged { .. } => false,
             };
             if let Some((by, _)) = merge::introducer_of(store, &r)? {
                 let by = name_of(by);
@@ -801,6 +815,11 @@ impl Handler<ContactDetail> for RelationshipManager {
             contact,
             own_fingerprint: p.own_key.key().ipk().fingerprint(),
             obtained,
+            may_be_alias_of: if met_directly {
+                Vec::new()
+            } else {
+                vouched_by.clone()
+            },
             vouched_by,
             attestations,
         })
@@ -1750,7 +1769,7 @@ fn prune(tx: &redb::WriteTransaction, now: u64) -> Result<usize, StoreError> {
 mod tests {
     use super::*;
     use crate::identity::IdentityKey;
-    use crate::records::{Member, MemberStatus};
+    use crate::records::Member;
 
     fn member(name: &str) -> Member {
         Member {

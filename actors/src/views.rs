@@ -134,6 +134,11 @@ pub struct TrustRecordView {
     /// Contacts whose word this relationship rests on (introducers), by
     /// "id name".
     pub vouched_by: Vec<String>,
+    /// Whose alias this contact may be, as far as this node can tell: the
+    /// introducers, while we only have their word for the contact's key (no
+    /// relationship in its lineage came from a ticket exchanged directly).
+    /// Empty once one did.
+    pub may_be_alias_of: Vec<String>,
     /// Signed statements tying this relationship's keys to others.
     pub attestations: Vec<AttestationView>,
 }

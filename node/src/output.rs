@@ -82,6 +82,20 @@ pub fn trust_record(v: &Value) -> String {
             vouched.join(", ")
         }
     );
+    let aliases: Vec<&str> = v
+        .get("may_be_alias_of")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if !aliases.is_empty() {
+        out += &format!(
+            "  caution:      only the word of {} says this is {}: it may be an alias of theirs\n                until you verify (a ticket exchanged directly, then `protonode merge`)\n",
+            aliases.join(" and "),
+            s(c, "name")
+        );
+    }
     out += &format!("  trust:        {}\n", s(c, "trust"));
     if let Some(reason) = c.get("reason").and_then(Value::as_str) {
         out += &format!("  reason:       {reason}\n");

@@ -220,6 +220,34 @@ fn alex_introduces_blair_and_charlie_who_claim_talk_and_connect() {
         "{origin}"
     );
 
+    // Blair and Charlie have no new trust that the other is not Alex's
+    // alias, and their trust records say so, until they verify each other.
+    let record = charlie.ok(&["contact", "Blair"]);
+    let aliases = record["may_be_alias_of"].as_array().unwrap();
+    assert!(
+        aliases.len() == 1 && aliases[0].as_str().unwrap().ends_with(" Alex"),
+        "{record}"
+    );
+    assert_eq!(
+        charlie.ok(&["contact", "Alex"])["may_be_alias_of"],
+        serde_json::json!([]),
+        "Alex's key came by a ticket"
+    );
+    let shown = charlie.cli(&["contact", "Blair"]);
+    assert!(String::from_utf8_lossy(&shown.stdout).contains("may be an alias"));
+    charlie.ok(&["group", "verify", "Trio", "Blair"]);
+    assert_eq!(
+        charlie.ok(&["contact", "Blair"])["may_be_alias_of"],
+        serde_json::json!([]),
+        "Charlie checked Blair's key out of band"
+    );
+    assert_eq!(
+        blair.ok(&["contact", "Charlie"])["may_be_alias_of"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+
     // Every message Alex's group handed to a relationship (the two
     // introductions, the equivalences of the claims) was recorded as
     // queued: none would be sent again after a restart.
