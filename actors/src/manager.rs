@@ -30,9 +30,9 @@ use crate::proton::{
     Shared,
 };
 use crate::records::{
-    GroupProtonRecord, GroupState, HistoryEntry, InboxEntry, Intent, MemberStatus, MergeRecord,
-    MessageStatus, OutboxKind, Owner, ProtonRecord, ProtonState, Provenance, TicketOrigin,
-    TicketRecord,
+    Author, GroupProtonRecord, GroupState, HistoryEntry, InboxEntry, Intent, MemberStatus,
+    MergeRecord, MessageStatus, OutboxKind, Owner, ProtonRecord, ProtonState, Provenance,
+    TicketOrigin, TicketRecord,
 };
 use crate::relationship::{self, RelationshipError};
 use crate::store::{self, tables, StoreError};
@@ -86,7 +86,7 @@ pub enum Error {
     AmbiguousContact { query: String, matches: String },
     #[error("the inviter's node refused this invitation: it was already used or has expired; ask for a new one")]
     TicketRefused,
-    #[error("not acknowledged by the peer within {0:?}; it stays queued and will be delivered when the peer is reachable")]
+    #[error("not acknowledged within {0:?} by every recipient's node; it stays queued and will be delivered when they are reachable")]
     NotYetDelivered(Duration),
     #[error(transparent)]
     Relationship(#[from] RelationshipError),
@@ -1062,9 +1062,17 @@ impl Handler<GetHistory> for RelationshipManager {
             let conversation = conversation?;
             // What `send --wait` or `watch` said was delivered, history says too.
             shared.outbox.recorded(RECORDS_WAIT).await;
-            Ok(history(&shared.store, conversation)?
+            let entries = history(&shared.store, conversation)?;
+            let name_of = authors(&shared.store, conversation)?;
+            Ok(entries
                 .iter()
-                .map(|e| MessageView::of(conversation, e))
+                .map(|e| MessageView {
+                    name: match e.author {
+                        Author::Me => None,
+                        Author::Peer(ipk) => name_of(ipk),
+                    },
+                    ..MessageView::of(conversation, e)
+                })
                 .collect())
         })
     }
@@ -1632,6 +1640,46 @@ pub fn all_protons(store: &store::Store) -> Result<Vec<ProtonRecord>, StoreError
             out.push(store::decode(v.value(), "proton")?);
         }
         Ok(out)
+    })
+}
+
+/// Who wrote what in `conversation`, by name: the contact (1:1), or a
+/// group's member by key, among its members and those it still remembers
+/// as removed or gone.
+fn authors(
+    store: &store::Store,
+    conversation: Conversation,
+) -> Result<Box<dyn Fn(Ipk) -> Option<String> + Send>, Error> {
+    Ok(match conversation {
+        Conversation::Proton(id) => {
+            let name = store
+                .read(|tx| {
+                    store::get::<_, ProtonRecord, _>(
+                        &tx.open_table(tables::PROTONS)?,
+                        id.0,
+                        "proton",
+                    )
+                })?
+                .map(|p| p.peer_display.name);
+            Box::new(move |_| name.clone())
+        }
+        Conversation::Group(id) => {
+            let known: Vec<(Ipk, String)> = groups::get_group(store, id)?
+                .map(|g| {
+                    g.members
+                        .iter()
+                        .chain(&g.former)
+                        .map(|m| (m.ipk, m.display.name.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            Box::new(move |ipk| {
+                known
+                    .iter()
+                    .find(|(k, _)| *k == ipk)
+                    .map(|(_, name)| name.clone())
+            })
+        }
     })
 }
 

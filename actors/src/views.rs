@@ -191,8 +191,13 @@ impl MergeView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MessageView {
     pub id: String,
-    /// "me", or the contact id of the author.
+    /// "me", or the contact id of the author (1:1), or their key's
+    /// fingerprint (groups).
     pub from: String,
+    /// The author's name as this node knows it (also for a member who has
+    /// left the group since, while the group remembers them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     pub text: String,
     /// When it was sent (author's clock).
     pub at: String,
@@ -209,6 +214,7 @@ impl MessageView {
                 (Author::Peer(_), Conversation::Proton(id)) => id.to_string(),
                 (Author::Peer(ipk), Conversation::Group(_)) => ipk.fingerprint(),
             },
+            name: None,
             text: entry.text.clone(),
             at: rfc3339(entry.sent_at),
             status: status_name(entry.status),

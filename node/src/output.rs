@@ -176,9 +176,10 @@ pub fn history(list: &Value, contacts: &Value) -> String {
     };
     let mut out = String::new();
     for m in items {
-        let from = match s(m, "from") {
-            "me" => "me".to_string(),
-            id => name_of(id),
+        let from = match (s(m, "from"), m.get("name").and_then(Value::as_str)) {
+            ("me", _) => "me".to_string(),
+            (_, Some(name)) => name.to_string(),
+            (id, None) => name_of(id),
         };
         let status = match s(m, "status") {
             "received" => String::new(),

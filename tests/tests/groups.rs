@@ -335,6 +335,14 @@ fn a_plain_group_grows_and_shrinks() {
     wait_for(SETTLE, || charlie.groups().is_empty().then_some(()))
         .expect("Charlie learns she was removed");
 
+    // Alex's history still names Charlie, who is no longer a member.
+    let said = alex
+        .history("Book club")
+        .into_iter()
+        .find(|m| m["text"] == "thanks for adding me")
+        .expect("Charlie's message in Alex's history");
+    assert_eq!(said["name"], "Charlie", "{said}");
+
     // What Charlie read stays hers: `groups --all` lists the group she was
     // removed from, and its history still reads.
     let all = charlie.ok(&["groups", "--all"]);
