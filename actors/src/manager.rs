@@ -397,6 +397,9 @@ impl RelationshipManager {
         match (contact, group) {
             // A group we are no longer in gives way to a contact.
             (Ok(p), Ok(g)) if g.state == GroupState::Gone => Ok(Conversation::Proton(p.id)),
+            (Err(e @ Error::AmbiguousContact { .. }), Ok(g)) if g.state == GroupState::Gone => {
+                Err(e)
+            }
             (Ok(_), Ok(_)) => Err(Error::AmbiguousConversation {
                 query: query.to_string(),
             }),
