@@ -712,6 +712,20 @@ impl GroupSession {
             .collect()
     }
 
+    /// Whether the current ordering service's node casts a majority of the
+    /// votes by itself (and has not left), as an introducer does until its
+    /// placeholders are claimed: then no other could order without it.
+    fn orderer_holds_majority(&self) -> bool {
+        let Some(orderer) = self.orderer() else {
+            return false;
+        };
+        if self.record.left.iter().any(|(i, _)| *i == orderer) {
+            return false;
+        }
+        let roster = self.roster();
+        self.votes_of(orderer, &roster).len() * 2 > roster.len()
+    }
+
     /// Whether `voters` (those that accepted, or promised), we, and the
     /// members that left (they accept everything) are a majority of votes.
     fn is_majority(&self, voters: &[Ipk]) -> bool {
@@ -1426,6 +1440,14 @@ impl GroupSession {
             return Ok(false);
         };
         if now < pending.sent_at.saturating_add(timeout_ms) {
+            return Ok(false);
+        }
+        if self.orderer_holds_majority() {
+            // Nobody else could gather a majority without its node (an
+            // introducer votes for the placeholders it made until they are
+            // claimed): moving on would only go round the ranks. Our
+            // commit stays queued for it until it is back.
+            tracing::debug!(group = %self.record.id, rank = self.record.orderer_rank, "the ordering service did not answer; it holds a majority of the votes, so we wait for it");
             return Ok(false);
         }
         // The next one by rank takes over; its sync moves everyone there.
@@ -2926,6 +2948,14 @@ mod tests {
             1,
             "the commit goes to the ordering service only"
         );
+        // Alex does not answer for longer than the ordering timeout. He
+        // casts the majority (his vote and the unclaimed placeholders'), so
+        // no other member could order: Blair waits for him, she does not
+        // go round the ranks.
+        let mut ch = Changes::default();
+        assert!(!b.check_ordering(40 + 10_001, 10_000, &mut ch).unwrap());
+        assert_eq!(b.record().orderer_rank, 0);
+        assert!(ch.outbox.is_empty());
         let equivalence = b
             .record()
             .relays
