@@ -208,6 +208,30 @@ pub fn direct_owner(
     })
 }
 
+/// Whether `envelope` answers one of our invitations: it goes to a
+/// ticket's one-time address, still valid and unused. The receiving
+/// service acknowledges such a batch only once the manager has filed the
+/// new relationship, so that whoever accepted is told "connected" only
+/// when the inviter's node can already act on it (see
+/// `manager::WelcomesFiled`).
+pub fn answers_ticket(
+    tx: &ReadTransaction,
+    envelope: &Envelope,
+    now: u64,
+) -> Result<bool, StoreError> {
+    let Address::Plain(address) = &envelope.to else {
+        return Ok(false);
+    };
+    let addresses = tx.open_table(tables::ADDRESSES)?;
+    let record: Option<AddressRecord> = store::get(&addresses, *address.as_bytes(), "address")?;
+    Ok(record.is_some_and(|r| {
+        now < r.valid_until
+            && r.kind == AddressKind::OneTime
+            && r.used_by.is_none()
+            && matches!(r.owner, Owner::Ticket(_))
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

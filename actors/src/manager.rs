@@ -252,6 +252,14 @@ pub struct GroupCommand {
 #[rtype(result = "()")]
 pub struct InboxReady(pub Vec<Owner>);
 
+/// Answered once every answer to our invitations stored so far is filed
+/// as a relationship (or refused): a pass over them found none left, or
+/// could not run. From the receiving service, which holds the answer's
+/// acknowledgement until then.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct WelcomesFiled(pub tokio::sync::oneshot::Sender<()>);
+
 /// Envelopes for one owner to process at once (from the receiving
 /// service, see `inbound::ProcessDirect`). Answered `false` when the owner
 /// cannot take them: a relationship whose ticket is not answered yet.
@@ -282,6 +290,8 @@ pub struct RelationshipManager {
     /// An answer to one of our invitations is being processed.
     welcomes_busy: bool,
     welcomes_again: bool,
+    /// Waiting for the answers to our invitations to be filed.
+    welcomes_waiting: Vec<tokio::sync::oneshot::Sender<()>>,
     refresh_scheduled: bool,
 }
 
@@ -295,6 +305,7 @@ impl RelationshipManager {
             groups: HashMap::new(),
             welcomes_busy: false,
             welcomes_again: false,
+            welcomes_waiting: Vec::new(),
             refresh_scheduled: false,
         }
     }
@@ -483,10 +494,12 @@ impl RelationshipManager {
             Ok(rows) => rows,
             Err(e) => {
                 tracing::error!(error = %e, "reading answers to our invitations failed");
+                self.welcomes_settled();
                 return;
             }
         };
         if rows.is_empty() {
+            self.welcomes_settled();
             return;
         }
         let now = now_ms();
@@ -525,12 +538,22 @@ impl RelationshipManager {
                     // Another answer may be waiting.
                     act.welcomes_again = true;
                 }
-                Err(e) => tracing::error!(error = %e, "storing a new relationship failed"),
+                Err(e) => {
+                    tracing::error!(error = %e, "storing a new relationship failed");
+                    act.welcomes_settled();
+                }
             }
             if std::mem::take(&mut act.welcomes_again) {
                 act.process_welcomes(ctx);
             }
         }));
+    }
+
+    /// Answers whoever waits for the answers to our invitations.
+    fn welcomes_settled(&mut self) {
+        for waiting in self.welcomes_waiting.drain(..) {
+            let _ = waiting.send(());
+        }
     }
 
     fn schedule_refresh(&mut self, ctx: &mut Context<Self>) {
@@ -1485,6 +1508,15 @@ impl Handler<InboxReady> for RelationshipManager {
         if welcomes {
             self.process_welcomes(ctx);
         }
+    }
+}
+
+impl Handler<WelcomesFiled> for RelationshipManager {
+    type Result = ();
+
+    fn handle(&mut self, msg: WelcomesFiled, ctx: &mut Self::Context) {
+        self.welcomes_waiting.push(msg.0);
+        self.process_welcomes(ctx);
     }
 }
 

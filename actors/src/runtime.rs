@@ -173,9 +173,14 @@ impl Handler<StopManager> for RelationshipManager {
 /// Most inbound batches handed to their groups' actors at once.
 const DIRECT_IN_FLIGHT: usize = 256;
 
+/// Longest an answer to our invitation waits to be filed before it is
+/// acknowledged anyway (filing takes milliseconds).
+const WELCOMES_FILED_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Hands each owner its envelopes of `batch` (`direct` says whose they
 /// are), stores the rest, and those whose owner could not take them, as
-/// inbox rows, and answers the batch once all of it is durable.
+/// inbox rows, and answers the batch once all of it is durable and the
+/// answers to our invitations among it are filed.
 async fn deliver_direct(
     store: Store,
     service: Arc<crate::seal::Resolver>,
@@ -232,8 +237,19 @@ async fn deliver_direct(
                 for (&i, receipt) in rest.iter().zip(stored) {
                     receipts[i] = receipt;
                 }
+                let tickets = owners
+                    .iter()
+                    .any(|o| matches!(o, crate::records::Owner::Ticket(_)));
                 if !owners.is_empty() {
                     manager.do_send(InboxReady(owners));
+                }
+                if tickets {
+                    // Whoever accepted our invitation hears "connected" once
+                    // we can act on it; the answer is durable either way, so
+                    // a manager that is slow or gone only delays the receipt.
+                    let (filed, waiting) = tokio::sync::oneshot::channel();
+                    manager.do_send(manager::WelcomesFiled(filed));
+                    let _ = tokio::time::timeout(WELCOMES_FILED_WAIT, waiting).await;
                 }
             }
             Err(e) => {
@@ -268,18 +284,22 @@ async fn receive(
                 let now = now_ms();
                 // Envelopes their owners can process at once are handed to
                 // them: one durable commit for storing and processing.
-                let direct = store
+                // Answers to our invitations are acknowledged once filed.
+                let (direct, tickets) = store
                     .read(|tx| {
-                        envelopes
-                            .iter()
-                            .map(|e| inbound::direct_owner(tx, e, &service, now))
-                            .collect::<Result<Vec<_>, _>>()
+                        let mut direct = Vec::with_capacity(envelopes.len());
+                        let mut tickets = false;
+                        for e in &envelopes {
+                            direct.push(inbound::direct_owner(tx, e, &service, now)?);
+                            tickets = tickets || inbound::answers_ticket(tx, e, now)?;
+                        }
+                        Ok((direct, tickets))
                     })
                     .unwrap_or_else(|e| {
                         tracing::warn!(error = %e, "reading addresses failed; storing the batch");
-                        Vec::new()
+                        (Vec::new(), false)
                     });
-                if direct.iter().any(Option::is_some) {
+                if tickets || direct.iter().any(Option::is_some) {
                     // Answered from its own task, so that the next batch can
                     // reach its owners meanwhile (each owner's actor takes
                     // them in order, and commits them together).
@@ -359,6 +379,42 @@ mod tests {
             .unwrap()
     }
 
+    /// `inviter` invites `acceptor`, who accepts; the answer was delivered.
+    async fn invite(inviter: &Node, acceptor: &Node) {
+        let ticket = inviter
+            .manager
+            .send(CreateInvite { ttl: None })
+            .await
+            .unwrap()
+            .unwrap()
+            .ticket;
+        let accepted = acceptor
+            .manager
+            .send(AcceptInvite { ticket })
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(accepted.delivered);
+    }
+
+    /// `accept` says "You are now connected" once the inviter's node took
+    /// the answer; the inviter may act on the new contact straight away
+    /// (a script that accepts and then has the inviter `introduce` it), so
+    /// by then the inviter's node has filed it, not only stored it.
+    #[actix_rt::test]
+    async fn an_accepted_invitation_is_filed_by_the_time_the_acceptor_is_told() {
+        let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let alex = node(&a_dir, "Alex").await;
+        let blair = node(&b_dir, "Blair").await;
+        for round in 1..=5 {
+            invite(&alex, &blair).await;
+            let contacts = alex.manager.send(ListContacts).await.unwrap().unwrap();
+            assert_eq!(contacts.len(), round, "round {round}: {contacts:?}");
+        }
+        alex.stop().await;
+        blair.stop().await;
+    }
+
     /// `send` with `wait` answers as soon as the receipt is in hand and the
     /// sender records it just after; a history read in between must still
     /// say "delivered", as the caller was told. In one process the read
@@ -368,20 +424,7 @@ mod tests {
         let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let alex = node(&a_dir, "Alex").await;
         let blair = node(&b_dir, "Blair").await;
-        let ticket = blair
-            .manager
-            .send(CreateInvite { ttl: None })
-            .await
-            .unwrap()
-            .unwrap()
-            .ticket;
-        let accepted = alex
-            .manager
-            .send(AcceptInvite { ticket })
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(accepted.delivered);
+        invite(&blair, &alex).await;
         let contact = alex.manager.send(ListContacts).await.unwrap().unwrap()[0]
             .id
             .clone();
