@@ -1049,6 +1049,9 @@ impl Handler<SendMessage> for RelationshipManager {
                 },
             };
             let mut view = MessageView::of(conversation, &entry);
+            if let Conversation::Group(_) = conversation {
+                view.recipients = Some(entry.pending);
+            }
             if let Some(limit) = msg.wait.filter(|_| entry.status == MessageStatus::Queued) {
                 // A group message is delivered once every member's node has it.
                 let mut left = entry.pending.max(1);

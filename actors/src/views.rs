@@ -203,6 +203,11 @@ pub struct MessageView {
     pub at: String,
     /// "queued", "delivered", "failed" (ours) or "received" (theirs).
     pub status: &'static str,
+    /// For a message just sent to a group: how many other members it goes
+    /// to (0 when we are the only member: it is in the history, and no one
+    /// else's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recipients: Option<u32>,
 }
 
 impl MessageView {
@@ -218,6 +223,7 @@ impl MessageView {
             text: entry.text.clone(),
             at: rfc3339(entry.sent_at),
             status: status_name(entry.status),
+            recipients: None,
         }
     }
 }

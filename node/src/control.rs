@@ -453,7 +453,11 @@ async fn dispatch(manager: &Addr<RelationshipManager>, call: Call) -> Result<Val
                 .send(SendMessage { to, text, wait })
                 .await
                 .map_err(stopped)??;
-            Ok(json!({ "message": sent.id, "status": sent.status, "at": sent.at }))
+            let mut answer = json!({ "message": sent.id, "status": sent.status, "at": sent.at });
+            if let Some(recipients) = sent.recipients {
+                answer["recipients"] = json!(recipients);
+            }
+            Ok(answer)
         }
         Call::History { of } => {
             let history = manager.send(GetHistory { of }).await.map_err(stopped)??;

@@ -248,12 +248,12 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
                 print_json(&v);
             } else {
                 let status = v["status"].as_str().unwrap_or("queued");
-                println!(
-                    "{} to {} (message {})",
-                    status,
-                    contact,
-                    v["message"].as_str().unwrap_or("")
-                );
+                let id = v["message"].as_str().unwrap_or("");
+                if v["recipients"].as_u64() == Some(0) {
+                    println!("Kept in {contact}'s history (message {id}): you are its only member, so no one else receives it.");
+                } else {
+                    println!("{status} to {contact} (message {id})");
+                }
             }
         }
         Command::History { contact } => {

@@ -360,6 +360,15 @@ fn a_plain_group_grows_and_shrinks() {
         (the_group(&alex)["members"].as_array()?.len() == 1).then_some(())
     })
     .expect("Alex is alone in the group");
+
+    // Alone in a group, a message goes to no one, and `send` says so
+    // rather than "delivered".
+    let sent = alex.ok(&["send", "Book club", "anyone left?", "--wait"]);
+    assert_eq!(sent["recipients"], 0, "{sent}");
+    let said = alex.cli(&["send", "Book club", "hello?"]);
+    assert_eq!(said.status.code(), Some(0));
+    let said = String::from_utf8_lossy(&said.stdout);
+    assert!(said.contains("only member"), "{said}");
 }
 
 /// Alex, Blair and Charlie in a claimed group "Trio"; their daemons.
