@@ -783,9 +783,9 @@ fn agree(views: &[GroupView]) -> bool {
 async fn reach_epoch(mut events: broadcast::Receiver<Event>, group: String, epoch: u64) -> Instant {
     loop {
         match tokio::time::timeout(WAIT, events.recv()).await {
-            Ok(Ok(Event::Group {
-                group: g, epoch: e, ..
-            })) if g == group && e >= epoch => return Instant::now(),
+            Ok(Ok(Event::Group(change))) if change.group == group && change.epoch >= epoch => {
+                return Instant::now()
+            }
             Ok(Ok(_)) => {}
             other => panic!("group {group} did not reach epoch {epoch}: {other:?}"),
         }

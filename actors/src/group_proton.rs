@@ -20,14 +20,14 @@ use tokio::sync::oneshot;
 use crate::changes::Changes;
 use crate::groups::{GroupError, GroupSession, Received};
 use crate::identity::{Ipk, SecretKey};
-use crate::model::{now_ms, Conversation, GroupProtonId};
+use crate::model::{now_ms, GroupProtonId};
 use crate::proton::Shared;
 use crate::records::{
     GroupState, HistoryEntry, InboxEntry, Intent, Owner, ProtonRecord, Relay, Source,
 };
 use crate::relationship::{accept_invite, AcceptLink, SideLink};
 use crate::store::{self, tables, Store, StoreError};
-use crate::views::{ContactChange, Event, GroupChange, MessageView};
+use crate::views::{ContactChange, Event, GroupChange};
 
 /// Most inbox rows processed in one batch.
 const INBOX_BATCH: usize = 512;
@@ -144,7 +144,6 @@ impl GroupProton {
         let node = self.shared.node_addrs();
         let lifetimes = self.shared.lifetimes;
         let timeout = self.shared.config.ordering_timeout_ms;
-        let conversation = Conversation::Group(self.id);
         let mut changes = Changes::default();
         let mut replies: Vec<(Reply<Answer>, Answer)> = Vec::new();
         let mut events: Vec<Event> = Vec::new();
@@ -250,11 +249,9 @@ impl GroupProton {
                                     }
                                 }
                             }
+                            let me = session.own_ipk();
                             for entry in received {
-                                events.push(Event::Message {
-                                    conversation: conversation.to_string(),
-                                    message: MessageView::of(conversation, &entry),
-                                });
+                                events.push(Event::group_message(session.record(), me, &entry));
                             }
                         }
                         Err(e) => {
@@ -278,14 +275,14 @@ impl GroupProton {
             }
         }
         if session.epoch() != epoch_before || session.record().state != state_before {
-            events.push(Event::Group {
-                group: session.id().to_string(),
-                epoch: session.epoch(),
-                change: match session.record().state {
+            events.push(Event::group(
+                session.record(),
+                session.epoch(),
+                match session.record().state {
                     GroupState::Gone => GroupChange::Left,
                     _ => GroupChange::Changed,
                 },
-            });
+            ));
         }
         session.drain_writes(&mut changes);
         if changes.is_empty() {

@@ -2914,6 +2914,17 @@ mod tests {
                 .name,
             "Charlie"
         );
+        // What is written with a placeholder's key is its introducer's word.
+        let author =
+            |s: &GroupSession, ipk| crate::views::group_author(s.record(), s.own_ipk(), ipk);
+        let word = |name: &str, by: Option<&str>| Some((name.to_string(), by.map(String::from)));
+        assert_eq!(author(&b, c.own_ipk()), word("Charlie", Some("Alex")));
+        assert_eq!(
+            author(&a, c.own_ipk()),
+            word("Charlie", None),
+            "Alex's own word"
+        );
+        assert_eq!(author(&b, alex_ipk), word("Alex", None));
 
         // All three can message at once: Alex to the placeholders' derived addresses.
         let rows = step(&alex, &mut a, |s, ch| {
@@ -3050,6 +3061,11 @@ mod tests {
             },
             "Charlie sees a verified claim"
         );
+        // Claimed, Blair writes as Blair; what her placeholder's key wrote
+        // stays Alex's word, also once the key is gone from the group.
+        assert_eq!(author(&c, gp_b), word("Blair", None));
+        assert_eq!(author(&c, placeholder_b), word("Blair", Some("Alex")));
+        assert_eq!(author(&a, placeholder_b), word("Blair", None));
         // The head of a record decodes from the whole of it.
         let head: crate::records::GroupHead =
             store::decode(&store::encode(a.record(), "group").unwrap(), "group").unwrap();

@@ -1095,12 +1095,16 @@ impl Handler<GetHistory> for RelationshipManager {
             let name_of = authors(&shared.store, conversation)?;
             Ok(entries
                 .iter()
-                .map(|e| MessageView {
-                    name: match e.author {
-                        Author::Me => None,
+                .map(|e| {
+                    let (name, asserted_by) = match e.author {
+                        Author::Me => (None, None),
                         Author::Peer(ipk) => name_of(ipk),
-                    },
-                    ..MessageView::of(conversation, e)
+                    };
+                    MessageView {
+                        name,
+                        asserted_by,
+                        ..MessageView::of(conversation, e)
+                    }
                 })
                 .collect())
         })
@@ -1188,11 +1192,7 @@ impl Handler<CreateGroup> for RelationshipManager {
                 .await?;
             // The group's actor sends whatever introduction is still pending.
             me.do_send(StartGroup(record.id));
-            shared.emit(Event::Group {
-                group: record.id.to_string(),
-                epoch: record.epoch,
-                change: GroupChange::Joined,
-            });
+            shared.emit(Event::group(&record, record.epoch, GroupChange::Joined));
             Ok(GroupView::of(&record))
         })
     }
@@ -1683,11 +1683,13 @@ pub fn all_protons(store: &store::Store) -> Result<Vec<ProtonRecord>, StoreError
 
 /// Who wrote what in `conversation`, by name: the contact (1:1), or a
 /// group's member by key, among its members and those it still remembers
-/// as removed or gone.
+/// as removed or gone (see [`views::group_author`]), with who asserts it
+/// for a placeholder.
+#[allow(clippy::type_complexity)]
 fn authors(
     store: &store::Store,
     conversation: Conversation,
-) -> Result<Box<dyn Fn(Ipk) -> Option<String> + Send>, Error> {
+) -> Result<Box<dyn Fn(Ipk) -> (Option<String>, Option<String>) + Send>, Error> {
     Ok(match conversation {
         Conversation::Proton(id) => {
             let name = store
@@ -1699,25 +1701,18 @@ fn authors(
                     )
                 })?
                 .map(|p| p.peer_display.name);
-            Box::new(move |_| name.clone())
+            Box::new(move |_| (name.clone(), None))
         }
-        Conversation::Group(id) => {
-            let known: Vec<(Ipk, String)> = groups::get_group(store, id)?
-                .map(|g| {
-                    g.members
-                        .iter()
-                        .chain(&g.former)
-                        .map(|m| (m.ipk, m.display.name.clone()))
-                        .collect()
+        Conversation::Group(id) => match groups::get_group(store, id)? {
+            Some(g) => {
+                let me = g.own_key.key().ipk();
+                Box::new(move |ipk| match views::group_author(&g, me, ipk) {
+                    Some((name, asserted_by)) => (Some(name), asserted_by),
+                    None => (None, None),
                 })
-                .unwrap_or_default();
-            Box::new(move |ipk| {
-                known
-                    .iter()
-                    .find(|(k, _)| *k == ipk)
-                    .map(|(_, name)| name.clone())
-            })
-        }
+            }
+            None => Box::new(|_| (None, None)),
+        },
     })
 }
 

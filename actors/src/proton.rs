@@ -18,13 +18,13 @@ use redb::ReadableTable;
 use tokio::sync::{broadcast, oneshot};
 
 use crate::changes::Changes;
-use crate::model::{now_ms, Conversation, GroupProtonId, ProtonId};
+use crate::model::{now_ms, GroupProtonId, ProtonId};
 use crate::outbox::OutboxHandle;
 use crate::protocol::Body;
 use crate::records::{HistoryEntry, InboxEntry, Owner, ProtonState};
 use crate::relationship::{Lifetimes, NodeAddrs, ProtonSession, Received, RelationshipError};
 use crate::store::{self, tables, Store};
-use crate::views::{ContactChange, Event, MergeView, MessageView};
+use crate::views::{ContactChange, Event, MergeView};
 
 /// Most inbox rows processed in one batch; the rest follow in the next.
 const INBOX_BATCH: usize = 512;
@@ -201,7 +201,6 @@ impl Proton {
         let node = self.shared.node_addrs();
         let lifetimes = self.shared.lifetimes;
         let now = now_ms();
-        let conversation = Conversation::Proton(self.id);
         let mut changes = Changes::default();
         let mut sent: Vec<(Reply<HistoryEntry>, HistoryEntry)> = Vec::new();
         let mut controlled: Vec<Reply<()>> = Vec::new();
@@ -265,12 +264,22 @@ impl Proton {
                     for (seq, entry) in rows {
                         changes.inbox_done.extend(seq);
                         match session.receive(&entry.payload, now, &mut changes) {
-                            Ok(Received::Text(entry)) => events.push(Event::Message {
-                                conversation: conversation.to_string(),
-                                message: MessageView::of(conversation, &entry),
-                            }),
+                            Ok(Received::Text(entry)) => {
+                                events.push(Event::message(session.record(), &entry))
+                            }
                             Ok(Received::Transports) => {}
-                            Ok(Received::Joined(g)) | Ok(Received::Relayed(g)) => groups.push(g),
+                            Ok(Received::Joined(g)) => {
+                                // The introduction waits for a claim or decline.
+                                if let Some(group) = changes.groups.iter().rev().find(|r| r.id == g)
+                                {
+                                    events.push(Event::introduced(
+                                        group,
+                                        &session.record().peer_display.name,
+                                    ));
+                                }
+                                groups.push(g)
+                            }
+                            Ok(Received::Relayed(g)) => groups.push(g),
                             Ok(Received::Merge(outcome)) => {
                                 if let Some(m) =
                                     changes.merges.iter().rev().find(|m| m.id == outcome.id)

@@ -198,6 +198,11 @@ pub struct MessageView {
     /// left the group since, while the group remembers them).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// For a group message written with a placeholder's key: who asserts
+    /// that the placeholder is `name`. Its introducer holds that key too,
+    /// so the message may be theirs (this stays after the claim).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub asserted_by: Option<String>,
     pub text: String,
     /// When it was sent (author's clock).
     pub at: String,
@@ -220,12 +225,48 @@ impl MessageView {
                 (Author::Peer(ipk), Conversation::Group(_)) => ipk.fingerprint(),
             },
             name: None,
+            asserted_by: None,
             text: entry.text.clone(),
             at: rfc3339(entry.sent_at),
             status: status_name(entry.status),
             recipients: None,
         }
     }
+}
+
+/// The name of the author of a group message written with key `ipk` (a
+/// current member, one the group still remembers, or a placeholder since
+/// claimed), and, if the key is a placeholder's that someone else made, the
+/// name of who asserts it: they hold that key too. `None` for a key the
+/// group does not know.
+pub fn group_author(g: &GroupProtonRecord, me: Ipk, ipk: Ipk) -> Option<(String, Option<String>)> {
+    let known = || g.members.iter().chain(&g.former);
+    let name_of = |k: Ipk| {
+        known()
+            .find(|m| m.ipk == k)
+            .map(|m| m.display.name.clone())
+            .unwrap_or_else(|| k.fingerprint())
+    };
+    let asserted = |by: Ipk| (by != me).then(|| name_of(by));
+    if let Some(member) = known().find(|m| m.ipk == ipk) {
+        let asserted_by = match member.status {
+            MemberStatus::Placeholder { asserted_by } => asserted(asserted_by),
+            _ => None,
+        };
+        return Some((member.display.name.clone(), asserted_by));
+    }
+    // A claim replaces the placeholder's key in its member's entry; what
+    // was written with it stays its introducer's word.
+    let claimed = known().find(|m| {
+        matches!(m.status, MemberStatus::Claimed { placeholder } if placeholder == ipk)
+            || m.claim
+                .as_ref()
+                .is_some_and(|a| a.kind == Kind::Follows && a.first == ipk)
+    })?;
+    Some((
+        claimed.display.name.clone(),
+        claimed.introduced_by.and_then(asserted),
+    ))
 }
 
 pub fn status_name(status: MessageStatus) -> &'static str {
@@ -268,6 +309,11 @@ pub enum Event {
     /// A message arrived.
     Message {
         conversation: String,
+        /// "contact" or "group": what `conversation` is.
+        kind: &'static str,
+        /// The contact's name (1:1) or the group's, if it has one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        conversation_name: Option<String>,
         message: MessageView,
     },
     /// One of our messages changed delivery state.
@@ -283,19 +329,32 @@ pub enum Event {
     },
     /// A merge request arrived, or one changed state.
     Merge { merge: MergeView },
-    /// A group's roster or epoch changed, or we joined or left it.
-    Group {
-        group: String,
-        epoch: u64,
-        change: GroupChange,
-    },
+    /// A group's roster or epoch changed, we joined or left it, or someone
+    /// introduced us in it.
+    Group(GroupEvent),
+}
+
+/// What `watch` says of a group's change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GroupEvent {
+    pub group: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub epoch: u64,
+    pub change: GroupChange,
+    /// For `introduced`: who introduced us (our contact's name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub introduced_by: Option<String>,
 }
 
 /// What a group change was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum GroupChange {
+    /// We made it.
     Joined,
+    /// Someone introduced us: the group waits for our claim or decline.
+    Introduced,
     Changed,
     Left,
 }
@@ -384,6 +443,63 @@ impl GroupView {
 }
 
 impl Event {
+    /// A message of group `g` arrived (`me`: our key in it).
+    pub fn group_message(g: &GroupProtonRecord, me: Ipk, entry: &HistoryEntry) -> Self {
+        let (name, asserted_by) = match entry.author {
+            Author::Peer(ipk) => group_author(g, me, ipk)
+                .map(|(name, by)| (Some(name), by))
+                .unwrap_or_default(),
+            Author::Me => (None, None),
+        };
+        Self::Message {
+            conversation: g.id.to_string(),
+            kind: "group",
+            conversation_name: g.name.clone(),
+            message: MessageView {
+                name,
+                asserted_by,
+                ..MessageView::of(Conversation::Group(g.id), entry)
+            },
+        }
+    }
+
+    /// A message from the peer of relationship `p` arrived.
+    pub fn message(p: &ProtonRecord, entry: &HistoryEntry) -> Self {
+        Self::Message {
+            conversation: p.id.to_string(),
+            kind: "contact",
+            conversation_name: Some(p.peer_display.name.clone()),
+            message: MessageView {
+                name: Some(p.peer_display.name.clone()),
+                ..MessageView::of(Conversation::Proton(p.id), entry)
+            },
+        }
+    }
+
+    /// A change of group `g`, now at `epoch`.
+    pub fn group(g: &GroupProtonRecord, epoch: u64, change: GroupChange) -> Self {
+        Self::Group(Self::group_change(g, epoch, change))
+    }
+
+    fn group_change(g: &GroupProtonRecord, epoch: u64, change: GroupChange) -> GroupEvent {
+        GroupEvent {
+            group: g.id.to_string(),
+            name: g.name.clone(),
+            epoch,
+            change,
+            introduced_by: None,
+        }
+    }
+
+    /// `by` (our contact's name) introduced us in group `g`, which waits
+    /// for our claim or decline.
+    pub fn introduced(g: &GroupProtonRecord, by: &str) -> Self {
+        Self::Group(GroupEvent {
+            introduced_by: Some(by.to_string()),
+            ..Self::group_change(g, g.epoch, GroupChange::Introduced)
+        })
+    }
+
     pub fn contact(p: &ProtonRecord, change: ContactChange) -> Self {
         Self::Contact {
             contact: ContactView::of(p),

@@ -43,6 +43,7 @@ async fn next_message(events: &mut broadcast::Receiver<Event>) -> (String, Strin
             if let Ok(Event::Message {
                 conversation,
                 message,
+                ..
             }) = events.recv().await
             {
                 return (conversation, message.text);

@@ -178,7 +178,7 @@ pub fn history(list: &Value, contacts: &Value) -> String {
     for m in items {
         let from = match (s(m, "from"), m.get("name").and_then(Value::as_str)) {
             ("me", _) => "me".to_string(),
-            (_, Some(name)) => name.to_string(),
+            (_, Some(_)) => author(m),
             (id, None) => name_of(id),
         };
         let status = match s(m, "status") {
@@ -285,12 +285,29 @@ pub fn event(e: &Value) -> String {
     match s(e, "event") {
         "message" => {
             let m = e.get("message").unwrap_or(&Value::Null);
+            let group = (s(e, "kind") == "group").then(|| conversation(e));
             format!(
-                "{}  message from {}: {}",
+                "{}  {}{}: {}",
                 short_time(s(m, "at")),
-                s(m, "from"),
+                author(m),
+                group.map(|g| format!(" in {g}")).unwrap_or_default(),
                 s(m, "text")
             )
+        }
+        "group" => {
+            let (id, group) = (s(e, "group"), group_label(e));
+            match s(e, "change") {
+                "introduced" => format!(
+                    "{} introduced you in {group}: `protonode claim {id}` joins it as yourself, `protonode decline {id}` declines",
+                    s(e, "introduced_by")
+                ),
+                "joined" => format!("You made {group}."),
+                "left" => format!("You are no longer in {group}; `protonode history {id}` still reads it."),
+                _ => format!(
+                    "The {group} changed (epoch {}): `protonode groups` shows its members.",
+                    e.get("epoch").and_then(Value::as_u64).unwrap_or(0)
+                ),
+            }
         }
         "delivery" => format!("message {} {}", s(e, "message"), s(e, "status")),
         "contact" => {
@@ -326,6 +343,35 @@ pub fn event(e: &Value) -> String {
     }
 }
 
+/// A message's author: its name if the node knows it, and who asserts it
+/// for a placeholder.
+fn author(m: &Value) -> String {
+    let who = match m.get("name").and_then(Value::as_str) {
+        Some(name) => name,
+        None => s(m, "from"),
+    };
+    match m.get("asserted_by").and_then(Value::as_str) {
+        Some(by) => format!("{who} (as asserted by {by})"),
+        None => who.to_string(),
+    }
+}
+
+/// A message event's group, by its name if it has one.
+fn conversation(e: &Value) -> String {
+    match e.get("conversation_name").and_then(Value::as_str) {
+        Some(name) => format!("group \"{name}\""),
+        None => format!("group {}", s(e, "conversation")),
+    }
+}
+
+/// A group event's group, by its name if it has one.
+fn group_label(e: &Value) -> String {
+    match e.get("name").and_then(Value::as_str) {
+        Some(name) => format!("group \"{name}\" ({})", s(e, "group")),
+        None => format!("group {}", s(e, "group")),
+    }
+}
+
 /// A ticket as a QR code drawn with Unicode half blocks.
 pub fn qr(ticket: &str) -> Result<String, qrcode::types::QrError> {
     let code = qrcode::QrCode::with_error_correction_level(ticket.as_bytes(), qrcode::EcLevel::L)?;
@@ -335,4 +381,48 @@ pub fn qr(ticket: &str) -> Result<String, qrcode::types::QrError> {
         .light_color(qrcode::render::unicode::Dense1x2::Dark)
         .quiet_zone(true)
         .build())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn watch_says_in_words_who_wrote_where_and_what_to_do_about_an_introduction() {
+        let one_to_one = json!({"event": "message", "conversation": "c1", "kind": "contact",
+            "conversation_name": "Blair", "message": {"from": "c1", "name": "Blair",
+            "text": "hi", "at": "2026-11-27T10:00:00.000Z", "status": "received"}});
+        assert_eq!(event(&one_to_one), "2026-11-27 10:00:00  Blair: hi");
+
+        let placeholder = json!({"event": "message", "conversation": "g1", "kind": "group",
+            "conversation_name": "Trio", "message": {"from": "ab12", "name": "Charlie",
+            "asserted_by": "Alex", "text": "yo", "at": "2026-11-27T10:00:01.000Z",
+            "status": "received"}});
+        assert_eq!(
+            event(&placeholder),
+            "2026-11-27 10:00:01  Charlie (as asserted by Alex) in group \"Trio\": yo"
+        );
+        let unnamed = json!({"event": "message", "conversation": "g2", "kind": "group",
+            "message": {"from": "ab12", "text": "yo", "at": "2026-11-27T10:00:02.000Z"}});
+        assert_eq!(event(&unnamed), "2026-11-27 10:00:02  ab12 in group g2: yo");
+
+        let introduced = json!({"event": "group", "group": "g1", "name": "Trio", "epoch": 1,
+            "change": "introduced", "introduced_by": "Alex"});
+        assert_eq!(
+            event(&introduced),
+            "Alex introduced you in group \"Trio\" (g1): `protonode claim g1` joins it as yourself, `protonode decline g1` declines"
+        );
+        let left = json!({"event": "group", "group": "g2", "epoch": 4, "change": "left"});
+        assert_eq!(
+            event(&left),
+            "You are no longer in group g2; `protonode history g2` still reads it."
+        );
+        let changed = json!({"event": "group", "group": "g2", "epoch": 5, "change": "changed"});
+        assert_eq!(
+            event(&changed),
+            "The group g2 changed (epoch 5): `protonode groups` shows its members."
+        );
+    }
 }

@@ -179,6 +179,94 @@ impl Person {
             .cloned()
             .unwrap_or_default()
     }
+
+    /// Runs `protonode watch` (`--json` when `json`), returned once it says
+    /// it is subscribed: nothing that happens after is missed.
+    pub fn watch(&self, json: bool) -> Watch {
+        let mut child = Command::new(protonode_bin())
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(if json {
+                &["--json", "watch"][..]
+            } else {
+                &["watch"][..]
+            })
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning protonode watch");
+        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.into_iter().flat_map(|e| BufReader::new(e).lines()) {
+                match line {
+                    Ok(line) if line.starts_with("Watching") => {
+                        let _ = ready_tx.send(());
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+        });
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stdout.into_iter().flat_map(|o| BufReader::new(o).lines()) {
+                match line {
+                    Ok(line) => {
+                        if tx.send(line).is_err() {
+                            break;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(START_TIMEOUT)
+            .expect("watch says when it is subscribed");
+        Watch { child, lines }
+    }
+}
+
+/// A running `protonode watch`. Killed when dropped.
+pub struct Watch {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Watch {
+    /// The next line that `pick` keeps (skipping the others), or `None`
+    /// after `limit`.
+    pub fn next<T>(&self, limit: Duration, mut pick: impl FnMut(&str) -> Option<T>) -> Option<T> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            if let Some(kept) = pick(&self.lines.recv_timeout(left).ok()?) {
+                return Some(kept);
+            }
+        }
+    }
+
+    /// The next JSON event that `pick` keeps (a `--json` watch).
+    pub fn next_event(
+        &self,
+        limit: Duration,
+        mut pick: impl FnMut(&Value) -> bool,
+    ) -> Option<Value> {
+        self.next(limit, |line| {
+            let event: Value = serde_json::from_str(line).expect("each line is JSON");
+            pick(&event).then_some(event)
+        })
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Runs `protonode --data-dir DIR ARGS...`; panics past [`CLI_TIMEOUT`].

@@ -163,61 +163,42 @@ fn the_cli_says_what_to_do_next() {
 
 #[test]
 fn watch_streams_messages_deliveries_and_contacts_as_json_lines() {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
     let alex = Person::init("Alex");
     let blair = Person::init("Blair");
     let _a = alex.start();
     let _b = blair.start();
-    let mut watch = Command::new(harness::protonode_bin())
-        .arg("--data-dir")
-        .arg(alex.data_dir())
-        .args(["--json", "watch"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = watch.stdout.take().unwrap();
-    let stderr = watch.stderr.take().unwrap();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.starts_with("Watching") {
-                let _ = ready_tx.send(());
-            }
-        }
-    });
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    // Subscribed from here on: nothing below is missed.
-    ready_rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("watch says when it is subscribed");
+    let watch = alex.watch(true);
+    let words = alex.watch(false);
     alex.befriend(&blair);
     blair.ok(&["send", "Alex", "watched", "--wait"]);
     alex.ok(&["send", "Blair", "back", "--wait"]);
 
     let mut kinds = std::collections::BTreeSet::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while kinds.len() < 3 && std::time::Instant::now() < deadline {
-        let Ok(line) = rx.recv_timeout(Duration::from_secs(1)) else {
-            continue;
-        };
-        let event: serde_json::Value = serde_json::from_str(&line).expect("each line is JSON");
+    let mut message = None;
+    watch.next_event(Duration::from_secs(20), |event| {
         kinds.insert(event["event"].as_str().unwrap().to_string());
         if event["event"] == "message" {
-            assert_eq!(event["message"]["text"], "watched");
+            message = Some(event.clone());
         }
-    }
-    let _ = watch.kill();
-    let _ = watch.wait();
+        kinds.len() == 3
+    });
     assert_eq!(
         kinds.into_iter().collect::<Vec<_>>(),
         ["contact", "delivery", "message"]
+    );
+    let message = message.unwrap();
+    assert_eq!(message["message"]["text"], "watched");
+    assert_eq!(message["kind"], "contact", "{message}");
+    assert_eq!(message["conversation_name"], "Blair", "{message}");
+    assert_eq!(message["message"]["name"], "Blair", "{message}");
+    // In words: who wrote what.
+    let line = words.next(Duration::from_secs(20), |line| {
+        line.contains("watched").then(|| line.to_string())
+    });
+    assert!(
+        line.as_deref()
+            .is_some_and(|l| l.ends_with("  Blair: watched")),
+        "{line:?}"
     );
 }
 

@@ -81,12 +81,22 @@ fn alex_introduces_blair_and_charlie_who_claim_talk_and_connect() {
     let _b = blair.start();
     let _c = charlie.start();
     befriend_all(&alex, &[&blair, &charlie]);
+    let blair_watches = blair.watch(true);
 
     let introduced = alex.ok(&["introduce", "Blair", "Charlie", "--name", "Trio"]);
     assert!(introduced["group"].is_string());
+    // Blair is told, as it happens, what to do about it.
+    let told = blair_watches
+        .next_event(SETTLE, |e| {
+            e["event"] == "group" && e["change"] == "introduced"
+        })
+        .expect("watch tells Blair of the introduction");
+    assert_eq!(told["introduced_by"], "Alex", "{told}");
+    assert_eq!(told["name"], "Trio", "{told}");
 
     // Figure 3.3.1: a group of three with two placeholders Alex asserts.
     let at_blair = the_group(&blair);
+    assert_eq!(told["group"], at_blair["id"], "{told}");
     assert_eq!(at_blair["pending"], true, "Blair has not claimed yet");
     assert_eq!(at_blair["claiming"], false, "no claim is on its way");
     let seen = statuses(&at_blair);
@@ -116,6 +126,34 @@ fn alex_introduces_blair_and_charlie_who_claim_talk_and_connect() {
         })
         .unwrap_or_else(|| panic!("{} did not get the first message", p.name));
     }
+    // A message written with a placeholder's key may be its introducer's
+    // (Alex holds that key too): Blair's node says whose word it is that
+    // Charlie wrote it, live and in the history, also after the claim.
+    charlie.ok(&["send", "Trio", "Charlie here, unclaimed", "--wait"]);
+    let live = blair_watches
+        .next_event(SETTLE, |e| {
+            e["event"] == "message" && e["message"]["text"] == "Charlie here, unclaimed"
+        })
+        .expect("Blair watches Charlie's message arrive");
+    assert_eq!(live["kind"], "group", "{live}");
+    assert_eq!(live["conversation_name"], "Trio", "{live}");
+    assert_eq!(live["message"]["name"], "Charlie", "{live}");
+    assert_eq!(live["message"]["asserted_by"], "Alex", "{live}");
+    let asserted = |p: &Person, text: &str| {
+        p.history("Trio")
+            .into_iter()
+            .find(|m| m["text"] == text)
+            .map(|m| m["asserted_by"].clone())
+    };
+    assert_eq!(
+        asserted(&blair, "Charlie here, unclaimed"),
+        Some(Value::from("Alex"))
+    );
+    assert_eq!(
+        asserted(&alex, "Charlie here, unclaimed"),
+        Some(Value::Null),
+        "Alex made the placeholder: no one else's word"
+    );
 
     // Figure 3.3.2: both claim; everyone agrees, nobody is a placeholder.
     let claimed = blair.ok(&["claim", "Trio"]);
@@ -152,16 +190,21 @@ fn alex_introduces_blair_and_charlie_who_claim_talk_and_connect() {
     for p in [&alex, &blair, &charlie] {
         let all = wait_for(SETTLE, || {
             let t = texts(p, "Trio");
-            (t.len() == 3).then_some(t)
+            (t.len() == 4).then_some(t)
         })
         .unwrap_or_else(|| {
             panic!(
-                "{} does not have the three messages: {:?}",
+                "{} does not have the four messages: {:?}",
                 p.name,
                 texts(p, "Trio")
             )
         });
-        for text in ["welcome, you two", "hi from Blair", "hi from Charlie"] {
+        for text in [
+            "welcome, you two",
+            "Charlie here, unclaimed",
+            "hi from Blair",
+            "hi from Charlie",
+        ] {
             assert_eq!(
                 all.iter().filter(|t| *t == text).count(),
                 1,
@@ -170,6 +213,13 @@ fn alex_introduces_blair_and_charlie_who_claim_talk_and_connect() {
             );
         }
     }
+    // Claimed, Charlie writes as Charlie; what the placeholder wrote stays
+    // Alex's word.
+    assert_eq!(asserted(&blair, "hi from Charlie"), Some(Value::Null));
+    assert_eq!(
+        asserted(&blair, "Charlie here, unclaimed"),
+        Some(Value::from("Alex"))
+    );
 
     // Figure 3.3.3: a side relationship Alex learns nothing of.
     let connected = charlie.ok(&["connect", "Trio", "Blair"]);
