@@ -722,6 +722,14 @@ impl Sender {
                 conversation: entry.conversation.to_string(),
                 message: id.to_string(),
                 status: if delivered { "delivered" } else { "failed" },
+                kind: match entry.kind {
+                    OutboxKind::Welcome => "answer",
+                    _ => "message",
+                },
+                member: match entry.recipient {
+                    Recipient::Member(ipk) => Some(ipk.fingerprint()),
+                    Recipient::Peer => None,
+                },
             });
         }
         (self.on_outcome)(Outcome {

@@ -316,11 +316,16 @@ pub enum Event {
         conversation_name: Option<String>,
         message: MessageView,
     },
-    /// One of our messages changed delivery state.
+    /// One of our messages changed delivery state: for a group message,
+    /// at one member's node (`member`, its key id); `kind` is "message",
+    /// or "answer" for our answer to an invitation.
     Delivery {
         conversation: String,
         message: String,
         status: &'static str,
+        kind: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        member: Option<String>,
     },
     /// A contact appeared or changed.
     Contact {

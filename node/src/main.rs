@@ -292,7 +292,10 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
                 if json {
                     print_json(&event);
                 } else {
-                    println!("{}", output::event(&event));
+                    let line = output::event(&event);
+                    if !line.is_empty() {
+                        println!("{line}");
+                    }
                 }
             }
             anyhow::bail!("the daemon stopped");

@@ -281,6 +281,7 @@ pub fn status(v: &Value) -> String {
     out
 }
 
+/// An event in words; empty for one that says nothing new to a person.
 pub fn event(e: &Value) -> String {
     match s(e, "event") {
         "message" => {
@@ -309,7 +310,16 @@ pub fn event(e: &Value) -> String {
                 ),
             }
         }
-        "delivery" => format!("message {} {}", s(e, "message"), s(e, "status")),
+        "delivery" => match (s(e, "kind"), e.get("member").and_then(Value::as_str)) {
+            // `accept` already said how its answer went.
+            ("answer", _) => String::new(),
+            (_, Some(member)) => format!(
+                "message {} {} at member {member}'s node",
+                s(e, "message"),
+                s(e, "status")
+            ),
+            _ => format!("message {} {}", s(e, "message"), s(e, "status")),
+        },
         "contact" => {
             let c = e.get("contact").unwrap_or(&Value::Null);
             format!(
@@ -419,6 +429,15 @@ mod tests {
             event(&left),
             "You are no longer in group g2; `protonode history g2` still reads it."
         );
+        let delivered = json!({"event": "delivery", "conversation": "g2", "message": "m1",
+            "status": "delivered", "kind": "message", "member": "ab12-cd34"});
+        assert_eq!(
+            event(&delivered),
+            "message m1 delivered at member ab12-cd34's node"
+        );
+        let answer = json!({"event": "delivery", "conversation": "c1", "message": "m2",
+            "status": "delivered", "kind": "answer"});
+        assert_eq!(event(&answer), "", "accept said it already");
         let changed = json!({"event": "group", "group": "g2", "epoch": 5, "change": "changed"});
         assert_eq!(
             event(&changed),
