@@ -76,6 +76,12 @@ pub enum GroupError {
     Gone,
     #[error("no member matches {0:?}")]
     UnknownMember(String),
+    #[error("{name} is still a placeholder that {asserted_by} asserts (and holds the key of): connect once {name} has claimed it, which `protonode groups` shows")]
+    PlaceholderMember { name: String, asserted_by: String },
+    #[error(
+        "{0}'s node has not told the group how to reach it privately yet; try again in a moment"
+    )]
+    NoDirectKey(String),
     #[error("the sender is not a member of the group (removed or never added)")]
     NotAMember,
     #[error("this node is not the group's ordering service")]
@@ -2085,9 +2091,22 @@ impl GroupSession {
             .iter()
             .find(|m| m.ipk == member)
             .ok_or_else(|| GroupError::UnknownMember(member.fingerprint()))?;
-        let direct = m.direct_key.ok_or(GroupError::Unexpected(
-            "the member has not told the group how to reach it privately yet",
-        ))?;
+        // A side relationship with a placeholder could be one with its
+        // introducer, who holds its key.
+        if let MemberStatus::Placeholder { asserted_by } = m.status {
+            let asserted_by = match self.record.members.iter().find(|a| a.ipk == asserted_by) {
+                Some(a) => a.display.name.clone(),
+                None if asserted_by == self.key.ipk() => "you".to_string(),
+                None => asserted_by.fingerprint(),
+            };
+            return Err(GroupError::PlaceholderMember {
+                name: m.display.name.clone(),
+                asserted_by,
+            });
+        }
+        let direct = m
+            .direct_key
+            .ok_or_else(|| GroupError::NoDirectKey(m.display.name.clone()))?;
         let invitation = protocol::SideInvitation {
             ticket,
             equivalence: Attestation::equivalent(ticket_key, &self.key, now),

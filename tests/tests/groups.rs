@@ -161,6 +161,19 @@ fn alex_introduces_blair_and_charlie_who_claim_talk_and_connect() {
         claimed["claiming"] == true || claimed["pending"] == false,
         "the claim is on its way, or already ordered: {claimed}"
     );
+    // A side relationship with a placeholder could be one with Alex, who
+    // holds its key: refused, and nothing changes.
+    wait_for(SETTLE, || {
+        (the_group(&blair)["pending"] == false).then_some(())
+    })
+    .expect("Blair's claim is ordered");
+    let early = blair.cli(&["connect", "Trio", "Charlie"]);
+    assert_eq!(early.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&early.stderr);
+    assert!(
+        said.contains("still a placeholder that Alex asserts"),
+        "{said}"
+    );
     charlie.ok(&["claim", "Trio"]);
     let groups = wait_for_agreement(&[&alex, &blair, &charlie], 3);
     let epoch = groups[0]["epoch"].as_u64().unwrap();
