@@ -27,7 +27,7 @@ use crate::records::{
 };
 use crate::relationship::{accept_invite, AcceptLink, SideLink};
 use crate::store::{self, tables, Store, StoreError};
-use crate::views::{ContactChange, Event, GroupChange};
+use crate::views::{ContactChange, Event, GroupChange, GroupEvent};
 
 /// Most inbox rows processed in one batch.
 const INBOX_BATCH: usize = 512;
@@ -151,6 +151,7 @@ impl GroupProton {
         let mut inbox_done = false;
         let epoch_before = session.epoch();
         let state_before = session.record().state;
+        let members_before = session.record().members.clone();
         // Direct envelopes are processed with the inbox rows, after them.
         let (queue, mut direct, direct_done) = crate::inbound::take_direct(
             std::mem::take(&mut self.queue),
@@ -275,14 +276,18 @@ impl GroupProton {
             }
         }
         if session.epoch() != epoch_before || session.record().state != state_before {
-            events.push(Event::group(
-                session.record(),
-                session.epoch(),
-                match session.record().state {
-                    GroupState::Gone => GroupChange::Left,
-                    _ => GroupChange::Changed,
-                },
-            ));
+            let (joined, claimed, gone) =
+                crate::views::roster_change(&members_before, &session.record().members);
+            let change = match session.record().state {
+                GroupState::Gone => GroupChange::Left,
+                _ => GroupChange::Changed,
+            };
+            events.push(Event::Group(GroupEvent {
+                joined,
+                claimed,
+                gone,
+                ..Event::group_change(session.record(), session.epoch(), change)
+            }));
         }
         session.drain_writes(&mut changes);
         if changes.is_empty() {

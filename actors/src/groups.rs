@@ -3024,6 +3024,8 @@ mod tests {
 
         // The ordering service proposes the claim; once Charlie accepts
         // it (a majority), it is ordered and fanned out, signed.
+        let (alex_before, charlie_before) =
+            (a.record().members.clone(), c.record().members.clone());
         let fanned = order(&alex, &mut a, &to_orderer[0], 42);
         // One signed copy for each member, Blair reached under her new key.
         assert_eq!(fanned.len(), 2);
@@ -3046,6 +3048,14 @@ mod tests {
             [0, 0],
             "a claim needs no announcement after it"
         );
+        // What `watch` tells of it: Blair claimed, nobody joined or went.
+        let claimed_only = (Vec::new(), vec!["Blair".to_string()], Vec::new());
+        for (before, s) in [(&alex_before, &a), (&charlie_before, &c)] {
+            assert_eq!(
+                crate::views::roster_change(before, &s.record().members),
+                claimed_only
+            );
+        }
         let gp_b = b.own_ipk();
         // The claim carried Blair's info under her new key, sealed for the
         // members: her new transports and direct key, her name.

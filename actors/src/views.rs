@@ -9,8 +9,8 @@ use crate::attestation::{Attestation, Kind};
 use crate::identity::Ipk;
 use crate::model::{Conversation, Picture, ProtonId};
 use crate::records::{
-    Author, GroupProtonRecord, GroupState, HistoryEntry, MemberStatus, MergeRecord, MergeState,
-    MessageStatus, ProtonRecord, ProtonState, Provenance, Trust,
+    Author, GroupProtonRecord, GroupState, HistoryEntry, Member, MemberStatus, MergeRecord,
+    MergeState, MessageStatus, ProtonRecord, ProtonState, Provenance, Trust,
 };
 
 /// Milliseconds since the Unix epoch as RFC 3339 (UTC, milliseconds).
@@ -350,6 +350,47 @@ pub struct GroupEvent {
     /// For `introduced`: who introduced us (our contact's name).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub introduced_by: Option<String>,
+    /// Members new in the group (by name; a placeholder until claimed).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub joined: Vec<String>,
+    /// Placeholders their invitees claimed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub claimed: Vec<String>,
+    /// Members no longer in the group (left, removed, or declined).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub gone: Vec<String>,
+}
+
+/// Who joined, claimed and went between two member lists of a group (us
+/// excluded), by name. A claim replaces its placeholder's key in the same
+/// entry: the claimed member names the placeholder it follows.
+pub fn roster_change(
+    before: &[Member],
+    after: &[Member],
+) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let had = |ipk: Ipk| before.iter().any(|m| m.ipk == ipk);
+    let follows = |m: &Member| match (&m.status, &m.claim) {
+        (MemberStatus::Claimed { placeholder }, _) => Some(*placeholder),
+        (_, Some(a)) if a.kind == Kind::Follows => Some(a.first),
+        _ => None,
+    };
+    let (mut joined, mut claimed) = (Vec::new(), Vec::new());
+    let mut claimed_keys = Vec::new();
+    for m in after.iter().filter(|m| !had(m.ipk)) {
+        match follows(m).filter(|p| had(*p)) {
+            Some(placeholder) => {
+                claimed.push(m.display.name.clone());
+                claimed_keys.push(placeholder);
+            }
+            None => joined.push(m.display.name.clone()),
+        }
+    }
+    let gone = before
+        .iter()
+        .filter(|m| !after.iter().any(|a| a.ipk == m.ipk) && !claimed_keys.contains(&m.ipk))
+        .map(|m| m.display.name.clone())
+        .collect();
+    (joined, claimed, gone)
 }
 
 /// What a group change was.
@@ -486,13 +527,16 @@ impl Event {
         Self::Group(Self::group_change(g, epoch, change))
     }
 
-    fn group_change(g: &GroupProtonRecord, epoch: u64, change: GroupChange) -> GroupEvent {
+    pub fn group_change(g: &GroupProtonRecord, epoch: u64, change: GroupChange) -> GroupEvent {
         GroupEvent {
             group: g.id.to_string(),
             name: g.name.clone(),
             epoch,
             change,
             introduced_by: None,
+            joined: Vec::new(),
+            claimed: Vec::new(),
+            gone: Vec::new(),
         }
     }
 

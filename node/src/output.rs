@@ -304,10 +304,31 @@ pub fn event(e: &Value) -> String {
                 ),
                 "joined" => format!("You made {group}."),
                 "left" => format!("You are no longer in {group}; `protonode history {id}` still reads it."),
-                _ => format!(
-                    "The {group} changed (epoch {}): `protonode groups` shows its members.",
-                    e.get("epoch").and_then(Value::as_u64).unwrap_or(0)
-                ),
+                _ => {
+                    let epoch = e.get("epoch").and_then(Value::as_u64).unwrap_or(0);
+                    let names = |key: &str| {
+                        e.get(key)
+                            .and_then(Value::as_array)
+                            .map(|l| l.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "))
+                            .filter(|l| !l.is_empty())
+                    };
+                    let said: Vec<String> = [
+                        names("claimed").map(|n| format!("{n} claimed their place")),
+                        names("joined").map(|n| format!("{n} joined (until claimed, as asserted by whoever added them)")),
+                        names("gone").map(|n| {
+                            let were = if n.contains(", ") { "were" } else { "was" };
+                            format!("{n} left or {were} removed")
+                        }),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                    if said.is_empty() {
+                        format!("The {group} changed (epoch {epoch}): `protonode groups` shows its members.")
+                    } else {
+                        format!("In the {group}: {} (epoch {epoch}).", said.join("; "))
+                    }
+                }
             }
         }
         "delivery" => match (s(e, "kind"), e.get("member").and_then(Value::as_str)) {
@@ -438,6 +459,12 @@ mod tests {
         let answer = json!({"event": "delivery", "conversation": "c1", "message": "m2",
             "status": "delivered", "kind": "answer"});
         assert_eq!(event(&answer), "", "accept said it already");
+        let roster = json!({"event": "group", "group": "g1", "name": "Trio", "epoch": 3,
+            "change": "changed", "claimed": ["Blair"], "gone": ["Dana", "Eli"]});
+        assert_eq!(
+            event(&roster),
+            "In the group \"Trio\" (g1): Blair claimed their place; Dana, Eli left or were removed (epoch 3)."
+        );
         let changed = json!({"event": "group", "group": "g2", "epoch": 5, "change": "changed"});
         assert_eq!(
             event(&changed),

@@ -361,11 +361,23 @@ fn a_plain_group_grows_and_shrinks() {
     let _b = blair.start();
     let _c = charlie.start();
     befriend_all(&alex, &[&blair, &charlie]);
+    let alex_watches = alex.watch(true);
+    let roster_event = |key: &str, name: &str| {
+        alex_watches
+            .next_event(SETTLE, |e| {
+                e["event"] == "group"
+                    && e[key]
+                        .as_array()
+                        .is_some_and(|l| l.iter().any(|n| n == name))
+            })
+            .unwrap_or_else(|| panic!("Alex's watch never said {name} {key}"))
+    };
 
     alex.ok(&["group", "create", "Book club", "Blair"]);
     the_group(&blair);
     blair.ok(&["claim", "Book club"]);
     wait_for_agreement(&[&alex, &blair], 2);
+    roster_event("claimed", "Blair");
 
     alex.ok(&["group", "add", "Book club", "Charlie"]);
     wait_for(SETTLE, || (!charlie.groups().is_empty()).then_some(()))
@@ -393,8 +405,10 @@ fn a_plain_group_grows_and_shrinks() {
         Some(3)
     );
 
+    roster_event("claimed", "Charlie");
     alex.ok(&["group", "remove", "Book club", "Charlie"]);
     wait_for_agreement(&[&alex, &blair], 2);
+    roster_event("gone", "Charlie");
     wait_for(SETTLE, || charlie.groups().is_empty().then_some(()))
         .expect("Charlie learns she was removed");
 
