@@ -1471,6 +1471,15 @@ impl Handler<GetStatus> for RelationshipManager {
                     "{waiting} merge request(s) wait for your answer: `protonode merge list`"
                 ));
             }
+            let unanswered = groups::all_groups(&store)?
+                .iter()
+                .filter(|g| g.state == crate::records::GroupState::Invited && !g.claiming())
+                .count();
+            if unanswered > 0 {
+                warnings.push(format!(
+                    "{unanswered} introduction(s) wait for you to claim or decline them: `protonode groups`"
+                ));
+            }
             if !status.mdns {
                 warnings.push("mDNS is off or unavailable: peers are found only through the addresses in invitations".into());
             }

@@ -93,6 +93,13 @@ fn alex_introduces_blair_and_charlie_who_claim_talk_and_connect() {
         .expect("watch tells Blair of the introduction");
     assert_eq!(told["introduced_by"], "Alex", "{told}");
     assert_eq!(told["name"], "Trio", "{told}");
+    let asked = |p: &Person| {
+        p.ok(&["status"])["warnings"].as_array().is_some_and(|w| {
+            w.iter()
+                .any(|w| w.as_str().is_some_and(|w| w.contains("claim or decline")))
+        })
+    };
+    assert!(asked(&blair), "status reminds Blair of the introduction");
 
     // Figure 3.3.1: a group of three with two placeholders Alex asserts.
     let at_blair = the_group(&blair);
@@ -157,6 +164,7 @@ fn alex_introduces_blair_and_charlie_who_claim_talk_and_connect() {
 
     // Figure 3.3.2: both claim; everyone agrees, nobody is a placeholder.
     let claimed = blair.ok(&["claim", "Trio"]);
+    assert!(!asked(&blair), "answered: no more reminder");
     assert!(
         claimed["claiming"] == true || claimed["pending"] == false,
         "the claim is on its way, or already ordered: {claimed}"
