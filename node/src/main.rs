@@ -249,10 +249,13 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
             } else {
                 let status = v["status"].as_str().unwrap_or("queued");
                 let id = v["message"].as_str().unwrap_or("");
-                if v["recipients"].as_u64() == Some(0) {
-                    println!("Kept in {contact}'s history (message {id}): you are its only member, so no one else receives it.");
-                } else {
-                    println!("{status} to {contact} (message {id})");
+                match v["recipients"].as_u64() {
+                    Some(0) => println!("Kept in {contact}'s history (message {id}): you are its only member, so no one else receives it."),
+                    Some(n) => {
+                        let members = if n == 1 { "member" } else { "members" };
+                        println!("{status} to {contact}, {n} other {members} (message {id})")
+                    }
+                    None => println!("{status} to {contact} (message {id})"),
                 }
             }
         }

@@ -386,6 +386,12 @@ fn a_plain_group_grows_and_shrinks() {
     blair.ok(&["claim", "Book club"]);
     wait_for_agreement(&[&alex, &blair], 2);
     roster_event("claimed", "Blair");
+    let said = blair.cli(&["send", "Book club", "hello Alex", "--wait"]);
+    let said = String::from_utf8_lossy(&said.stdout);
+    assert!(
+        said.starts_with("delivered to Book club, 1 other member "),
+        "{said}"
+    );
 
     alex.ok(&["group", "add", "Book club", "Charlie"]);
     wait_for(SETTLE, || (!charlie.groups().is_empty()).then_some(()))
