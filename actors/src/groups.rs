@@ -76,8 +76,13 @@ pub enum GroupError {
     Gone,
     #[error("no member matches {0:?}")]
     UnknownMember(String),
-    #[error("{name} is still a placeholder that {asserted_by} asserts (and holds the key of): connect once {name} has claimed it, which `protonode groups` shows")]
-    PlaceholderMember { name: String, asserted_by: String },
+    #[error("{name} is still a placeholder that {asserted_by} asserts (and holds the key of): {action} once {name} has claimed it, which `protonode groups` shows")]
+    PlaceholderMember {
+        name: String,
+        asserted_by: String,
+        /// What waits for the claim ("connect", "verify").
+        action: &'static str,
+    },
     #[error(
         "{0}'s node has not told the group how to reach it privately yet; try again in a moment"
     )]
@@ -2085,25 +2090,10 @@ impl GroupSession {
         if self.record.state != GroupState::Active {
             return Err(GroupError::NotClaimed);
         }
-        let m = self
-            .record
-            .members
-            .iter()
-            .find(|m| m.ipk == member)
-            .ok_or_else(|| GroupError::UnknownMember(member.fingerprint()))?;
+        let m = self.member(member)?;
         // A side relationship with a placeholder could be one with its
         // introducer, who holds its key.
-        if let MemberStatus::Placeholder { asserted_by } = m.status {
-            let asserted_by = match self.record.members.iter().find(|a| a.ipk == asserted_by) {
-                Some(a) => a.display.name.clone(),
-                None if asserted_by == self.key.ipk() => "you".to_string(),
-                None => asserted_by.fingerprint(),
-            };
-            return Err(GroupError::PlaceholderMember {
-                name: m.display.name.clone(),
-                asserted_by,
-            });
-        }
+        self.not_a_placeholder(m, "connect")?;
         let direct = m
             .direct_key
             .ok_or_else(|| GroupError::NoDirectKey(m.display.name.clone()))?;
@@ -2398,12 +2388,42 @@ impl GroupSession {
     }
 
     /// Marks a member verified (checked out of band).
+    /// The member with key `ipk` (not us).
+    fn member(&self, ipk: Ipk) -> Result<&Member, GroupError> {
+        self.record
+            .members
+            .iter()
+            .find(|m| m.ipk == ipk)
+            .ok_or_else(|| GroupError::UnknownMember(ipk.fingerprint()))
+    }
+
+    /// Refuses `action` on a member that is still a placeholder.
+    fn not_a_placeholder(&self, m: &Member, action: &'static str) -> Result<(), GroupError> {
+        let MemberStatus::Placeholder { asserted_by } = m.status else {
+            return Ok(());
+        };
+        let asserted_by = match self.record.members.iter().find(|a| a.ipk == asserted_by) {
+            Some(a) => a.display.name.clone(),
+            None if asserted_by == self.key.ipk() => "you".to_string(),
+            None => asserted_by.fingerprint(),
+        };
+        Err(GroupError::PlaceholderMember {
+            name: m.display.name.clone(),
+            asserted_by,
+            action,
+        })
+    }
+
     pub fn verify_member(&mut self, member: Ipk, changes: &mut Changes) -> Result<(), GroupError> {
-        let m = std::sync::Arc::make_mut(&mut self.record.members)
+        // Its introducer holds a placeholder's key: checking it out of band
+        // cannot show that only the invitee does.
+        self.not_a_placeholder(self.member(member)?, "verify")?;
+        if let Some(m) = std::sync::Arc::make_mut(&mut self.record.members)
             .iter_mut()
             .find(|m| m.ipk == member)
-            .ok_or_else(|| GroupError::UnknownMember(member.fingerprint()))?;
-        m.status = MemberStatus::Verified;
+        {
+            m.status = MemberStatus::Verified;
+        }
         self.save(changes);
         Ok(())
     }

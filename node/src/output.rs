@@ -316,7 +316,10 @@ pub fn event(e: &Value) -> String {
                         names("claimed").map(|n| format!("{n} claimed their place")),
                         names("joined").map(|n| format!("{n} joined (until claimed, as asserted by whoever added them)")),
                         names("gone").map(|n| {
-                            let were = if n.contains(", ") { "were" } else { "was" };
+                            let were = match e.get("gone").and_then(Value::as_array) {
+                                Some(l) if l.len() > 1 => "were",
+                                _ => "was",
+                            };
                             format!("{n} left or {were} removed")
                         }),
                     ]
@@ -332,8 +335,12 @@ pub fn event(e: &Value) -> String {
             }
         }
         "delivery" => match (s(e, "kind"), e.get("member").and_then(Value::as_str)) {
-            // `accept` already said how its answer went.
-            ("answer", _) => String::new(),
+            // `accept` already said that its answer was taken.
+            ("answer", _) if s(e, "status") == "delivered" => String::new(),
+            ("answer", _) => format!(
+                "your answer to an invitation was refused (contact {}): ask for a new ticket",
+                s(e, "conversation")
+            ),
             (_, Some(member)) => format!(
                 "message {} {} at member {member}'s node",
                 s(e, "message"),
@@ -459,6 +466,18 @@ mod tests {
         let answer = json!({"event": "delivery", "conversation": "c1", "message": "m2",
             "status": "delivered", "kind": "answer"});
         assert_eq!(event(&answer), "", "accept said it already");
+        let refused = json!({"event": "delivery", "conversation": "c1", "message": "m2",
+            "status": "failed", "kind": "answer"});
+        assert_eq!(
+            event(&refused),
+            "your answer to an invitation was refused (contact c1): ask for a new ticket"
+        );
+        let comma = json!({"event": "group", "group": "g1", "epoch": 3, "change": "changed",
+            "gone": ["Smith, Jo"]});
+        assert_eq!(
+            event(&comma),
+            "In the group g1: Smith, Jo left or was removed (epoch 3)."
+        );
         let roster = json!({"event": "group", "group": "g1", "name": "Trio", "epoch": 3,
             "change": "changed", "claimed": ["Blair"], "gone": ["Dana", "Eli"]});
         assert_eq!(

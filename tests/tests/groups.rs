@@ -182,6 +182,15 @@ fn alex_introduces_blair_and_charlie_who_claim_talk_and_connect() {
         said.contains("still a placeholder that Alex asserts"),
         "{said}"
     );
+    // Nor can it be verified out of band: Alex holds that key too.
+    let early = blair.cli(&["group", "verify", "Trio", "Charlie"]);
+    assert_eq!(early.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&early.stderr);
+    assert!(
+        said.contains("verify once Charlie has claimed it"),
+        "{said}"
+    );
+    assert_eq!(statuses(&the_group(&blair))["Charlie"], "placeholder");
     charlie.ok(&["claim", "Trio"]);
     let groups = wait_for_agreement(&[&alex, &blair, &charlie], 3);
     let epoch = groups[0]["epoch"].as_u64().unwrap();
