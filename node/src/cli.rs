@@ -45,20 +45,40 @@ pub enum GroupCommand {
         #[arg(required = true)]
         contacts: Vec<String>,
     },
-    /// Add a contact to a group.
-    Add { group: String, contact: String },
+    /// Add a contact to a group: they are introduced and claim their place.
+    Add {
+        /// Group id or unambiguous name.
+        group: String,
+        /// The contact to add (id or unambiguous name).
+        contact: String,
+    },
     /// Remove a member from a group.
     Remove {
+        /// Group id or unambiguous name.
         group: String,
         /// The member's id (as `groups` shows it) or unambiguous name.
         member: String,
     },
-    /// Leave a group.
-    Leave { group: String },
+    /// Leave a group (its history stays readable).
+    Leave {
+        /// Group id or unambiguous name.
+        group: String,
+    },
     /// Rotate your keys in a group.
-    Update { group: String },
-    /// Mark a member as verified (you checked their fingerprint out of band).
-    Verify { group: String, member: String },
+    Update {
+        /// Group id or unambiguous name.
+        group: String,
+    },
+    /// Mark a member as verified (you checked their key id with them out of band).
+    ///
+    /// Only once they have claimed their place: a placeholder's key is its
+    /// introducer's too.
+    Verify {
+        /// Group id or unambiguous name.
+        group: String,
+        /// The member's id (as `groups` shows it) or unambiguous name.
+        member: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -189,18 +209,28 @@ pub enum Command {
         group: String,
     },
     /// Start a 1:1 relationship with a member of a group (the introducer learns nothing of it).
+    ///
+    /// Only once they have claimed their place: a placeholder's key is its
+    /// introducer's too.
     Connect {
         /// Group id or unambiguous name.
         group: String,
         /// The member's id (as `groups` shows it) or unambiguous name.
         member: String,
     },
-    /// Manage groups: create, add, remove, leave.
+    /// Manage groups: create, add, remove, leave, update, verify.
     #[command(subcommand)]
     Group(GroupCommand),
     /// Show the node's state: peer id, addresses, connections, warnings.
+    ///
+    /// The warnings include what waits for you: merge requests, and
+    /// introductions to claim or decline.
     Status,
-    /// Stream events (messages, deliveries, contacts) until interrupted.
+    /// Stream events (messages, deliveries, contacts, merges, groups) until interrupted.
+    ///
+    /// Messages say who wrote them and where; group events say when someone
+    /// introduces you (and how to claim or decline) and who joined,
+    /// claimed or went.
     Watch,
     /// Run the seed's story on real nodes on loopback in temporary data dirs.
     Demo,
