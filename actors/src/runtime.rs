@@ -174,8 +174,10 @@ impl Handler<StopManager> for RelationshipManager {
 const DIRECT_IN_FLIGHT: usize = 256;
 
 /// Longest an answer to our invitation waits to be filed before it is
-/// acknowledged anyway (filing takes milliseconds).
-const WELCOMES_FILED_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// acknowledged anyway (filing takes milliseconds; a busy disk may take
+/// far longer, and the acceptor's node waits `request_timeout_secs`, 20 s
+/// by default, before it tries again).
+const WELCOMES_FILED_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Hands each owner its envelopes of `batch` (`direct` says whose they
 /// are), stores the rest, and those whose owner could not take them, as
