@@ -58,6 +58,9 @@ use crate::records::{GroupProtonRecord, OutboxEntry, OutboxKind, ProtonRecord, R
 use crate::store::{self, tables, Store, StoreError};
 use crate::views::Event;
 
+/// A group member's transports and name.
+type MemberRoute = (Vec<TransportInfo>, String);
+
 /// Capacity of the command channel. A full channel loses nothing: new rows
 /// are then found by rescanning the table, and reachability hints are only
 /// an optimisation (backoff ends by itself).
@@ -278,8 +281,9 @@ struct Sender {
     reported: u64,
     recorded: u64,
     waiting: Vec<(u64, oneshot::Sender<()>)>,
-    /// Members' transports per group, read once for all its destinations.
-    groups: HashMap<GroupProtonId, (Instant, HashMap<Ipk, Vec<TransportInfo>>)>,
+    /// Members' transports and names per group, read once for all its
+    /// destinations.
+    groups: HashMap<GroupProtonId, (Instant, HashMap<Ipk, MemberRoute>)>,
 }
 
 impl Sender {
@@ -525,14 +529,17 @@ impl Sender {
                             g.former
                                 .into_iter()
                                 .chain(std::sync::Arc::unwrap_or_clone(g.members))
-                                .map(|m| (m.ipk, m.transports))
+                                .map(|m| (m.ipk, (m.transports, m.display.name)))
                                 .collect::<HashMap<_, _>>()
                         })
                         .unwrap_or_default())
                     })?;
                     self.groups.insert(id, (Instant::now(), members));
                 }
-                self.groups.get(&id).and_then(|(_, m)| m.get(&ipk).cloned())
+                self.groups
+                    .get(&id)
+                    .and_then(|(_, m)| m.get(&ipk))
+                    .map(|(transports, _)| transports.clone())
             }
             _ => None,
         };
@@ -729,6 +736,14 @@ impl Sender {
                 member: match entry.recipient {
                     Recipient::Member(ipk) => Some(ipk.fingerprint()),
                     Recipient::Peer => None,
+                },
+                member_name: match (entry.conversation, entry.recipient) {
+                    (Conversation::Group(id), Recipient::Member(ipk)) => self
+                        .groups
+                        .get(&id)
+                        .and_then(|(_, m)| m.get(&ipk))
+                        .map(|(_, name)| name.clone()),
+                    _ => None,
                 },
             });
         }

@@ -326,6 +326,9 @@ pub enum Event {
         kind: &'static str,
         #[serde(skip_serializing_if = "Option::is_none")]
         member: Option<String>,
+        /// That member's name, when the sending service knows it.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        member_name: Option<String>,
     },
     /// A contact appeared or changed.
     Contact {

@@ -342,9 +342,12 @@ pub fn event(e: &Value) -> String {
                 s(e, "conversation")
             ),
             (_, Some(member)) => format!(
-                "message {} {} at member {member}'s node",
+                "message {} {} at {}'s node",
                 s(e, "message"),
-                s(e, "status")
+                s(e, "status"),
+                e.get("member_name")
+                    .and_then(Value::as_str)
+                    .map_or_else(|| format!("member {member}"), str::to_string)
             ),
             _ => format!("message {} {}", s(e, "message"), s(e, "status")),
         },
@@ -465,6 +468,10 @@ mod tests {
         );
         let answer = json!({"event": "delivery", "conversation": "c1", "message": "m2",
             "status": "delivered", "kind": "answer"});
+        let named = json!({"event": "delivery", "conversation": "g2", "message": "m1",
+            "status": "delivered", "kind": "message", "member": "ab12-cd34",
+            "member_name": "Blair"});
+        assert_eq!(event(&named), "message m1 delivered at Blair's node");
         assert_eq!(event(&answer), "", "accept said it already");
         let refused = json!({"event": "delivery", "conversation": "c1", "message": "m2",
             "status": "failed", "kind": "answer"});

@@ -401,6 +401,13 @@ fn a_plain_group_grows_and_shrinks() {
         said.starts_with("delivered to Book club, 1 other member "),
         "{said}"
     );
+    alex.ok(&["send", "Book club", "hello Blair", "--wait"]);
+    let delivered = alex_watches
+        .next_event(SETTLE, |e| {
+            e["event"] == "delivery" && e["kind"] == "message"
+        })
+        .expect("Alex's watch tells of the delivery");
+    assert_eq!(delivered["member_name"], "Blair", "{delivered}");
 
     alex.ok(&["group", "add", "Book club", "Charlie"]);
     wait_for(SETTLE, || (!charlie.groups().is_empty()).then_some(()))
