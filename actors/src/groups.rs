@@ -462,17 +462,17 @@ pub fn accept_introduction(
 }
 
 /// A member as another member describes it: claimed if its claim
-/// attestation verifies from a placeholder, else a placeholder asserted by
-/// whoever made it (or by the describer).
+/// attestation verifies from a placeholder, a placeholder if the describer
+/// says someone made it as one, else vouched for by the describer (a
+/// group's creator, say, has no claim and was never a placeholder).
 fn member_from_info(info: &MemberInfo, describer: Ipk) -> Member {
     let claimed = info.claim.as_ref().and_then(|a| {
         (a.kind == Kind::Follows && a.second == info.ipk && a.verify().is_ok()).then_some(a.first)
     });
-    let status = match claimed {
-        Some(placeholder) => MemberStatus::Claimed { placeholder },
-        None => MemberStatus::Placeholder {
-            asserted_by: info.placeholder_of.unwrap_or(describer),
-        },
+    let status = match (claimed, info.placeholder_of) {
+        (Some(placeholder), _) => MemberStatus::Claimed { placeholder },
+        (None, Some(asserted_by)) => MemberStatus::Placeholder { asserted_by },
+        (None, None) => MemberStatus::Vouched { by: describer },
     };
     Member {
         ipk: info.ipk,

@@ -279,6 +279,13 @@ pub enum MemberStatus {
     Linked { proton: ProtonId },
     /// Checked out of band by us.
     Verified,
+    /// A member the introducer who brought us in described, and says holds
+    /// its own key: not a placeholder (no one claims it, its own node
+    /// votes for it), but known only by `by`'s word, as a claimed member
+    /// is. A group's creator, or anyone its introducer has no claim of,
+    /// is this to members added later. (Last, so that stored records
+    /// decode as before.)
+    Vouched { by: Ipk },
 }
 
 /// Another member of a group, as we know it.

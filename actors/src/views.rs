@@ -414,7 +414,7 @@ pub struct MemberView {
     /// The member's key fingerprint: how `connect` and `group remove` name it.
     pub id: String,
     pub name: String,
-    /// "self", "placeholder", "claimed", "linked" or "verified".
+    /// "self", "placeholder", "claimed", "linked", "verified" or "vouched".
     pub status: &'static str,
     /// Who brought the member in (for a placeholder: who asserts it is this
     /// person), by the name we know them by.
@@ -470,6 +470,7 @@ impl GroupView {
                     MemberStatus::Claimed { .. } => "claimed",
                     MemberStatus::Linked { .. } => "linked",
                     MemberStatus::Verified => "verified",
+                    MemberStatus::Vouched { .. } => "vouched",
                 },
                 introduced_by: m.introduced_by.as_ref().map(name_of),
             });

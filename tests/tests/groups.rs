@@ -409,9 +409,16 @@ fn a_plain_group_grows_and_shrinks() {
         .expect("Alex's watch tells of the delivery");
     assert_eq!(delivered["member_name"], "Blair", "{delivered}");
 
-    alex.ok(&["group", "add", "Book club", "Charlie"]);
+    // Blair, not the creator, adds Charlie. To Charlie, Alex is a member
+    // Blair vouches for, not a placeholder: no one holds Alex's key but
+    // Alex, and Alex's node alone votes for him.
+    blair.befriend(&charlie);
+    blair.ok(&["group", "add", "Book club", "Charlie"]);
     wait_for(SETTLE, || (!charlie.groups().is_empty()).then_some(()))
         .expect("Charlie is introduced");
+    let at_charlie = statuses(&the_group(&charlie));
+    assert_eq!(at_charlie["Alex"], "vouched");
+    assert_eq!(at_charlie["Blair"], "linked");
     charlie.ok(&["claim", "Book club"]);
     wait_for_agreement(&[&alex, &blair, &charlie], 3);
     charlie.ok(&["send", "Book club", "thanks for adding me", "--wait"]);
