@@ -66,6 +66,8 @@ pub enum GroupError {
     Unknown(GroupProtonId),
     #[error("you are already in this group")]
     AlreadyMember,
+    #[error("{0} is already in this group (or on the way in)")]
+    AlreadyInGroup(String),
     #[error("the introduction is not valid: {0}")]
     BadIntroduction(String),
     #[error("this group is pending: claim it (or decline it) first")]
@@ -940,6 +942,28 @@ impl GroupSession {
     ) -> Result<(), GroupError> {
         if self.record.state != GroupState::Active {
             return Err(GroupError::NotClaimed);
+        }
+        // A second placeholder for someone in the group would be one they
+        // can never claim, and a key only we hold.
+        let queued = self
+            .record
+            .intents
+            .iter()
+            .chain(self.record.pending.as_ref().map(|p| &p.intent));
+        let adding: Vec<crate::model::ProtonId> = queued
+            .flat_map(|i| match i {
+                Intent::Add { invitees } => invitees.iter().map(|v| v.via).collect(),
+                _ => Vec::new(),
+            })
+            .collect();
+        for p in via {
+            let in_group = self.record.members.iter().any(|m| {
+                m.via == Some(p.id)
+                    || matches!(m.status, MemberStatus::Linked { proton } if proton == p.id)
+            });
+            if in_group || adding.contains(&p.id) {
+                return Err(GroupError::AlreadyInGroup(p.peer_display.name.clone()));
+            }
         }
         let (invitees, _) = make_invitees(store, via, self.key.ipk(), &self.record.context)?;
         self.push_intent(Intent::Add { invitees }, now, changes)

@@ -421,6 +421,17 @@ fn a_plain_group_grows_and_shrinks() {
     assert_eq!(at_charlie["Blair"], "linked");
     charlie.ok(&["claim", "Book club"]);
     wait_for_agreement(&[&alex, &blair, &charlie], 3);
+    // Adding someone already in the group is refused, and changes nothing.
+    let again = blair.cli(&["group", "add", "Book club", "Charlie"]);
+    assert_eq!(again.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(said.contains("Charlie is already in this group"), "{said}");
+    let again = alex.cli(&["group", "add", "Book club", "Blair"]);
+    assert_eq!(again.status.code(), Some(1));
+    assert_eq!(
+        the_group(&alex)["members"].as_array().map(Vec::len),
+        Some(3)
+    );
     charlie.ok(&["send", "Book club", "thanks for adding me", "--wait"]);
     wait_for(SETTLE, || {
         texts(&blair, "Book club")
