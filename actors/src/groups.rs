@@ -74,6 +74,10 @@ pub enum GroupError {
     NotClaimed,
     #[error("there is no placeholder to claim: you already claimed this group")]
     AlreadyClaimed,
+    #[error("you already claimed this group; `protonode group leave` leaves it")]
+    ClaimedNotDeclinable,
+    #[error("you made this group: there is no introduction to claim or decline")]
+    OwnGroup,
     #[error("you are no longer in this group")]
     Gone,
     #[error("no member matches {0:?}")]
@@ -887,7 +891,7 @@ impl GroupSession {
         changes: &mut Changes,
     ) -> Result<(), GroupError> {
         if self.record.state != GroupState::Invited {
-            return Err(GroupError::AlreadyClaimed);
+            return Err(self.not_invited(GroupError::AlreadyClaimed));
         }
         if self.record.claiming() {
             return Ok(()); // already on its way
@@ -2382,11 +2386,21 @@ impl GroupSession {
         Ok(())
     }
 
+    /// Why a group that is not a pending introduction cannot be claimed or
+    /// declined: we left it (or declined it), made it, or `claimed`.
+    fn not_invited(&self, claimed: GroupError) -> GroupError {
+        match (self.record.state, self.record.introduced) {
+            (GroupState::Gone, _) => GroupError::Gone,
+            (_, None) => GroupError::OwnGroup,
+            _ => claimed,
+        }
+    }
+
     /// Declines an introduction: the introducer removes the placeholder; we
     /// drop the group.
     pub fn decline(&mut self, changes: &mut Changes) -> Result<(), GroupError> {
         if self.record.state != GroupState::Invited {
-            return Err(GroupError::AlreadyClaimed);
+            return Err(self.not_invited(GroupError::ClaimedNotDeclinable));
         }
         if let Some((via, _)) = self.record.introduced {
             self.record.relays.push(Relay {

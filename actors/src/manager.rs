@@ -1236,7 +1236,10 @@ impl Handler<GroupCommand> for RelationshipManager {
             let member = |query: &str| resolve_member(&g, query);
             let command = match &msg.action {
                 GroupAction::Claim => {
-                    let (via, _) = g.introduced.ok_or(GroupError::AlreadyClaimed)?;
+                    let (via, _) = g.introduced.ok_or(match g.state {
+                        GroupState::Gone => GroupError::Gone,
+                        _ => GroupError::OwnGroup,
+                    })?;
                     let proton = groups::load_protons(&self.shared.store, [via])?
                         .pop()
                         .ok_or(Error::NotActive(

@@ -355,6 +355,18 @@ fn a_declined_introduction_removes_the_placeholder() {
         wait_for(SETTLE, || blair.groups().is_empty().then_some(())).is_some(),
         "Blair no longer lists it"
     );
+    // Changing one's mind after is not on offer, and the error says why.
+    let id = group["id"].as_str().unwrap();
+    for again in ["decline", "claim"] {
+        let out = blair.cli(&[again, id]);
+        assert_eq!(out.status.code(), Some(1));
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("no longer in this group"), "{again}: {said}");
+    }
+    // The introducer has nothing to claim or decline.
+    let out = alex.cli(&["claim", alex.groups()[0]["id"].as_str().unwrap()]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("you made this group"), "{said}");
     for p in [&alex, &charlie] {
         wait_for(SETTLE, || {
             let g = the_group(p);
@@ -426,6 +438,9 @@ fn a_plain_group_grows_and_shrinks() {
     assert_eq!(again.status.code(), Some(1));
     let said = String::from_utf8_lossy(&again.stderr);
     assert!(said.contains("Charlie is already in this group"), "{said}");
+    let declined = charlie.cli(&["decline", "Book club"]);
+    let said = String::from_utf8_lossy(&declined.stderr);
+    assert!(said.contains("`protonode group leave` leaves it"), "{said}");
     let again = alex.cli(&["group", "add", "Book club", "Blair"]);
     assert_eq!(again.status.code(), Some(1));
     assert_eq!(
