@@ -224,6 +224,14 @@ impl GroupProton {
                             // Side relationships offered by members: accept them
                             // in the same transaction that consumes the offer.
                             for (ticket, from) in invitations {
+                                // A member who connects again gets the
+                                // relationship we already have with them.
+                                if let Ok(Some(contact)) =
+                                    crate::manager::met_in_group(&self.shared.store, self.id, from)
+                                {
+                                    tracing::info!(group = %self.id, %contact, "a member offered a side relationship we already have");
+                                    continue;
+                                }
                                 let link = SideLink {
                                     group_key: session.key(),
                                     group: self.id,

@@ -58,6 +58,8 @@ const MERGE_TICKET_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 pub enum Error {
     #[error("no contact matches {0:?}; `protonode contacts` lists them")]
     UnknownContact(String),
+    #[error("you already have a relationship with {name}: contact {contact}")]
+    AlreadyContact { name: String, contact: String },
     #[error(
         "no contact or group matches {0:?}; `protonode contacts` and `protonode groups` list them"
     )]
@@ -1298,6 +1300,18 @@ impl Handler<Connect> for RelationshipManager {
                 .find(|m| m.ipk == member)
                 .map(|m| m.display.name.clone())
                 .unwrap_or_default();
+            // One relationship with a person is enough (two would be merged
+            // later): the member we were introduced by, or met here before.
+            let linked = g.members.iter().find_map(|m| match m.status {
+                MemberStatus::Linked { proton } if m.ipk == member => Some(proton),
+                _ => None,
+            });
+            if let Some(proton) = linked.or(met_in_group(&self.shared.store, g.id, member)?) {
+                return Err(Error::AlreadyContact {
+                    name,
+                    contact: proton.to_string(),
+                });
+            }
             let invite = relationship::create_invite(
                 &self.shared.store,
                 &self.shared.node_addrs(),
@@ -1681,6 +1695,22 @@ fn message_status(
 }
 
 /// Every proton, in key order.
+/// Our side relationship with `member` of `group`, if we have one (live
+/// or merged since; not one whose answer was refused).
+pub fn met_in_group(
+    store: &store::Store,
+    group: GroupProtonId,
+    member: Ipk,
+) -> Result<Option<ProtonId>, StoreError> {
+    Ok(all_protons(store)?
+        .into_iter()
+        .find(|p| {
+            p.state != ProtonState::Refused
+                && p.provenance == Provenance::MetInGroup { group, member }
+        })
+        .map(|p| p.id))
+}
+
 pub fn all_protons(store: &store::Store) -> Result<Vec<ProtonRecord>, StoreError> {
     store.read(|tx| {
         let t = tx.open_table(tables::PROTONS)?;

@@ -271,6 +271,17 @@ fn alex_introduces_blair_and_charlie_who_claim_talk_and_connect() {
         Some(())
     })
     .expect("Charlie sees Blair as a contact");
+    // A second side relationship with the same person, or one with the
+    // introducer (already a contact), is refused: contacts stay unambiguous.
+    for (who, whom) in [(&charlie, "Blair"), (&blair, "Alex"), (&blair, "Charlie")] {
+        let again = who.cli(&["connect", "Trio", whom]);
+        assert_eq!(again.status.code(), Some(1), "{} → {whom}", who.name);
+        let said = String::from_utf8_lossy(&again.stderr);
+        assert!(
+            said.contains(&format!("already have a relationship with {whom}")),
+            "{said}"
+        );
+    }
     charlie.ok(&["send", "Blair", "just between us", "--wait"]);
     let side = wait_for(SETTLE, || {
         let h = blair.history("Charlie");
