@@ -199,17 +199,17 @@ async fn serve(
         .map(|a| a.to_string())
         .collect();
     if json_output {
-        println!(
+        let _ = crate::say!(
             "{}",
             json!({ "peer_id": node.peer_id().to_string(), "listen": listen, "control_socket": socket.display().to_string(), "ready": true })
         );
     } else {
-        println!("peer id: {}", node.peer_id());
+        let _ = crate::say!("peer id: {}", node.peer_id());
         for addr in &listen {
-            println!("listening on {addr}");
+            let _ = crate::say!("listening on {addr}");
         }
-        println!("control socket: {}", socket.display());
-        println!("protonode ready");
+        let _ = crate::say!("control socket: {}", socket.display());
+        let _ = crate::say!("protonode ready");
     }
 
     wait_for_signal().await?;
@@ -219,7 +219,7 @@ async fn serve(
     node.stop().await;
     let _ = fs::remove_file(&socket);
     if !json_output {
-        println!("protonode stopped");
+        let _ = crate::say!("protonode stopped");
     }
     Ok(())
 }

@@ -97,13 +97,13 @@ impl Narrator {
     fn step(&mut self, text: &str) {
         if !self.json {
             self.step += 1;
-            println!("[{}] {}", self.step, text);
+            let _ = crate::say!("[{}] {}", self.step, text);
         }
     }
 
     fn detail(&self, text: &str) {
         if !self.json {
-            println!("    {text}");
+            let _ = crate::say!("    {text}");
         }
     }
 }
@@ -121,8 +121,12 @@ async fn story(json_output: bool) -> anyhow::Result<serde_json::Value> {
         step: 0,
     };
     if !json_output {
-        println!("protonode demo: the seed's story on real nodes on loopback, each with its own");
-        println!("data directory, redb file and libp2p swarm (TCP and QUIC on 127.0.0.1).\n");
+        let _ = crate::say!(
+            "protonode demo: the seed's story on real nodes on loopback, each with its own"
+        );
+        let _ = crate::say!(
+            "data directory, redb file and libp2p swarm (TCP and QUIC on 127.0.0.1).\n"
+        );
     }
     let alex = Person::start("Alex").await?;
     let blair = Person::start("Blair").await?;
@@ -402,7 +406,7 @@ async fn story(json_output: bool) -> anyhow::Result<serde_json::Value> {
 
     let elapsed = started.elapsed();
     if !json_output {
-        println!("\nDone in {:.1} s. The nodes are stopped and their temporary data directories removed.", elapsed.as_secs_f64());
+        let _ = crate::say!("\nDone in {:.1} s. The nodes are stopped and their temporary data directories removed.", elapsed.as_secs_f64());
     }
     if !reuse_refused || !agree || !merged_ok || !caught {
         anyhow::bail!(

@@ -202,6 +202,36 @@ fn watch_streams_messages_deliveries_and_contacts_as_json_lines() {
     );
 }
 
+/// `protonode status | head -1` and the like: the reader goes away, and the
+/// command ends quietly, neither panicking nor writing colour codes into
+/// a log.
+#[test]
+fn a_closed_stdout_ends_a_command_quietly() {
+    use std::process::{Command, Stdio};
+    let alex = Person::init("Alex").with_env("RUST_LOG", "info");
+    let a = alex.start();
+    let mut child = Command::new(harness::protonode_bin())
+        .arg("--data-dir")
+        .arg(alex.data_dir())
+        .arg("status")
+        .env_remove("RUST_BACKTRACE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // gone before anything is written
+    let out = child.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {said}", out.status);
+    assert!(!said.contains("panicked"), "{said}");
+    let log = a.stderr_lines();
+    assert!(!log.is_empty(), "the daemon logs");
+    assert!(
+        log.iter().all(|l| !l.contains('\u{1b}')),
+        "no colour codes in a log: {log:?}"
+    );
+}
+
 #[test]
 fn invite_draws_a_qr_code_of_the_ticket() {
     let alex = Person::init("Alex");
