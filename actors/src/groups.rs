@@ -324,6 +324,8 @@ pub fn create_group(
     name: Option<String>,
     now: u64,
 ) -> Result<(GroupProtonRecord, Changes), GroupError> {
+    // "  Book club " is found as "Book club": store what is found.
+    let name = name.map(|n| n.trim().to_string());
     if let Some(name) = &name {
         protocol::validate_group_name(name)?;
     }

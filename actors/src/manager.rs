@@ -360,7 +360,7 @@ impl RelationshipManager {
         let named = |gone: bool| -> Vec<&GroupProtonRecord> {
             let candidates = || all.iter().filter(|g| (g.state == GroupState::Gone) == gone);
             let by_name: Vec<&GroupProtonRecord> = candidates()
-                .filter(|g| g.name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(q)))
+                .filter(|g| g.name.as_deref().is_some_and(|n| same_name(n, q)))
                 .collect();
             if !by_name.is_empty() || q.len() < 4 {
                 return by_name;
@@ -451,9 +451,7 @@ impl RelationshipManager {
         // name, the merge's result stands for it.
         let by_name: Vec<&ProtonRecord> = protons
             .iter()
-            .filter(|p| {
-                p.peer_display.name.eq_ignore_ascii_case(query_trim) && !retired.contains_key(&p.id)
-            })
+            .filter(|p| same_name(&p.peer_display.name, query_trim) && !retired.contains_key(&p.id))
             .collect();
         let by_prefix: Vec<&ProtonRecord> = if query_trim.len() >= 4 {
             protons
@@ -1027,6 +1025,14 @@ impl Handler<SendMessage> for RelationshipManager {
     type Result = ResponseFuture<Result<MessageView, Error>>;
 
     fn handle(&mut self, msg: SendMessage, ctx: &mut Self::Context) -> Self::Result {
+        // Nothing but spaces says nothing (peers still take such a text).
+        if !msg.text.is_empty() && msg.text.trim().is_empty() {
+            return Box::pin(async {
+                Err(Error::Usage(
+                    "the message is only spaces; write something".into(),
+                ))
+            });
+        }
         let conversation = self.resolve_conversation(&msg.to);
         let shared = self.shared.clone();
         let target = conversation.map(|c| match c {
@@ -1426,12 +1432,12 @@ fn pick_member(
     let by_id: Vec<Ipk> = members.iter().map(|m| m.ipk).filter(matches_id).collect();
     let by_name: Vec<Ipk> = members
         .iter()
-        .filter(|m| m.display.name.eq_ignore_ascii_case(q))
+        .filter(|m| same_name(&m.display.name, q))
         .map(|m| m.ipk)
         .collect();
     match (by_id.as_slice(), by_name.as_slice()) {
         ([one], _) | (_, [one]) => Ok(*one),
-        ([], []) if own_name.eq_ignore_ascii_case(q) || matches_id(&own()) => {
+        ([], []) if same_name(own_name, q) || matches_id(&own()) => {
             Err(Error::OwnMember(query.to_string()))
         }
         ([], []) => Err(Error::UnknownMember(query.to_string())),
@@ -1695,6 +1701,13 @@ fn message_status(
 }
 
 /// Every proton, in key order.
+/// Whether a name a peer or we gave matches what a person typed: the
+/// same, ignoring case (in any script) and the spaces around it.
+fn same_name(name: &str, typed: &str) -> bool {
+    let (name, typed) = (name.trim(), typed.trim());
+    name == typed || name.to_lowercase() == typed.to_lowercase()
+}
+
 /// Our side relationship with `member` of `group`, if we have one (live
 /// or merged since; not one whose answer was refused).
 pub fn met_in_group(
@@ -1909,6 +1922,15 @@ mod tests {
             via: None,
             claim: None,
         }
+    }
+
+    #[test]
+    fn a_name_matches_in_any_case_and_script_without_its_surrounding_spaces() {
+        assert!(same_name("Trip ✈️ plans  ünï", "TRIP ✈️ PLANS  ÜNÏ"));
+        assert!(same_name("  Spacey  ", "spacey"));
+        assert!(same_name("Blair", " blair "));
+        assert!(!same_name("Blair", "Blai"));
+        assert!(!same_name("Blair Smith", "BlairSmith"));
     }
 
     #[test]

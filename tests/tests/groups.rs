@@ -413,7 +413,8 @@ fn a_plain_group_grows_and_shrinks() {
             .unwrap_or_else(|| panic!("Alex's watch never said {name} {key}"))
     };
 
-    alex.ok(&["group", "create", "Book club", "Blair"]);
+    // Spaces around a name are not part of it.
+    alex.ok(&["group", "create", "  Book club ", "Blair"]);
     the_group(&blair);
     blair.ok(&["claim", "Book club"]);
     wait_for_agreement(&[&alex, &blair], 2);
@@ -424,6 +425,9 @@ fn a_plain_group_grows_and_shrinks() {
         said.starts_with("delivered to Book club, 1 other member "),
         "{said}"
     );
+    let blank = alex.cli(&["send", "Book club", "   "]);
+    assert_eq!(blank.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&blank.stderr).contains("only spaces"));
     alex.ok(&["send", "Book club", "hello Blair", "--wait"]);
     let delivered = alex_watches
         .next_event(SETTLE, |e| {
