@@ -1240,7 +1240,27 @@ impl Handler<GroupCommand> for RelationshipManager {
 
     fn handle(&mut self, msg: GroupCommand, ctx: &mut Self::Context) -> Self::Result {
         let prepared = (|| {
-            let g = self.resolve_group(&msg.group)?;
+            let g = match self.resolve_group(&msg.group) {
+                // Two introductions under one name: only one may still
+                // wait for an answer (not claimed, no claim on its way).
+                Err(Error::AmbiguousGroup { query, matches })
+                    if matches!(msg.action, GroupAction::Claim | GroupAction::Decline) =>
+                {
+                    let pending: Vec<GroupProtonRecord> = groups::all_groups(&self.shared.store)?
+                        .into_iter()
+                        .filter(|g| {
+                            g.state == GroupState::Invited
+                                && !g.claiming()
+                                && g.name.as_deref().is_some_and(|n| same_name(n, &query))
+                        })
+                        .collect();
+                    match <[GroupProtonRecord; 1]>::try_from(pending) {
+                        Ok([one]) => one,
+                        Err(_) => return Err(Error::AmbiguousGroup { query, matches }),
+                    }
+                }
+                other => other?,
+            };
             let member = |query: &str| resolve_member(&g, query);
             let command = match &msg.action {
                 GroupAction::Claim => {

@@ -378,6 +378,21 @@ fn a_declined_introduction_removes_the_placeholder() {
     let out = alex.cli(&["claim", alex.groups()[0]["id"].as_str().unwrap()]);
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("you made this group"), "{said}");
+
+    // Two introductions under one name: `claim NAME` is ambiguous while
+    // both wait, and means the one still waiting once the other is claimed.
+    alex.ok(&["introduce", "Blair", "Charlie", "--name", "Pair"]);
+    alex.ok(&["introduce", "Blair", "Charlie", "--name", "Pair"]);
+    let pending = wait_for(SETTLE, || {
+        let g = blair.groups();
+        (g.len() == 2).then_some(g)
+    })
+    .expect("Blair has both introductions");
+    let out = blair.cli(&["claim", "Pair"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("matches several groups"));
+    blair.ok(&["claim", pending[0]["id"].as_str().unwrap()]);
+    let second = blair.ok(&["claim", "Pair"]);
+    assert_eq!(second["id"], pending[1]["id"], "{second}");
     for p in [&alex, &charlie] {
         wait_for(SETTLE, || {
             let g = the_group(p);
