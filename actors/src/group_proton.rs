@@ -286,8 +286,9 @@ impl GroupProton {
         if session.epoch() != epoch_before || session.record().state != state_before {
             let (joined, claimed, gone) =
                 crate::views::roster_change(&members_before, &session.record().members);
-            let change = match session.record().state {
-                GroupState::Gone => GroupChange::Left,
+            let change = match (state_before, session.record().state) {
+                (_, GroupState::Gone) => GroupChange::Left,
+                (GroupState::Invited, GroupState::Active) => GroupChange::Entered,
                 _ => GroupChange::Changed,
             };
             events.push(Event::Group(GroupEvent {

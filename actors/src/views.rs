@@ -404,6 +404,8 @@ pub enum GroupChange {
     Joined,
     /// Someone introduced us: the group waits for our claim or decline.
     Introduced,
+    /// Our claim was ordered: we are in the group under our own key.
+    Entered,
     Changed,
     Left,
 }

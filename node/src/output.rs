@@ -303,6 +303,10 @@ pub fn event(e: &Value) -> String {
                     s(e, "introduced_by")
                 ),
                 "joined" => format!("You made {group}."),
+                "entered" => format!(
+                    "Your claim is ordered: you are in the {group} under your own key (epoch {}).",
+                    e.get("epoch").and_then(Value::as_u64).unwrap_or(0)
+                ),
                 "left" => format!("You are no longer in {group}; `protonode history {id}` still reads it."),
                 _ => {
                     let epoch = e.get("epoch").and_then(Value::as_u64).unwrap_or(0);
@@ -454,6 +458,12 @@ mod tests {
         assert_eq!(
             event(&introduced),
             "Alex introduced you in group \"Trio\" (g1): `protonode claim g1` joins it as yourself, `protonode decline g1` declines"
+        );
+        let entered = json!({"event": "group", "group": "g1", "name": "Trio", "epoch": 2,
+            "change": "entered"});
+        assert_eq!(
+            event(&entered),
+            "Your claim is ordered: you are in the group \"Trio\" (g1) under your own key (epoch 2)."
         );
         let left = json!({"event": "group", "group": "g2", "epoch": 4, "change": "left"});
         assert_eq!(

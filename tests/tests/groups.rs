@@ -191,6 +191,12 @@ fn alex_introduces_blair_and_charlie_who_claim_talk_and_connect() {
         "{said}"
     );
     assert_eq!(statuses(&the_group(&blair))["Charlie"], "placeholder");
+    let entered = blair_watches
+        .next_event(SETTLE, |e| {
+            e["event"] == "group" && e["change"] == "entered"
+        })
+        .expect("Blair's watch says her claim was ordered");
+    assert_eq!(entered["name"], "Trio", "{entered}");
     charlie.ok(&["claim", "Trio"]);
     let groups = wait_for_agreement(&[&alex, &blair, &charlie], 3);
     let epoch = groups[0]["epoch"].as_u64().unwrap();
