@@ -482,7 +482,15 @@ async fn dispatch(manager: &Addr<RelationshipManager>, call: Call) -> Result<Val
                 .send(CreateGroup { contacts, name })
                 .await
                 .map_err(stopped)??;
-            Ok(json!({ "group": group.id }))
+            // Who was introduced, by the names this node knows them by
+            // (the command may have named them by id or prefix).
+            let introduced: Vec<&str> = group
+                .members
+                .iter()
+                .filter(|m| m.status != "self")
+                .map(|m| m.name.as_str())
+                .collect();
+            Ok(json!({ "group": group.id, "introduced": introduced }))
         }
         Call::GroupCreate { name, contacts } => {
             let group = manager

@@ -343,8 +343,15 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
             if json {
                 print_json(&v);
             } else {
+                let names: Vec<&str> = v["introduced"]
+                    .as_array()
+                    .map(|l| l.iter().filter_map(Value::as_str).collect())
+                    .filter(|l: &Vec<&str>| l.len() == 2)
+                    .unwrap_or_else(|| vec![contact_b.as_str(), contact_c.as_str()]);
                 println!(
-                    "Introduced {contact_b} and {contact_c} in group {}. They see each other as placeholders you assert, until they claim.",
+                    "Introduced {} and {} in group {}. They see each other as placeholders you assert, until they claim.",
+                    names[0],
+                    names[1],
                     v["group"].as_str().unwrap_or("")
                 );
             }

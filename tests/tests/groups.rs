@@ -23,6 +23,14 @@ fn befriend_all(alex: &Person, others: &[&Person]) {
     }
 }
 
+/// `p`'s contact named `name`, as `contacts --json` shows it.
+fn contact_named(p: &Person, name: &str) -> Value {
+    p.ok(&["contacts"])
+        .as_array()
+        .and_then(|l| l.iter().find(|c| c["name"] == name).cloned())
+        .unwrap_or_else(|| panic!("{} has no contact {name}", p.name))
+}
+
 /// The one group `p` is in (waits for it to show up).
 fn the_group(p: &Person) -> Value {
     wait_for(SETTLE, || p.groups().into_iter().next())
@@ -85,6 +93,14 @@ fn alex_introduces_blair_and_charlie_who_claim_talk_and_connect() {
 
     let introduced = alex.ok(&["introduce", "Blair", "Charlie", "--name", "Trio"]);
     assert!(introduced["group"].is_string());
+    let mut named: Vec<&str> = introduced["introduced"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    named.sort();
+    assert_eq!(named, ["Blair", "Charlie"], "{introduced}");
     // Blair is told, as it happens, what to do about it.
     let told = blair_watches
         .next_event(SETTLE, |e| {
@@ -301,14 +317,7 @@ fn alex_introduces_blair_and_charlie_who_claim_talk_and_connect() {
         2,
         "Alex's contacts are unchanged"
     );
-    let origin = blair
-        .ok(&["contacts"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "Charlie")
-        .unwrap()["origin"]
-        .clone();
+    let origin = contact_named(&blair, "Charlie")["origin"].clone();
     assert!(
         origin
             .as_str()
@@ -388,7 +397,18 @@ fn a_declined_introduction_removes_the_placeholder() {
     // Two introductions under one name: `claim NAME` is ambiguous while
     // both wait, and means the one still waiting once the other is claimed.
     alex.ok(&["introduce", "Blair", "Charlie", "--name", "Pair"]);
-    alex.ok(&["introduce", "Blair", "Charlie", "--name", "Pair"]);
+    // Named by id, they are told by name.
+    let blair_id = contact_named(&alex, "Blair")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = alex.cli(&["introduce", &blair_id, "Charlie", "--name", "Pair"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.starts_with("Introduced Blair and Charlie in group ")
+            || said.starts_with("Introduced Charlie and Blair in group "),
+        "{said}"
+    );
     let pending = wait_for(SETTLE, || {
         let g = blair.groups();
         (g.len() == 2).then_some(g)
