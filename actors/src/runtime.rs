@@ -37,9 +37,11 @@ const EVENT_CAPACITY: usize = 1024;
 /// Why a node did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("starting the network failed: {0}")]
+    // The source is not repeated in the message: the binary prints the
+    // whole chain.
+    #[error("starting the network failed")]
     Network(#[from] transports::Error),
-    #[error("reading the node's keys failed: {0}")]
+    #[error("reading the node's keys failed")]
     Store(#[from] crate::store::StoreError),
 }
 

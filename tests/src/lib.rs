@@ -6,11 +6,12 @@
 //! fixed ports chosen here, so that a restarted daemon is found again at
 //! the addresses its contacts already have.
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -50,12 +51,17 @@ pub fn protonode_bin() -> &'static Path {
     })
 }
 
-/// A port free for both TCP and UDP on 127.0.0.1.
+/// A port free for both TCP and UDP on 127.0.0.1, and never handed out
+/// before in this process: the kernel may offer a port again once the
+/// probe is closed, while the first person given it has not started yet.
 pub fn free_port() -> u16 {
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
     loop {
         let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind tcp");
         let port = tcp.local_addr().expect("addr").port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+            && GIVEN.lock().unwrap_or_else(|e| e.into_inner()).insert(port)
+        {
             return port;
         }
     }

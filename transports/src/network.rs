@@ -31,6 +31,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
@@ -42,8 +43,8 @@ use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    connection_limits, identify, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, Swarm,
-    SwarmBuilder,
+    connection_limits, identify, mdns, multiaddr::Protocol, noise, ping, tcp, yamux, Multiaddr,
+    PeerId, Swarm, SwarmBuilder,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -82,12 +83,20 @@ const MAX_STREAMS_PER_CONNECTION: usize = 32;
 pub enum Error {
     #[error("cannot set up the network transports: {0}")]
     Transport(String),
-    #[error("cannot listen on {addr}: {source}; check that the port is free and the address belongs to this machine")]
+    #[error(
+        "cannot listen on {addr} (check that the port is free and the address belongs to this machine)"
+    )]
     Listen {
         addr: Multiaddr,
         #[source]
         source: io::Error,
     },
+    #[error(
+        "cannot listen on {addr}: another program holds its port (another protonode daemon?); \
+         stop it, or give this node other ports: network.tcp_port and network.quic_port in its \
+         config.toml (0 picks one at each start)"
+    )]
+    InUse { addr: Multiaddr },
     #[error("the node listens on no address; configure network.listen or the tcp/quic ports")]
     NoListener,
     #[error("the network has stopped; restart the node")]
@@ -480,6 +489,14 @@ impl EventLoop {
         let mut waiting = HashMap::new();
         let mut failures = Vec::new();
         for addr in config.listen_addrs() {
+            // libp2p listens on TCP with SO_REUSEPORT, so a second node on the
+            // same port would silently share it (the kernel hands each
+            // incoming connection to one of the two); a QUIC port in use
+            // would only cost this node that transport. Either way contacts
+            // would not reach it where they look for it, so stop here.
+            if in_use(&addr) {
+                return Err(Error::InUse { addr });
+            }
             match self.swarm.listen_on(addr.clone()) {
                 Ok(id) => {
                     waiting.insert(id, addr);
@@ -992,6 +1009,30 @@ fn delivery_error(failure: OutboundFailure, dial_error: Option<String>) -> Deliv
         }
         OutboundFailure::Io(e) => DeliveryError::Io(e.to_string()),
     }
+}
+
+/// Whether another socket is bound to `addr`'s fixed port (a port of 0 is
+/// never in use). Binds the port without SO_REUSEPORT, which only a port
+/// nobody else holds allows, and frees it at once for the swarm to take.
+/// Any other failure (say, an address not of this machine) is for the
+/// swarm's own listen to report.
+fn in_use(addr: &Multiaddr) -> bool {
+    let mut parts = addr.iter();
+    let ip = match parts.next() {
+        Some(Protocol::Ip4(ip)) => IpAddr::V4(ip),
+        Some(Protocol::Ip6(ip)) => IpAddr::V6(ip),
+        _ => return false,
+    };
+    let bound = match parts.next() {
+        Some(Protocol::Tcp(port)) if port != 0 => {
+            std::net::TcpListener::bind(SocketAddr::new(ip, port)).map(drop)
+        }
+        Some(Protocol::Udp(port)) if port != 0 => {
+            std::net::UdpSocket::bind(SocketAddr::new(ip, port)).map(drop)
+        }
+        _ => return false,
+    };
+    matches!(bound, Err(e) if e.kind() == io::ErrorKind::AddrInUse)
 }
 
 fn transport_error(error: TransportError<io::Error>) -> io::Error {

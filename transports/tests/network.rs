@@ -443,7 +443,7 @@ async fn blair_hears_when_alex_first_connects_and_when_he_leaves() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_port_in_use_is_a_listen_error_naming_the_address() {
+async fn a_port_in_use_is_an_error_naming_the_address() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = format!("/ip4/127.0.0.1/tcp/{}", taken.local_addr().unwrap().port());
     let config = config::Network {
@@ -455,8 +455,30 @@ async fn a_port_in_use_is_a_listen_error_naming_the_address() {
     let started = within(spawn(&config, Keypair::generate_ed25519())).await;
 
     match started {
-        Err(Error::Listen { addr: failed, .. }) => assert_eq!(failed.to_string(), addr),
-        Err(other) => panic!("expected a listen error, got {other}"),
+        Err(Error::InUse { addr: failed }) => assert_eq!(failed.to_string(), addr),
+        Err(other) => panic!("expected an in-use error, got {other}"),
         Ok(_) => panic!("listened on a port that is taken"),
+    }
+}
+
+/// libp2p listens on TCP with SO_REUSEPORT, which would let a second node
+/// bind the same port and take a share of the first one's connections.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_node_on_a_running_nodes_ports_is_refused() {
+    let blair = Node::start().await;
+    for taken in [blair.addr(Via::Tcp), blair.addr(Via::Quic)] {
+        let config = config::Network {
+            listen: vec![taken.to_string()],
+            mdns: false,
+            ..Default::default()
+        };
+
+        let started = within(spawn(&config, Keypair::generate_ed25519())).await;
+
+        match started {
+            Err(Error::InUse { addr }) => assert_eq!(addr, taken),
+            Err(other) => panic!("expected an in-use error, got {other}"),
+            Ok(_) => panic!("listened on {taken}, which Blair's node holds"),
+        }
     }
 }
