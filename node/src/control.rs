@@ -603,6 +603,12 @@ pub enum ClientError {
     Io(#[from] std::io::Error),
     #[error("the daemon's answer was not understood: {0}")]
     Protocol(String),
+    #[error(
+        "the daemon stopped before it answered, so the command may or may not have been done; \
+         once it runs again, check (e.g. with `protonode status` or the listing the command \
+         changes) before repeating it"
+    )]
+    Stopped,
     #[error("{0}")]
     Remote(RpcError),
 }
@@ -647,11 +653,25 @@ impl Client {
             o.insert("jsonrpc".into(), json!("2.0"));
             o.insert("id".into(), json!(id));
         }
-        write_json(&mut self.writer, &request).await?;
+        let gone = |e: ClientError| match e {
+            ClientError::Io(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                ClientError::Stopped
+            }
+            e => e,
+        };
+        write_json(&mut self.writer, &request)
+            .await
+            .map_err(|e| gone(e.into()))?;
         let value = self
             .read()
-            .await?
-            .ok_or_else(|| ClientError::Protocol("the daemon closed the connection".into()))?;
+            .await
+            .map_err(gone)?
+            .ok_or(ClientError::Stopped)?;
         if let Some(error) = value.get("error") {
             let error: RpcError = serde_json::from_value(error.clone())
                 .map_err(|e| ClientError::Protocol(e.to_string()))?;
@@ -683,6 +703,34 @@ pub fn socket_path(paths: &config::Paths) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A daemon killed while it works on a call: the client must not call
+    /// that a misunderstanding, nor claim the call failed.
+    #[tokio::test]
+    async fn a_daemon_that_stops_before_answering_is_reported_as_stopped() {
+        let dir = std::env::temp_dir().join(format!("protonode-stop-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("control.sock");
+        let _ = std::fs::remove_file(&socket);
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let daemon = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut reader = BufReader::new(stream);
+            let mut line = String::new();
+            reader.read_line(&mut line).await.unwrap();
+            // Dropped here without an answer, as by kill -9.
+        });
+
+        let mut client = Client::connect(&socket).await.unwrap();
+        let result = client.call(&Call::Status {}).await;
+        daemon.await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+
+        match result {
+            Err(e @ ClientError::Stopped) => assert!(e.to_string().contains("may or may not")),
+            other => panic!("expected Stopped, got {other:?}"),
+        }
+    }
 
     #[test]
     fn requests_parse_into_calls() {
