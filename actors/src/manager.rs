@@ -88,8 +88,8 @@ pub enum Error {
     AmbiguousContact { query: String, matches: String },
     #[error("the inviter's node refused this invitation: it was already used or has expired; ask for a new one")]
     TicketRefused,
-    #[error("not acknowledged within {0:?} by every recipient's node; it stays queued and will be delivered when they are reachable")]
-    NotYetDelivered(Duration),
+    #[error("message {id} was not acknowledged within {}; it stays queued and is delivered when the recipient's node is reachable (`protonode history` shows when)", views::human_duration(*.within))]
+    NotYetDelivered { id: String, within: Duration },
     #[error(transparent)]
     Relationship(#[from] RelationshipError),
     #[error(transparent)]
@@ -1063,7 +1063,8 @@ impl Handler<SendMessage> for RelationshipManager {
             if let Some(limit) = msg.wait.filter(|_| entry.status == MessageStatus::Queued) {
                 // A group message is delivered once every member's node has it.
                 let mut left = entry.pending.max(1);
-                let deadline = tokio::time::Instant::now() + limit;
+                // Bounded by the callers; capped here too, since an Instant overflows.
+                let deadline = tokio::time::Instant::now() + limit.min(Duration::from_secs(86_400));
                 while left > 0 {
                     let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
                     match wait_for_delivery(&shared, &mut events, conversation, entry.id, wait)
@@ -1074,7 +1075,12 @@ impl Handler<SendMessage> for RelationshipManager {
                             view.status = views::status_name(MessageStatus::Failed);
                             return Ok(view);
                         }
-                        None => return Err(Error::NotYetDelivered(limit)),
+                        None => {
+                            return Err(Error::NotYetDelivered {
+                                id: view.id,
+                                within: limit,
+                            })
+                        }
                     }
                 }
                 view.status = views::status_name(MessageStatus::Delivered);

@@ -15,7 +15,11 @@ use crate::records::{
 
 /// Milliseconds since the Unix epoch as RFC 3339 (UTC, milliseconds).
 pub fn rfc3339(ms: u64) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+    // humantime cannot write years past 9999 (its Display fails, and
+    // `to_string` panics on that); a peer's clock can say anything.
+    const LAST_MS: u64 = 253_402_300_799_999;
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms.min(LAST_MS)))
+        .to_string()
 }
 
 /// A duration as people say it ("3m 20s"), to the second.
@@ -560,5 +564,16 @@ impl Event {
             contact: ContactView::of(p),
             change,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timestamp_past_year_9999_is_written_without_panicking() {
+        assert_eq!(rfc3339(u64::MAX), "9999-12-31T23:59:59.999Z");
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
     }
 }

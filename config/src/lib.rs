@@ -33,6 +33,11 @@ pub const MAX_PRONOUNS_CHARS: usize = 32;
 pub const MAX_EMOJI_CHARS: usize = 8;
 /// Longest monogram picture, in characters.
 pub const MAX_MONOGRAM_CHARS: usize = 3;
+/// Bounds of an invitation ticket's lifetime (s), from the config or
+/// `invite --expires-in`: a minute to a year.
+pub const TICKET_TTL_SECS: std::ops::RangeInclusive<u64> = 60..=365 * 24 * 3600;
+/// Longest `send --wait` (s): a day.
+pub const MAX_SEND_WAIT_SECS: u64 = 24 * 3600;
 
 /// What went wrong while locating, reading, overriding or validating the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -408,8 +413,18 @@ impl Config {
                 format!("{} is not in 1..=1024", d.max_batch),
             );
         }
+        if !TICKET_TTL_SECS.contains(&d.ticket_ttl_secs) {
+            return invalid(
+                "delivery.ticket_ttl_secs",
+                format!(
+                    "{} seconds is not in {}..={} (a minute to a year)",
+                    d.ticket_ttl_secs,
+                    TICKET_TTL_SECS.start(),
+                    TICKET_TTL_SECS.end()
+                ),
+            );
+        }
         for (key, value) in [
-            ("delivery.ticket_ttl_secs", d.ticket_ttl_secs),
             (
                 "delivery.ephemeral_address_ttl_secs",
                 d.ephemeral_address_ttl_secs,

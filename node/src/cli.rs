@@ -131,8 +131,8 @@ pub enum Command {
         /// Also draw the ticket as a QR code.
         #[arg(long)]
         qr: bool,
-        /// Seconds until the ticket expires (default from the config: 3 days).
-        #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+        /// Seconds until the ticket expires: 60 (a minute) to 31536000 (a year); default from the config, 3 days.
+        #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(*config::TICKET_TTL_SECS.start()..=*config::TICKET_TTL_SECS.end()))]
         expires_in: Option<u64>,
     },
     /// Accept someone's invitation ticket and start the relationship.
@@ -172,8 +172,9 @@ pub enum Command {
         /// Return only once the contact's node acknowledged the message.
         #[arg(long)]
         wait: bool,
-        /// With --wait, give up waiting after this many seconds (the message stays queued).
-        #[arg(long, value_name = "SECONDS", default_value_t = 60, requires = "wait")]
+        /// With --wait, give up waiting after this many seconds, 1 to 86400 (the message stays queued).
+        #[arg(long, value_name = "SECONDS", default_value_t = 60, requires = "wait",
+              value_parser = clap::value_parser!(u64).range(1..=config::MAX_SEND_WAIT_SECS))]
         timeout: u64,
     },
     /// Show the conversation with a contact or a group, oldest first.

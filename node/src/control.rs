@@ -204,7 +204,7 @@ impl From<manager::Error> for RpcError {
             | E::AmbiguousMember { .. } => codes::UNKNOWN_CONTACT,
             E::OwnMember(_) => codes::INVALID_INPUT,
             E::TicketRefused => codes::TICKET_REFUSED,
-            E::NotYetDelivered(_) => codes::NOT_DELIVERED,
+            E::NotYetDelivered { .. } => codes::NOT_DELIVERED,
             E::Relationship(
                 RelationshipError::Ticket(_)
                 | RelationshipError::AlreadyAccepted { .. }
@@ -382,10 +382,14 @@ async fn dispatch(manager: &Addr<RelationshipManager>, call: Call) -> Result<Val
     };
     match call {
         Call::Invite { expires_in_secs } => {
-            if expires_in_secs == Some(0) {
+            if let Some(secs) = expires_in_secs.filter(|s| !config::TICKET_TTL_SECS.contains(s)) {
                 return Err(RpcError::new(
                     codes::INVALID_PARAMS,
-                    "expires_in_secs must be at least 1",
+                    format!(
+                        "expires_in_secs {secs} is not in {}..={} (a minute to a year)",
+                        config::TICKET_TTL_SECS.start(),
+                        config::TICKET_TTL_SECS.end()
+                    ),
                 ));
             }
             let ttl = expires_in_secs.map(Duration::from_secs);
@@ -448,6 +452,16 @@ async fn dispatch(manager: &Addr<RelationshipManager>, call: Call) -> Result<Val
             text,
             wait_secs,
         } => {
+            if let Some(secs) = wait_secs.filter(|s| !(1..=config::MAX_SEND_WAIT_SECS).contains(s))
+            {
+                return Err(RpcError::new(
+                    codes::INVALID_PARAMS,
+                    format!(
+                        "wait_secs {secs} is not in 1..={} (a second to a day)",
+                        config::MAX_SEND_WAIT_SECS
+                    ),
+                ));
+            }
             let wait = wait_secs.map(Duration::from_secs);
             let sent = manager
                 .send(SendMessage { to, text, wait })

@@ -150,8 +150,37 @@ fn the_cli_says_what_to_do_next() {
 
     let usage = alex.cli(&["send", "only-one-arg"]);
     assert_eq!(usage.status.code(), Some(2), "usage errors exit 2");
+    for args in [
+        &["invite", "--expires-in", "18446744073709551615"][..],
+        &["invite", "--expires-in", "1"],
+        &["send", "Blair", "hi", "--wait", "--timeout", "0"],
+        &[
+            "send",
+            "Blair",
+            "hi",
+            "--wait",
+            "--timeout",
+            "18446744073709551615",
+        ],
+    ] {
+        let out = alex.cli(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?} is a usage error");
+    }
 
     let mut a = alex.start();
+    // The same bounds hold for a script on the control socket: these made
+    // the daemon panic (a timestamp past year 9999, an Instant overflow).
+    for (method, params) in [
+        ("invite", r#"{"expires_in_secs":18446744073709551615}"#),
+        (
+            "send",
+            r#"{"to":"Nobody","text":"hi","wait_secs":18446744073709551615}"#,
+        ),
+    ] {
+        let answer = raw_call(&alex, method, params);
+        assert_eq!(answer["error"]["code"], -32602, "{method}: {answer}");
+    }
+    assert_eq!(alex.ok(&["contacts"]), serde_json::json!([]));
     let second = Daemon::try_second(&alex);
     assert!(second.contains("already running"), "{second}");
     let unknown = alex.json(&["send", "Nobody", "hi"]).unwrap_err();
@@ -247,4 +276,21 @@ fn invite_draws_a_qr_code_of_the_ticket() {
         qr.iter().all(|l| l.chars().all(|c| " ▀▄█".contains(c))),
         "drawn with half blocks"
     );
+}
+
+/// One JSON-RPC call on `person`'s control socket, as a script would make it.
+fn raw_call(person: &Person, method: &str, params: &str) -> serde_json::Value {
+    use std::io::{BufRead as _, Write as _};
+    let mut socket =
+        std::os::unix::net::UnixStream::connect(person.data_dir().join("control.sock")).unwrap();
+    writeln!(
+        socket,
+        r#"{{"jsonrpc":"2.0","id":1,"method":"{method}","params":{params}}}"#
+    )
+    .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(socket)
+        .read_line(&mut line)
+        .unwrap();
+    serde_json::from_str(&line).unwrap()
 }
