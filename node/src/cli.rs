@@ -131,8 +131,8 @@ pub enum Command {
         /// Also draw the ticket as a QR code.
         #[arg(long)]
         qr: bool,
-        /// Seconds until the ticket expires: 60 (a minute) to 31536000 (a year); default from the config, 3 days.
-        #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(*config::TICKET_TTL_SECS.start()..=*config::TICKET_TTL_SECS.end()))]
+        /// Seconds until the ticket expires, 1 to 31536000 (a year); default from the config, 3 days.
+        #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=config::MAX_TICKET_TTL_SECS))]
         expires_in: Option<u64>,
     },
     /// Accept someone's invitation ticket and start the relationship.

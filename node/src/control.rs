@@ -382,13 +382,14 @@ async fn dispatch(manager: &Addr<RelationshipManager>, call: Call) -> Result<Val
     };
     match call {
         Call::Invite { expires_in_secs } => {
-            if let Some(secs) = expires_in_secs.filter(|s| !config::TICKET_TTL_SECS.contains(s)) {
+            if let Some(secs) =
+                expires_in_secs.filter(|s| !(1..=config::MAX_TICKET_TTL_SECS).contains(s))
+            {
                 return Err(RpcError::new(
                     codes::INVALID_PARAMS,
                     format!(
-                        "expires_in_secs {secs} is not in {}..={} (a minute to a year)",
-                        config::TICKET_TTL_SECS.start(),
-                        config::TICKET_TTL_SECS.end()
+                        "expires_in_secs {secs} is not in 1..={} (a second to a year)",
+                        config::MAX_TICKET_TTL_SECS
                     ),
                 ));
             }

@@ -152,7 +152,7 @@ fn the_cli_says_what_to_do_next() {
     assert_eq!(usage.status.code(), Some(2), "usage errors exit 2");
     for args in [
         &["invite", "--expires-in", "18446744073709551615"][..],
-        &["invite", "--expires-in", "1"],
+        &["invite", "--expires-in", "0"],
         &["send", "Blair", "hi", "--wait", "--timeout", "0"],
         &[
             "send",
