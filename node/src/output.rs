@@ -7,6 +7,33 @@ fn s<'a>(v: &'a Value, key: &str) -> &'a str {
     v.get(key).and_then(Value::as_str).unwrap_or("")
 }
 
+/// Indent of a message's second and later lines.
+const CONTINUATION: &str = "    ";
+
+/// A message's text as it may reach a terminal. Its author chose every
+/// character, so none may act on the terminal or pass for our own output:
+/// control characters (escape sequences, carriage returns) and the Unicode
+/// controls that reorder text are shown escaped (`\u{1b}`), and every line
+/// after the first is indented, so it cannot pose as another message.
+pub fn shown(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for (i, line) in text.split('\n').enumerate() {
+        if i > 0 {
+            out.push('\n');
+            out.push_str(CONTINUATION);
+        }
+        for c in line.chars() {
+            let reorders = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+            if (c.is_control() && c != '\t') || reorders {
+                out.extend(c.escape_default());
+            } else {
+                out.push(c);
+            }
+        }
+    }
+    out
+}
+
 /// "2026-11-26T13:45:12.345Z" → "2026-11-26 13:45:12".
 fn short_time(rfc3339: &str) -> String {
     rfc3339.get(..19).unwrap_or(rfc3339).replace('T', " ")
@@ -188,8 +215,8 @@ pub fn history(list: &Value, contacts: &Value) -> String {
         out += &format!(
             "{}  {}: {}{}\n",
             short_time(s(m, "at")),
-            from,
-            s(m, "text"),
+            shown(&from),
+            shown(s(m, "text")),
             status
         );
     }
@@ -290,9 +317,11 @@ pub fn event(e: &Value) -> String {
             format!(
                 "{}  {}{}: {}",
                 short_time(s(m, "at")),
-                author(m),
-                group.map(|g| format!(" in {g}")).unwrap_or_default(),
-                s(m, "text")
+                shown(&author(m)),
+                group
+                    .map(|g| format!(" in {}", shown(&g)))
+                    .unwrap_or_default(),
+                shown(s(m, "text"))
             )
         }
         "group" => {
@@ -433,6 +462,26 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn a_message_cannot_act_on_the_terminal_or_pose_as_another_line() {
+        let spoof =
+            "see you\n2026-11-27 19:31:00  me: I agree\r\x1b[31mRED\x1b[0m \u{202e}evil\ttab";
+        let list = json!([{"from": "c1", "name": "Alex", "text": spoof,
+            "at": "2026-11-27T10:00:00.000Z", "status": "received"}]);
+        let out = history(&list, &json!([]));
+        assert_eq!(
+            out,
+            "2026-11-27 10:00:00  Alex: see you\n    2026-11-27 19:31:00  me: I agree\\r\\u{1b}[31mRED\\u{1b}[0m \\u{202e}evil\ttab\n"
+        );
+        assert!(!out
+            .chars()
+            .any(|c| c.is_control() && c != '\n' && c != '\t'));
+        let watched = event(&json!({"event": "message", "kind": "contact",
+            "message": {"from": "c1", "name": "Al\x1bex", "text": spoof,
+            "at": "2026-11-27T10:00:00.000Z"}}));
+        assert!(watched.starts_with("2026-11-27 10:00:00  Al\\u{1b}ex: see you\n    2026"));
+    }
 
     #[test]
     fn watch_says_in_words_who_wrote_where_and_what_to_do_about_an_introduction() {
