@@ -100,7 +100,12 @@ impl Ticket {
     /// Parses and verifies a ticket; expiry is checked separately
     /// ([`VerifiedTicket::check_expiry`]) so the caller chooses the clock.
     pub fn parse(text: &str, crypto: &impl OpenMlsCrypto) -> Result<VerifiedTicket, TicketError> {
-        let text = text.trim();
+        // A ticket passed through mail or chat comes back wrapped, indented
+        // or with spaces where lines broke; none of that is in its alphabet.
+        if text.len() > 2 * MAX_TICKET_CHARS {
+            return Err(TicketError::TooLong);
+        }
+        let text: String = text.chars().filter(|c| !c.is_whitespace()).collect();
         if text.len() > MAX_TICKET_CHARS {
             return Err(TicketError::TooLong);
         }
@@ -110,7 +115,8 @@ impl Ticket {
             .map_err(|e| TicketError::Damaged(e.to_string()))?;
         match bytes.first() {
             Some(&TICKET_VERSION) => {}
-            Some(&v) => return Err(TicketError::UnsupportedVersion(v)),
+            Some(&v) if v > TICKET_VERSION => return Err(TicketError::UnsupportedVersion(v)),
+            Some(_) => return Err(TicketError::Damaged("no ticket version".into())),
             None => return Err(TicketError::Damaged("empty".into())),
         }
         let signed: Signed =

@@ -104,7 +104,13 @@ fn reused_and_expired_tickets_are_refused_with_a_clear_message() {
     let _c = charlie.start();
 
     let ticket = alex.ok(&["invite"])["ticket"].as_str().unwrap().to_string();
-    let accepted = blair.ok(&["accept", &ticket]);
+    // As a mail program passes it on: wrapped at 76 columns and indented.
+    let wrapped: String = ticket
+        .as_bytes()
+        .chunks(76)
+        .map(|line| format!("  {}\r\n", String::from_utf8_lossy(line)))
+        .collect();
+    let accepted = blair.ok(&["accept", &wrapped]);
     assert_eq!(accepted["delivered"], true, "Alex's node stored the answer");
     let again = blair.json(&["accept", &ticket]).unwrap_err();
     assert!(again.contains("already accepted"), "{again}");
