@@ -63,7 +63,7 @@ pub enum Error {
     Env {
         var: String,
         value: String,
-        expected: &'static str,
+        expected: String,
     },
     #[error("invalid configuration value {key}: {problem}")]
     Invalid { key: &'static str, problem: String },
@@ -335,10 +335,33 @@ impl Config {
         let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
             parse_error(e.message().to_string() + &line_hint(text, e.span()))
         })?;
-        apply_env_overrides(&mut table, &env)?;
-        let config: Config = table
-            .try_into()
-            .map_err(|e: toml::de::Error| parse_error(e.message().to_string()))?;
+        let from_env = apply_env_overrides(&mut table, &env)?;
+        let config: Config = match table.clone().try_into() {
+            Ok(config) => config,
+            Err(e) => {
+                let e: toml::de::Error = e;
+                // serde names the wrong type or range, not where it is.
+                return Err(match culprit(&table) {
+                    Some((section, key, message)) => {
+                        match from_env
+                            .into_iter()
+                            .find(|o| o.section == section && o.key == key)
+                        {
+                            Some(o) => Error::Env {
+                                var: o.var,
+                                value: o.raw,
+                                expected: format!("a valid {section}.{key} ({message})"),
+                            },
+                            None => parse_error(format!(
+                                "{section}.{key}: {message}{}",
+                                key_line_hint(text, &section, &key)
+                            )),
+                        }
+                    }
+                    None => parse_error(e.message().to_string()),
+                });
+            }
+        };
         config.validate()?;
         Ok(config)
     }
@@ -578,6 +601,10 @@ const SECTION_DOCS: &[(&str, &[(&str, &str)])] = &[
                 "accept_wait_secs",
                 "How long `accept` waits for the inviter's node before queueing (s).",
             ),
+            (
+                "ordering_timeout_ms",
+                "How long a group change waits for the group's ordering node before trying the next member in line (ms).",
+            ),
         ],
     ),
 ];
@@ -605,13 +632,22 @@ fn check_text(key: &'static str, value: &str, min: usize, max: usize) -> Result<
     Ok(())
 }
 
+/// A key set by an environment variable.
+struct EnvOverride {
+    section: &'static str,
+    key: &'static str,
+    var: String,
+    raw: String,
+}
+
 /// Applies `PROTONODE_<SECTION>_<KEY>` to `table`. The type of each key is
 /// taken from the defaults, so that a value such as "false" or "4001" is read
 /// as the right TOML type; lists are comma-separated.
 fn apply_env_overrides(
     table: &mut toml::Table,
     env: &impl Fn(&str) -> Option<String>,
-) -> Result<(), Error> {
+) -> Result<Vec<EnvOverride>, Error> {
+    let mut applied = Vec::new();
     let defaults = toml::Table::try_from(Config::new("-")).unwrap_or_default();
     for (section, keys) in SECTION_DOCS {
         for (key, _) in *keys {
@@ -622,6 +658,12 @@ fn apply_env_overrides(
                 .and_then(|s| s.as_table())
                 .and_then(|s| s.get(*key));
             let value = env_value(&var, &raw, default)?;
+            applied.push(EnvOverride {
+                section,
+                key,
+                var,
+                raw,
+            });
             let entry = table
                 .entry(section.to_string())
                 .or_insert_with(|| toml::Value::Table(toml::Table::new()));
@@ -638,14 +680,14 @@ fn apply_env_overrides(
             }
         }
     }
-    Ok(())
+    Ok(applied)
 }
 
 fn env_value(var: &str, raw: &str, default: Option<&toml::Value>) -> Result<toml::Value, Error> {
-    let bad = |expected: &'static str| Error::Env {
+    let bad = |expected: &str| Error::Env {
         var: var.to_string(),
         value: raw.to_string(),
-        expected,
+        expected: expected.to_string(),
     };
     Ok(match default {
         Some(toml::Value::Boolean(_)) => match raw.trim().to_ascii_lowercase().as_str() {
@@ -672,6 +714,46 @@ fn env_value(var: &str, raw: &str, default: Option<&toml::Value>) -> Result<toml
     })
 }
 
+/// The first key of `table` whose value alone, among defaults, makes a
+/// configuration that does not decode, with serde's reason.
+fn culprit(table: &toml::Table) -> Option<(String, String, String)> {
+    let defaults = toml::Table::try_from(Config::new("-")).ok()?;
+    for (section, values) in table {
+        let Some(values) = values.as_table() else {
+            continue;
+        };
+        for (key, value) in values {
+            let mut one = defaults.clone();
+            if let Some(t) = one.get_mut(section).and_then(|s| s.as_table_mut()) {
+                t.insert(key.clone(), value.clone());
+            }
+            if let Err(e) = one.try_into::<Config>() {
+                let e: toml::de::Error = e;
+                return Some((section.clone(), key.clone(), e.message().to_string()));
+            }
+        }
+    }
+    None
+}
+
+/// " (line N)" of `key` in `section` of the file, when it can be found.
+fn key_line_hint(text: &str, section: &str, key: &str) -> String {
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            current = name.trim().to_string();
+        } else if current == section
+            && line
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        {
+            return format!(" (line {})", i + 1);
+        }
+    }
+    String::new()
+}
+
 fn line_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     match span {
         Some(span) => {
@@ -693,6 +775,69 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn every_key_is_written_to_a_new_file_and_read_from_the_environment() {
+        let defaults = toml::Table::try_from(Config::new("Alex")).unwrap();
+        for (section, values) in &defaults {
+            let documented = SECTION_DOCS
+                .iter()
+                .find(|(s, _)| s == section)
+                .map(|(_, keys)| keys.iter().map(|(k, _)| *k).collect::<Vec<_>>())
+                .unwrap_or_default();
+            for key in values.as_table().unwrap().keys() {
+                assert!(
+                    documented.contains(&key.as_str()),
+                    "{section}.{key} is missing from SECTION_DOCS"
+                );
+            }
+        }
+        let bad = Config::from_toml_with_env(
+            "[profile]\nname = \"Alex\"\n",
+            Path::new("t"),
+            env_of(&[("PROTONODE_DELIVERY_ORDERING_TIMEOUT_MS", "abc")]),
+        );
+        assert!(
+            matches!(&bad, Err(Error::Env { var, .. }) if var == "PROTONODE_DELIVERY_ORDERING_TIMEOUT_MS"),
+            "{bad:?}"
+        );
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_or_range_is_named_with_its_source() {
+        let text = "[profile]\nname = \"Alex\"\n\n[network]\nmdns = true\ntcp_port = \"abc\"\n";
+        let err = Config::from_toml_with_env(text, Path::new("t"), env_of(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("network.tcp_port") && err.contains("(line 6)"),
+            "{err}"
+        );
+
+        let text = "[profile]\nname = \"Alex\"\n";
+        let err = Config::from_toml_with_env(
+            text,
+            Path::new("t"),
+            env_of(&[("PROTONODE_NETWORK_TCP_PORT", "70000")]),
+        )
+        .unwrap_err();
+        match err {
+            Error::Env { var, expected, .. } => {
+                assert_eq!(var, "PROTONODE_NETWORK_TCP_PORT");
+                assert!(expected.contains("network.tcp_port"), "{expected}");
+            }
+            other => panic!("the environment variable is to blame, not the file: {other}"),
+        }
+
+        let text = "[profile]\nname = \"Alex\"\n[delivery]\nbogus = 1\n";
+        let err = Config::from_toml_with_env(text, Path::new("t"), env_of(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("delivery.bogus") && err.contains("(line 4)"),
+            "{err}"
+        );
     }
 
     #[test]
