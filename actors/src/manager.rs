@@ -154,6 +154,8 @@ pub struct ContactDetail {
 pub struct Link {
     pub a: String,
     pub b: String,
+    /// Even if the two contacts go by different names.
+    pub force: bool,
 }
 
 /// `merge request A B`: ask the peer to merge two relationships.
@@ -162,6 +164,8 @@ pub struct Link {
 pub struct RequestMerge {
     pub a: String,
     pub b: String,
+    /// Even if the two contacts go by different names.
+    pub force: bool,
 }
 
 #[derive(Message)]
@@ -860,6 +864,7 @@ impl Handler<Link> for RelationshipManager {
         let changes = (|| {
             let a = self.resolve(&msg.a)?;
             let b = self.resolve(&msg.b)?;
+            one_person(&a, &b, msg.force, "link")?;
             Ok::<_, Error>(merge::link(&store, a.id, b.id, now_ms())?)
         })();
         Box::pin(async move {
@@ -884,6 +889,7 @@ impl Handler<RequestMerge> for RelationshipManager {
         let prepared = (|| {
             let a = self.resolve(&msg.a)?;
             let b = self.resolve(&msg.b)?;
+            one_person(&a, &b, msg.force, "merge request")?;
             let outgoing = merge::request(
                 &store,
                 &self.shared.node_addrs(),
@@ -1729,6 +1735,22 @@ fn message_status(
 /// Every proton, in key order.
 /// Whether a name a peer or we gave matches what a person typed: the
 /// same, ignoring case (in any script) and the spaces around it.
+/// Refuses to take two contacts who go by different names for one person
+/// unless told to: a merge request (and a link, which a merge checks)
+/// between two people makes each of them, rightly, distrust the other's
+/// relationship as one someone poses in.
+fn one_person(a: &ProtonRecord, b: &ProtonRecord, force: bool, command: &str) -> Result<(), Error> {
+    let (one, other) = (&a.peer_display.name, &b.peer_display.name);
+    if force || same_name(one, other) {
+        return Ok(());
+    }
+    Err(Error::Usage(format!(
+        "\"{one}\" and \"{other}\" go by different names: are they really one person? If not, \
+         each would be told that someone poses as them to you. `protonode {command} --force` \
+         if you are sure"
+    )))
+}
+
 fn same_name(name: &str, typed: &str) -> bool {
     let (name, typed) = (name.trim(), typed.trim());
     name == typed || name.to_lowercase() == typed.to_lowercase()

@@ -90,6 +90,9 @@ pub enum MergeCommand {
         contact_1: String,
         /// Your other relationship with them.
         contact_2: String,
+        /// Ask even though the two contacts go by different names.
+        #[arg(long)]
+        force: bool,
     },
     /// List merge requests, sent and received.
     List,
@@ -159,6 +162,9 @@ pub enum Command {
         contact_1: String,
         /// Your other relationship with them.
         contact_2: String,
+        /// Link even though the two contacts go by different names.
+        #[arg(long)]
+        force: bool,
     },
     /// Merge two parallel relationships with the same person (each side must consent).
     #[command(subcommand)]

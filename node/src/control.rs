@@ -76,9 +76,15 @@ pub enum Call {
     /// Our two relationships are both us towards that person.
     Link {
         contacts: Vec<String>,
+        /// Even if the two contacts go by different names.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        force: bool,
     },
     MergeRequest {
         contacts: Vec<String>,
+        /// Even if the two contacts go by different names.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        force: bool,
     },
     MergeList {},
     MergeAccept {
@@ -423,15 +429,18 @@ async fn dispatch(manager: &Addr<RelationshipManager>, call: Call) -> Result<Val
                 .map_err(stopped)??;
             to_json(serde_json::to_value(record))
         }
-        Call::Link { contacts } => {
+        Call::Link { contacts, force } => {
             let [a, b] = two(contacts, "link")?;
-            let made = manager.send(Link { a, b }).await.map_err(stopped)??;
+            let made = manager
+                .send(Link { a, b, force })
+                .await
+                .map_err(stopped)??;
             Ok(json!({ "linked": true, "attestations": made }))
         }
-        Call::MergeRequest { contacts } => {
+        Call::MergeRequest { contacts, force } => {
             let [a, b] = two(contacts, "merge request")?;
             let merge = manager
-                .send(RequestMerge { a, b })
+                .send(RequestMerge { a, b, force })
                 .await
                 .map_err(stopped)??;
             to_json(serde_json::to_value(merge))
@@ -813,8 +822,14 @@ mod tests {
             Call::Accept { ticket: s() },
             Call::Contacts { all: true },
             Call::Contact { contact: s() },
-            Call::Link { contacts: vec![] },
-            Call::MergeRequest { contacts: vec![] },
+            Call::Link {
+                contacts: vec![],
+                force: false,
+            },
+            Call::MergeRequest {
+                contacts: vec![],
+                force: false,
+            },
             Call::MergeList {},
             Call::MergeAccept { id: s() },
             Call::MergeIgnore { id: s() },

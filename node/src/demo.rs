@@ -336,6 +336,7 @@ async fn story(json_output: bool) -> anyhow::Result<serde_json::Value> {
         .send(Link {
             a: blair_via_alex.id.clone(),
             b: blair_via_dani.clone(),
+            force: false,
         })
         .await??;
     say.step("Blair records that both are her towards Charlie (`protonode link`): her two keys,");
@@ -345,6 +346,7 @@ async fn story(json_output: bool) -> anyhow::Result<serde_json::Value> {
         .send(RequestMerge {
             a: charlie_via_alex.clone(),
             b: charlie_via_dani.clone(),
+            force: false,
         })
         .await??;
     say.step(
@@ -460,6 +462,7 @@ async fn meddler_act(say: &mut Narrator) -> anyhow::Result<bool> {
         .send(RequestMerge {
             a: charlie_via_alex,
             b: charlie_via_dani,
+            force: false,
         })
         .await??;
     say.step("Charlie asks to merge his two relationships with \"Blair\". Through Dani's, Blair's");

@@ -189,10 +189,12 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
         Command::Link {
             contact_1,
             contact_2,
+            force,
         } => {
             let v = daemon
                 .call(&Call::Link {
                     contacts: vec![contact_1.clone(), contact_2.clone()],
+                    force,
                 })
                 .await?;
             if json {
@@ -207,10 +209,12 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
                 M::Request {
                     contact_1,
                     contact_2,
+                    force,
                 } => {
                     let v = daemon
                         .call(&Call::MergeRequest {
                             contacts: vec![contact_1, contact_2],
+                            force,
                         })
                         .await?;
                     if json {

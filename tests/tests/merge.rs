@@ -519,3 +519,35 @@ fn a_merge_reveals_a_meddling_introducer() {
     let record = blair.ok(&["contact", &b_via_a]);
     assert_eq!(record["contact"]["trust"], "flagged");
 }
+
+/// Taking two people for one is a mistake a merge request would spread:
+/// each of them would be told that someone poses as them.
+#[test]
+fn two_contacts_with_different_names_are_not_merged_or_linked_by_mistake() {
+    let gil = person("Gil");
+    let hana = person("Hana");
+    let ivo = person("Ivo");
+    let _g = gil.start();
+    let _h = hana.start();
+    let _i = ivo.start();
+    let (at_gil_hana, _) = befriend(&gil, &hana);
+    let (at_gil_ivo, _) = befriend(&gil, &ivo);
+
+    for args in [
+        &["merge", "request", &at_gil_hana, &at_gil_ivo][..],
+        &["link", &at_gil_hana, &at_gil_ivo],
+    ] {
+        let refused = gil.json(args).unwrap_err();
+        assert!(
+            refused.contains("different names") && refused.contains("--force"),
+            "{args:?}: {refused}"
+        );
+    }
+    assert_eq!(gil.ok(&["merge", "list"]), serde_json::json!([]));
+    assert_eq!(contacts(&gil, false).len(), 2);
+    assert_eq!(hana.ok(&["merge", "list"]), serde_json::json!([]));
+
+    // Someone who goes by another name in one relationship can still be linked.
+    let linked = gil.ok(&["link", &at_gil_hana, &at_gil_ivo, "--force"]);
+    assert_eq!(linked["linked"], true, "{linked}");
+}
