@@ -455,7 +455,11 @@ impl RelationshipManager {
         // name, the merge's result stands for it.
         let by_name: Vec<&ProtonRecord> = protons
             .iter()
-            .filter(|p| same_name(&p.peer_display.name, query_trim) && !retired.contains_key(&p.id))
+            .filter(|p| {
+                same_name(&p.peer_display.name, query_trim)
+                    && !retired.contains_key(&p.id)
+                    && p.state != ProtonState::Refused
+            })
             .collect();
         let by_prefix: Vec<&ProtonRecord> = if query_trim.len() >= 4 {
             protons
@@ -742,7 +746,7 @@ fn contacts(store: &store::Store, all: bool) -> Result<Vec<ContactView>, Error> 
     let mut out = Vec::new();
     for p in &protons {
         let into = retired.get(&p.id).copied();
-        if into.is_some() && !all {
+        if (into.is_some() || p.state == ProtonState::Refused) && !all {
             continue;
         }
         out.push(contact_view(store, p, into)?);
@@ -1049,10 +1053,16 @@ impl Handler<SendMessage> for RelationshipManager {
             let (conversation, actor) = target?;
             let mut events = shared.events.subscribe();
             let entry = match actor {
-                Ok(proton) => proton
-                    .send(SendText(msg.text))
-                    .await
-                    .map_err(|_| Error::Stopped)??,
+                Ok(proton) => proton.send(SendText(msg.text)).await.map_err(|_| {
+                    // Its actor stops at once when it cannot load: a
+                    // relationship whose answer was refused has no MLS state.
+                    match conversation {
+                        Conversation::Proton(id) if refused(&shared.store, id) => {
+                            Error::Relationship(RelationshipError::Refused)
+                        }
+                        _ => Error::Stopped,
+                    }
+                })??,
                 Err(group) => match group
                     .send(Do(Command::Send(msg.text)))
                     .await
@@ -1617,14 +1627,14 @@ impl Handler<DeliveryOutcome> for RelationshipManager {
             return;
         }
         // The inviter's node refused our answer: this relationship never
-        // existed on their side. Forget it.
+        // existed on their side. It is kept, refused, with its history.
         self.protons.remove(&id);
         let store = self.shared.store.clone();
         ctx.spawn(async move { forget(&store, id).await }.into_actor(self).map(|result, act, _| {
             match result {
                 Ok(Some(mut record)) => {
                     record.state = ProtonState::Refused;
-                    tracing::warn!(contact = %record.id, "the inviter's node refused our answer; relationship removed");
+                    tracing::warn!(contact = %record.id, "the inviter's node refused our answer; the relationship is kept, refused, with its history");
                     act.shared.emit(Event::contact(&record, ContactChange::Refused));
                 }
                 Ok(None) => {}
@@ -1634,12 +1644,20 @@ impl Handler<DeliveryOutcome> for RelationshipManager {
     }
 }
 
-/// Removes a relationship whose answer the inviter refused, if it still
-/// exists; returns it.
+/// Whether the inviter refused our answer in relationship `id`.
+fn refused(store: &store::Store, id: ProtonId) -> bool {
+    let record: Result<Option<ProtonRecord>, _> =
+        store.read(|tx| store::get(&tx.open_table(tables::PROTONS)?, id.0, "proton"));
+    matches!(record, Ok(Some(p)) if p.state == ProtonState::Refused)
+}
+
+/// Marks a relationship whose answer the inviter refused as refused (its
+/// MLS state and addresses go; its history stays), if it still exists and
+/// is not refused already; returns it.
 async fn forget(store: &store::Store, id: ProtonId) -> Result<Option<ProtonRecord>, Error> {
     let record: Option<ProtonRecord> =
         store.read(|tx| store::get(&tx.open_table(tables::PROTONS)?, id.0, "proton"))?;
-    let Some(record) = record else {
+    let Some(record) = record.filter(|r| r.state != ProtonState::Refused) else {
         return Ok(None);
     };
     let changes = relationship::forget_refused(store, &record)?;

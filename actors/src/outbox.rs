@@ -640,7 +640,15 @@ impl Sender {
         match result {
             Ok(receipts) => {
                 let refusals = self.queues.get(&destination).map_or(0, |q| q.refusals);
+                // Once the inviter's node refused our answer, the rest was
+                // sent into a relationship it does not have: whatever it
+                // said of storing it, nobody will read it.
+                let mut answer_refused = false;
                 for ((seq, entry), receipt) in rows.into_iter().zip(receipts) {
+                    if answer_refused {
+                        finished.push((seq, entry, false));
+                        continue;
+                    }
                     match receipt {
                         Receipt::Stored | Receipt::Duplicate => finished.push((seq, entry, true)),
                         Receipt::Refused(Refusal::UnknownAddress)
@@ -658,6 +666,7 @@ impl Sender {
                             if entry.kind == OutboxKind::Welcome {
                                 // A used or expired ticket: the acceptor is told.
                                 tracing::info!(conversation = %entry.conversation, %refusal, "the inviter's node refused our answer");
+                                answer_refused = true;
                             } else {
                                 tracing::warn!(conversation = %entry.conversation, %refusal, "the receiver refused a message for good");
                             }

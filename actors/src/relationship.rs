@@ -14,7 +14,7 @@ use redb::ReadableTable;
 use transports::{DeliveryAddress, Multiaddr, PeerId};
 
 use crate::attestation::{Attestation, Kind};
-use crate::changes::Changes;
+use crate::changes::{Changes, StatusChange};
 use crate::identity::{IdentityKey, Ipk, SecretKey};
 use crate::mls::{self, Incoming, MlsError, Provider};
 use crate::model::{
@@ -392,32 +392,67 @@ pub fn accept_invite(
 /// its addresses, MLS state and queued messages go; the record of having
 /// accepted the ticket goes too, so the same mistake reads the same later.
 pub fn forget_refused(store: &Store, proton: &ProtonRecord) -> Result<Changes, RelationshipError> {
-    let outbox: Vec<u64> = store.read(|tx| {
+    let conversation = Conversation::Proton(proton.id);
+    let (outbox, unread) = store.read(|tx| {
         let t = tx.open_table(tables::OUTBOX)?;
         let mut seqs = Vec::new();
         for entry in t.iter()? {
             let (k, v) = entry?;
             let e: OutboxEntry = store::decode(v.value(), "outbox entry")?;
-            if e.conversation == Conversation::Proton(proton.id) {
+            if e.conversation == conversation {
                 seqs.push(k.value());
             }
         }
-        Ok(seqs)
+        // What we wrote into it: nobody on the other side will read it.
+        let h = tx.open_table(tables::HISTORY)?;
+        let key = conversation.key();
+        let mut unread = Vec::new();
+        let mut written = false;
+        for entry in h.range((key, 0)..=(key, u64::MAX))? {
+            let (k, v) = entry?;
+            let e: HistoryEntry = store::decode(v.value(), "history entry")?;
+            written = true;
+            if e.author == Author::Me && e.status != MessageStatus::Failed {
+                unread.push(k.value().1);
+            }
+        }
+        Ok((seqs, written.then_some(unread)))
     })?;
     let mut changes = Changes::default();
-    changes.delete_protons.push(proton.id);
     changes.delete_mls_namespaces.push(proton.id.0);
     changes.delete_addresses = address_rows(Owner::Proton(proton.id), &proton.own_transports)
         .into_iter()
         .map(|(a, _)| a)
         .collect();
     changes.outbox_done = outbox;
-    changes.delete_history.push(Conversation::Proton(proton.id));
-    match &proton.provenance {
-        Provenance::AcceptedTicket { ticket } => changes.delete_accepted_tickets.push(*ticket),
-        // A merge whose answer was refused: the old relationships live on.
-        Provenance::Merged { from } => changes.unretired.extend(from),
-        _ => {}
+    match (&proton.provenance, unread) {
+        // Kept, refused, with what the person wrote into it: a conversation
+        // does not vanish from under them (`contacts --all` lists it). One
+        // with nothing in it leaves no trace.
+        (Provenance::AcceptedTicket { ticket }, Some(unread)) => {
+            changes.delete_accepted_tickets.push(*ticket);
+            let mut kept = proton.clone();
+            kept.state = ProtonState::Refused;
+            changes.protons.push(kept);
+            changes.statuses = unread
+                .into_iter()
+                .map(|seq| (conversation, seq, StatusChange::Failed))
+                .collect();
+        }
+        // A merge whose answer was refused: the old relationships live on,
+        // with the histories it copied.
+        (Provenance::Merged { from }, _) => {
+            changes.unretired.extend(from);
+            changes.delete_protons.push(proton.id);
+            changes.delete_history.push(conversation);
+        }
+        (provenance, _) => {
+            if let Provenance::AcceptedTicket { ticket } = provenance {
+                changes.delete_accepted_tickets.push(*ticket);
+            }
+            changes.delete_protons.push(proton.id);
+            changes.delete_history.push(conversation);
+        }
     }
     Ok(changes)
 }

@@ -300,3 +300,49 @@ fn raw_call(person: &Person, method: &str, params: &str) -> serde_json::Value {
         .unwrap();
     serde_json::from_str(&line).unwrap()
 }
+
+/// Two people accept one ticket while its maker is offline. The second
+/// answer is refused when he is back: what its acceptor wrote meanwhile
+/// was never read, and must neither show as delivered nor vanish.
+#[test]
+fn a_refused_answer_keeps_what_its_acceptor_wrote_marked_failed() {
+    let quick = |name| Person::init(name).with_env("PROTONODE_DELIVERY_ACCEPT_WAIT_SECS", "1");
+    let gil = quick("Gil");
+    let ivo = quick("Ivo");
+    let erin = quick("Erin");
+    let mut g = gil.start();
+    let ticket = gil.ok(&["invite"])["ticket"].as_str().unwrap().to_string();
+    assert!(g.stop());
+
+    let _i = ivo.start();
+    let mut e = erin.start();
+    assert_eq!(ivo.ok(&["accept", &ticket])["delivered"], false);
+    let erin_at_gil = erin.ok(&["accept", &ticket]);
+    assert_eq!(erin_at_gil["delivered"], false);
+    let gil_id = erin_at_gil["contact"].as_str().unwrap().to_string();
+    erin.ok(&["send", "Gil", "hello, are you there?"]);
+    // Ivo's answer reaches Gil first; then Erin's.
+    assert!(e.stop());
+    let _g = gil.start();
+    wait_for(Duration::from_secs(20), || {
+        (gil.ok(&["contacts"]).as_array().map(Vec::len) == Some(1)).then_some(())
+    })
+    .expect("Gil files Ivo's answer");
+    let _e = erin.start();
+
+    let refused = wait_for(Duration::from_secs(20), || {
+        erin.ok(&["contacts", "--all"])
+            .as_array()
+            .and_then(|all| all.iter().find(|c| c["state"] == "refused").cloned())
+    })
+    .expect("Erin's node learns that Gil's refused her answer");
+    assert_eq!(refused["id"], gil_id.as_str());
+    assert_eq!(erin.ok(&["contacts"]), serde_json::json!([]));
+    let history = erin.ok(&["history", &gil_id]);
+    assert_eq!(history[0]["text"], "hello, are you there?", "{history}");
+    assert_eq!(history[0]["status"], "failed", "{history}");
+    let send = erin.json(&["send", &gil_id, "again?"]).unwrap_err();
+    assert!(send.contains("refused our answer"), "{send}");
+    assert_eq!(gil.history("Ivo").len(), 0);
+    assert_eq!(gil.ok(&["contacts"]).as_array().map(Vec::len), Some(1));
+}
