@@ -1505,19 +1505,21 @@ impl Handler<GetStatus> for RelationshipManager {
                 .status()
                 .await
                 .map_err(|e| Error::Network(e.to_string()))?;
-            let (contacts, outbox) = store.read(|tx| {
-                Ok((
-                    tx.open_table(tables::PROTONS)?.len()? as usize,
-                    tx.open_table(tables::OUTBOX)?.len()? as usize,
-                ))
-            })?;
+            let outbox = store.read(|tx| Ok(tx.open_table(tables::OUTBOX)?.len()? as usize))?;
+            let protons = all_protons(&store)?;
+            let retired = retired_map(&store)?;
+            // As `contacts` lists them: not merged into others, not refused.
+            let contacts = protons
+                .iter()
+                .filter(|p| !retired.contains_key(&p.id) && p.state != ProtonState::Refused)
+                .count();
             let mut warnings = Vec::new();
             if outbox > 0 {
                 warnings.push(format!(
                     "{outbox} envelope(s) wait for their receiver's acknowledgement"
                 ));
             }
-            for p in all_protons(&store)? {
+            for p in protons {
                 if let crate::records::Trust::Flagged { reason, .. } =
                     merge::trust_of(&store, p.id)?
                 {

@@ -101,8 +101,11 @@ pub enum MergeCommand {
         /// The request's id (as `merge list` shows it, or its first digits).
         id: String,
     },
-    /// Keep the two relationships apart.
-    Ignore { id: String },
+    /// Keep the two relationships apart (the requester is not told).
+    Ignore {
+        /// The request's id (as `merge list` shows it, or its first digits).
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -35,6 +35,14 @@ pub fn init(
             dir.display()
         );
     }
+    // init makes the directory private (0700): never someone's home or a
+    // folder of other files.
+    if fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some()) {
+        bail!(
+            "{} is not empty; choose a new or empty directory for --data-dir",
+            dir.display()
+        );
+    }
     let mut config = Config::new(name);
     config.profile.pronouns = pronouns;
     config.profile.emoji = emoji;
@@ -159,6 +167,15 @@ pub fn run(
     config.validate()?;
     let _lock = lock(&paths)?;
     let keypair = read_node_key(&paths.node_key())?;
+    // init made it: a database gone missing was moved or deleted, and a new
+    // empty one would silently start the node with no relationships.
+    if !paths.database().exists() {
+        bail!(
+            "the database {} is missing (moved or deleted?): put it back, or make a new node \
+             with `protonode --data-dir NEW_DIR init`",
+            paths.database().display()
+        );
+    }
     let store = Store::open(&paths.database()).context("opening the database failed")?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

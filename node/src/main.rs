@@ -53,7 +53,11 @@ fn init_logging(cli: &Cli) {
         Command::Demo => "error",
         _ => "warn",
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // openmls logs an ERROR for what the node expects and handles (a retried
+    // delivery's used-up key, say); the node reports its own errors, with
+    // what to do. RUST_LOG=openmls=debug shows them.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{default},openmls=off")));
     use std::io::IsTerminal as _;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

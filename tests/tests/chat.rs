@@ -153,6 +153,24 @@ fn the_cli_says_what_to_do_next() {
 
     let again = alex.json(&["init", "--name", "Alex"]).unwrap_err();
     assert!(again.contains("already initialised"), "{again}");
+    // init makes its directory private: never a folder of other files.
+    let full = tempfile::tempdir().unwrap();
+    std::fs::write(full.path().join("notes.txt"), "mine").unwrap();
+    let out = harness::run_cli(full.path(), &["init", "--name", "Alex"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not empty"));
+    assert!(!full.path().join("config.toml").exists());
+    // A database moved away is not silently replaced by an empty one.
+    let dana = Person::init("Dana");
+    let db = dana.data_dir().join("protonode.redb");
+    std::fs::rename(&db, dana.data_dir().join("elsewhere.redb")).unwrap();
+    let out = harness::run_cli(
+        dana.data_dir(),
+        &["daemon", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is missing"));
+    assert!(!db.exists());
 
     let usage = alex.cli(&["send", "only-one-arg"]);
     assert_eq!(usage.status.code(), Some(2), "usage errors exit 2");

@@ -269,6 +269,12 @@ fn charlie_asks_blair_consents_and_the_two_relationships_become_one() {
             .collect();
         assert_eq!(live.len(), 1, "{}: {live:?}", p.name);
         assert_eq!(live[0]["retired"], false);
+        assert_eq!(
+            p.ok(&["status"])["contacts"].as_u64(),
+            Some(contacts(p, false).len() as u64),
+            "{}: status counts the contacts `contacts` lists",
+            p.name
+        );
         let all = contacts(p, true);
         for o in old.iter() {
             let x = all.iter().find(|x| x["id"] == o.as_str()).unwrap();
