@@ -126,6 +126,7 @@ pub fn state_name(state: &MergeState) -> &'static str {
         MergeState::Accepted { .. } => "accepted",
         MergeState::Ignored => "ignored",
         MergeState::Flagged { .. } => "flagged",
+        MergeState::Replaced => "replaced",
     }
 }
 
@@ -181,6 +182,33 @@ fn live_pair(store: &Store, a: ProtonId, b: ProtonId) -> Result<[ProtonRecord; 2
     }
     let [a, b]: [ProtonRecord; 2] = out.try_into().map_err(|_| MergeError::SameRelationship)?;
     Ok([a, b])
+}
+
+/// Pending requests (other than `except`) that `ours` makes moot, set
+/// aside as replaced: with `exact`, those over the same two relationships
+/// (a newer request replaces them); otherwise those over either of them
+/// (they were just merged, so no other request over them can go through).
+fn superseded(
+    store: &Store,
+    ours: &[ProtonId],
+    exact: bool,
+    except: [u8; 16],
+) -> Result<Vec<MergeRecord>, StoreError> {
+    Ok(all_merges(store)?
+        .into_iter()
+        .filter(|m| m.id != except && m.state == MergeState::Pending)
+        .filter(|m| {
+            if exact {
+                m.ours.len() == ours.len() && m.ours.iter().all(|p| ours.contains(p))
+            } else {
+                m.ours.iter().any(|p| ours.contains(p))
+            }
+        })
+        .map(|mut m| {
+            m.state = MergeState::Replaced;
+            m
+        })
+        .collect())
 }
 
 /// Whether we attested our keys in `a` and `b` equivalent.
@@ -271,6 +299,9 @@ pub fn request(
         changes.links.push((pa.id, equivalence.clone()));
         changes.links.push((pb.id, equivalence));
     }
+    changes
+        .merges
+        .extend(superseded(store, &record.ours, true, id)?);
     changes.merges.push(record.clone());
     Ok(Outgoing {
         request,
@@ -434,6 +465,11 @@ pub fn receive_request(
         state: state.clone(),
         from_us: false,
     };
+    if state == MergeState::Pending {
+        changes
+            .merges
+            .extend(superseded(store, &record.ours, true, record.id)?);
+    }
     changes.merges.push(record);
     Ok((
         RequestOutcome {
@@ -609,6 +645,9 @@ pub fn retire_into(
         let t = tx.open_table(tables::MERGES)?;
         store::get::<_, MergeRecord, _>(&t, request, "merge")
     })?;
+    changes
+        .merges
+        .extend(superseded(store, &old, false, request)?);
     if let Some(mut record) = record {
         record.state = MergeState::Accepted { into: new };
         changes.merges.push(record);

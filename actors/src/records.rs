@@ -136,6 +136,9 @@ pub enum MergeState {
     Flagged {
         reason: String,
     },
+    /// Moot: a newer request over the same two relationships replaced it,
+    /// or one of them was merged through another request.
+    Replaced,
 }
 
 /// What a delivery address resolves to.

@@ -382,17 +382,31 @@ fn a_proposal_can_be_ignored_and_a_later_one_accepted() {
     );
     send(&blair, &b[0], "still two threads");
 
-    // Asked again, Blair agrees: the equivalence is attested then.
+    // Asked again, twice (the newer request replaces the older on both
+    // sides), Blair agrees: the equivalence is attested then.
     charlie.ok(&["merge", "request", &c[0], &c[1]]);
+    let third = charlie.ok(&["merge", "request", &c[0], &c[1]]);
+    let pending = |p: &Person| -> Vec<Value> {
+        p.ok(&["merge", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["state"] == "pending")
+            .cloned()
+            .collect()
+    };
+    assert_eq!(pending(&charlie).len(), 1, "the newest request stands");
     let second = wait_for(SETTLE, || {
         blair
             .ok(&["merge", "list"])
             .as_array()?
             .iter()
-            .find(|m| m["state"] == "pending")
+            .find(|m| m["id"] == third["id"])
             .cloned()
     })
-    .expect("the second request");
+    .expect("the third request");
+    assert_eq!(second["state"], "pending");
+    assert_eq!(pending(&blair).len(), 1, "the older request was replaced");
     blair.ok(&["merge", "accept", second["id"].as_str().unwrap()]);
     wait_for(SETTLE, || {
         (contacts(&charlie, false)
@@ -420,6 +434,14 @@ fn a_proposal_can_be_ignored_and_a_later_one_accepted() {
     );
     let _ = b;
     assert_unflagged(&blair);
+    assert!(pending(&blair).is_empty());
+    wait_for(SETTLE, || pending(&charlie).is_empty().then_some(()))
+        .expect("Charlie's request is done once the merge is");
+    let status = blair.ok(&["status"]);
+    assert!(
+        !status["warnings"].to_string().contains("merge request"),
+        "{status}"
+    );
 }
 
 /// Figure 3.3.6. Alex, asked to introduce Blair and Charlie, introduces each
