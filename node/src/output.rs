@@ -7,6 +7,13 @@ fn s<'a>(v: &'a Value, key: &str) -> &'a str {
     v.get(key).and_then(Value::as_str).unwrap_or("")
 }
 
+/// `text` and spaces to fill `width` terminal columns: an emoji or a CJK
+/// character takes two, which `{:<width$}` (counting chars) gets wrong.
+fn padded(text: &str, width: usize) -> String {
+    let used = unicode_width::UnicodeWidthStr::width(text);
+    format!("{text}{}", " ".repeat(width.saturating_sub(used)))
+}
+
 /// Indent of a message's second and later lines.
 const CONTINUATION: &str = "    ";
 
@@ -66,9 +73,9 @@ pub fn contacts(list: &Value) -> String {
             state = "FLAGGED".into();
         }
         out += &format!(
-            "{:<16}  {:<24}  {:<8}  {:<19}  {:<19}  {}\n",
+            "{:<16}  {}  {:<8}  {:<19}  {:<19}  {}\n",
             s(c, "id"),
-            name,
+            padded(&shown(&name), 24),
             state,
             short_time(s(c, "since")),
             s(c, "fingerprint"),
@@ -165,12 +172,12 @@ pub fn merges(list: &Value) -> String {
     );
     for m in items {
         out += &format!(
-            "{:<32}  {:<9}  {:<8}  {:<8}  {:<16}  {}\n",
+            "{:<32}  {:<9}  {:<8}  {:<8}  {}  {}\n",
             s(m, "id"),
             s(m, "direction"),
             s(m, "kind"),
             s(m, "state"),
-            s(m, "name"),
+            padded(&shown(s(m, "name")), 16),
             m.get("contacts")
                 .and_then(Value::as_array)
                 .into_iter()
@@ -266,9 +273,9 @@ pub fn groups(list: &Value) -> String {
                 .map(|b| format!("  (introduced by {b})"))
                 .unwrap_or_default();
             out += &format!(
-                "  {:<20}  {:<24}  {:<11}{}\n",
+                "  {:<20}  {}  {:<11}{}\n",
                 s(m, "id"),
-                s(m, "name"),
+                padded(&shown(s(m, "name")), 24),
                 s(m, "status"),
                 by
             );
@@ -462,6 +469,25 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn names_with_emoji_or_wide_characters_keep_the_columns_aligned() {
+        let list = json!([
+            {"id": "a1", "name": "Alex", "state": "active", "since": "2026-11-27T10:00:00.000Z",
+             "fingerprint": "f1", "picture": "🦊"},
+            {"id": "b2", "name": "李雷", "state": "active", "since": "2026-11-27T10:00:00.000Z",
+             "fingerprint": "f2"},
+        ]);
+        let out = contacts(&list);
+        let columns: Vec<usize> = out
+            .lines()
+            .map(|l| {
+                let at = l.find("active").or_else(|| l.find("STATE")).unwrap();
+                unicode_width::UnicodeWidthStr::width(&l[..at])
+            })
+            .collect();
+        assert!(columns.iter().all(|c| *c == columns[0]), "{out}");
+    }
 
     #[test]
     fn a_message_cannot_act_on_the_terminal_or_pose_as_another_line() {
