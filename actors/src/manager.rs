@@ -1632,7 +1632,9 @@ impl Handler<DeliveryOutcome> for RelationshipManager {
         // existed on their side. It is kept, refused, with its history.
         self.protons.remove(&id);
         let store = self.shared.store.clone();
-        ctx.spawn(async move { forget(&store, id).await }.into_actor(self).map(|result, act, _| {
+        ctx.spawn(async move { forget(&store, id).await }.into_actor(self).map(move |result, act, _| {
+            // An actor started for it meanwhile (a send by id) goes too.
+            act.protons.remove(&id);
             match result {
                 Ok(Some(mut record)) => {
                     record.state = ProtonState::Refused;
@@ -1657,14 +1659,18 @@ fn refused(store: &store::Store, id: ProtonId) -> bool {
 /// MLS state and addresses go; its history stays), if it still exists and
 /// is not refused already; returns it.
 async fn forget(store: &store::Store, id: ProtonId) -> Result<Option<ProtonRecord>, Error> {
-    let record: Option<ProtonRecord> =
-        store.read(|tx| store::get(&tx.open_table(tables::PROTONS)?, id.0, "proton"))?;
-    let Some(record) = record.filter(|r| r.state != ProtonState::Refused) else {
-        return Ok(None);
-    };
-    let changes = relationship::forget_refused(store, &record)?;
-    store.write(move |tx| changes.apply(tx)).await?;
-    Ok(Some(record))
+    let forgotten = store
+        .write(move |tx| {
+            let record: Option<ProtonRecord> =
+                store::get(&tx.open_table(tables::PROTONS)?, id.0, "proton")?;
+            let Some(record) = record.filter(|r| r.state != ProtonState::Refused) else {
+                return Ok(None);
+            };
+            relationship::forget_refused(tx, &record)?.apply(tx)?;
+            Ok(Some(record))
+        })
+        .await?;
+    Ok(forgotten)
 }
 
 impl Handler<ListenAddrsChanged> for RelationshipManager {
@@ -1761,7 +1767,9 @@ fn message_status(
 /// relationship as one someone poses in.
 fn one_person(a: &ProtonRecord, b: &ProtonRecord, force: bool, command: &str) -> Result<(), Error> {
     let (one, other) = (&a.peer_display.name, &b.peer_display.name);
-    if force || same_name(one, other) {
+    // One not active yet (or refused) is refused for that, not its name.
+    let active = |p: &ProtonRecord| p.state == ProtonState::Active;
+    if force || !active(a) || !active(b) || same_name(one, other) {
         return Ok(());
     }
     Err(Error::Usage(format!(

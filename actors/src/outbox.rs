@@ -674,6 +674,20 @@ impl Sender {
                         }
                     }
                 }
+                if answer_refused {
+                    // Nothing queued behind the refused answer goes out:
+                    // the rest of the queue fails with it (the manager then
+                    // marks the relationship refused and clears its rows).
+                    if let Some(q) = self.queues.get_mut(&destination) {
+                        let answered: HashSet<u64> = finished.iter().map(|(s, _, _)| *s).collect();
+                        for (seq, entry) in q.rows.drain(..) {
+                            if let Some(entry) = entry.filter(|_| !answered.contains(&seq)) {
+                                finished.push((seq, entry, false));
+                            }
+                        }
+                        q.known.clear();
+                    }
+                }
             }
             Err(e) => {
                 tracing::debug!(conversation = %destination.0, error = %e, "delivery failed; will retry");

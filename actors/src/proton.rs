@@ -439,6 +439,10 @@ impl Proton {
     fn reload(&mut self) {
         match ProtonSession::load(&self.shared.store, self.id) {
             Ok(session) => self.session = Some(session),
+            Err(RelationshipError::Refused) => {
+                tracing::debug!(proton = %self.id, "a refused relationship has no session");
+                self.session = None;
+            }
             Err(e) => {
                 tracing::error!(proton = %self.id, error = %e, "loading the proton failed");
                 self.session = None;

@@ -391,40 +391,61 @@ pub fn accept_invite(
 /// Undoes an acceptance whose answer the inviter's node refused: the proton,
 /// its addresses, MLS state and queued messages go; the record of having
 /// accepted the ticket goes too, so the same mistake reads the same later.
-pub fn forget_refused(store: &Store, proton: &ProtonRecord) -> Result<Changes, RelationshipError> {
+///
+/// Reads in the transaction that applies the changes, so that no row
+/// queued or stored meanwhile escapes them (and no reused outbox sequence
+/// number is taken for another conversation's).
+pub fn forget_refused(
+    tx: &redb::WriteTransaction,
+    proton: &ProtonRecord,
+) -> Result<Changes, StoreError> {
     let conversation = Conversation::Proton(proton.id);
-    let (outbox, unread) = store.read(|tx| {
-        let t = tx.open_table(tables::OUTBOX)?;
-        let mut seqs = Vec::new();
-        for entry in t.iter()? {
-            let (k, v) = entry?;
-            let e: OutboxEntry = store::decode(v.value(), "outbox entry")?;
-            if e.conversation == conversation {
-                seqs.push(k.value());
-            }
+    let t = tx.open_table(tables::OUTBOX)?;
+    let mut outbox = Vec::new();
+    for entry in t.iter()? {
+        let (k, v) = entry?;
+        let e: OutboxEntry = store::decode(v.value(), "outbox entry")?;
+        if e.conversation == conversation {
+            outbox.push(k.value());
         }
-        // What we wrote into it: nobody on the other side will read it.
-        let h = tx.open_table(tables::HISTORY)?;
-        let key = conversation.key();
-        let mut unread = Vec::new();
-        let mut written = false;
-        for entry in h.range((key, 0)..=(key, u64::MAX))? {
-            let (k, v) = entry?;
-            let e: HistoryEntry = store::decode(v.value(), "history entry")?;
-            written = true;
-            if e.author == Author::Me && e.status != MessageStatus::Failed {
-                unread.push(k.value().1);
-            }
+    }
+    drop(t);
+    // Envelopes that came for it and wait for its actor, which will not run.
+    let t = tx.open_table(tables::INBOX)?;
+    let mut inbox = Vec::new();
+    for entry in t.iter()? {
+        let (k, v) = entry?;
+        let e: InboxEntry = store::decode(v.value(), "inbox entry")?;
+        if e.owner == Owner::Proton(proton.id) {
+            inbox.push(k.value());
         }
-        Ok((seqs, written.then_some(unread)))
-    })?;
-    let mut changes = Changes::default();
-    changes.delete_mls_namespaces.push(proton.id.0);
-    changes.delete_addresses = address_rows(Owner::Proton(proton.id), &proton.own_transports)
-        .into_iter()
-        .map(|(a, _)| a)
-        .collect();
-    changes.outbox_done = outbox;
+    }
+    drop(t);
+    // What we wrote into it: nobody on the other side will read it.
+    let h = tx.open_table(tables::HISTORY)?;
+    let key = conversation.key();
+    let mut unread = Vec::new();
+    let mut written = false;
+    for entry in h.range((key, 0)..=(key, u64::MAX))? {
+        let (k, v) = entry?;
+        let e: HistoryEntry = store::decode(v.value(), "history entry")?;
+        written = true;
+        if e.author == Author::Me && e.status != MessageStatus::Failed {
+            unread.push(k.value().1);
+        }
+    }
+    drop(h);
+    let unread = written.then_some(unread);
+    let mut changes = Changes {
+        inbox_done: inbox,
+        outbox_done: outbox,
+        delete_mls_namespaces: vec![proton.id.0],
+        delete_addresses: address_rows(Owner::Proton(proton.id), &proton.own_transports)
+            .into_iter()
+            .map(|(a, _)| a)
+            .collect(),
+        ..Default::default()
+    };
     match (&proton.provenance, unread) {
         // Kept, refused, with what the person wrote into it: a conversation
         // does not vanish from under them (`contacts --all` lists it). One
@@ -618,6 +639,10 @@ impl ProtonSession {
         let record: ProtonRecord = store
             .read(|tx| store::get(&tx.open_table(tables::PROTONS)?, id.0, "proton"))?
             .ok_or(RelationshipError::UnknownProton(id))?;
+        // Its MLS state went when the inviter refused our answer.
+        if record.state == ProtonState::Refused {
+            return Err(RelationshipError::Refused);
+        }
         let provider = Provider::new(store.clone(), id.0);
         let group = mls::load_group(&provider, &GroupId::from_slice(&record.group_id))?;
         Ok(Self {

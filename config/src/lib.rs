@@ -437,11 +437,11 @@ impl Config {
                 format!("{} is not in 1..=1024", d.max_batch),
             );
         }
-        if d.ticket_ttl_secs > MAX_TICKET_TTL_SECS {
+        if !(60..=MAX_TICKET_TTL_SECS).contains(&d.ticket_ttl_secs) {
             return invalid(
                 "delivery.ticket_ttl_secs",
                 format!(
-                    "{} seconds is too long (at most {MAX_TICKET_TTL_SECS}, a year)",
+                    "{} seconds is not in 60..={MAX_TICKET_TTL_SECS} (a minute to a year)",
                     d.ticket_ttl_secs
                 ),
             );
@@ -903,6 +903,14 @@ mod tests {
             (
                 "[profile]\nname = \"A\"\n[network]\nmax_connections = 0",
                 "network.max_connections",
+            ),
+            (
+                "[profile]\nname = \"A\"\n[delivery]\nticket_ttl_secs = 0",
+                "delivery.ticket_ttl_secs",
+            ),
+            (
+                "[profile]\nname = \"A\"\n[delivery]\nticket_ttl_secs = 31536001",
+                "delivery.ticket_ttl_secs",
             ),
         ];
         for (text, key) in cases {

@@ -688,14 +688,15 @@ impl Client {
             }
             e => e,
         };
-        write_json(&mut self.writer, &request)
-            .await
-            .map_err(|e| gone(e.into()))?;
-        let value = self
-            .read()
-            .await
-            .map_err(gone)?
-            .ok_or(ClientError::Stopped)?;
+        let written = write_json(&mut self.writer, &request).await;
+        // A daemon that refuses a request (one too long, say) answers and
+        // closes while we may still be writing: its answer comes first.
+        let value = match (written, self.read().await) {
+            (_, Ok(Some(value))) => value,
+            (Err(e), _) => return Err(gone(e.into())),
+            (Ok(()), Ok(None)) => return Err(ClientError::Stopped),
+            (Ok(()), Err(e)) => return Err(gone(e)),
+        };
         if let Some(error) = value.get("error") {
             let error: RpcError = serde_json::from_value(error.clone())
                 .map_err(|e| ClientError::Protocol(e.to_string()))?;

@@ -30,7 +30,14 @@ pub fn shown(text: &str) -> String {
             out.push_str(CONTINUATION);
         }
         for c in line.chars() {
-            let reorders = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+            let reorders = matches!(
+                c,
+                '\u{202a}'..='\u{202e}'
+                    | '\u{2066}'..='\u{2069}'
+                    | '\u{200e}'
+                    | '\u{200f}'
+                    | '\u{061c}'
+            );
             if (c.is_control() && c != '\t') || reorders {
                 out.extend(c.escape_default());
             } else {

@@ -327,7 +327,8 @@ fn a_refused_answer_keeps_what_its_acceptor_wrote_marked_failed() {
     let quick = |name| Person::init(name).with_env("PROTONODE_DELIVERY_ACCEPT_WAIT_SECS", "1");
     let gil = quick("Gil");
     let ivo = quick("Ivo");
-    let erin = quick("Erin");
+    // One envelope per batch: what follows the answer is not in its batch.
+    let erin = quick("Erin").with_env("PROTONODE_DELIVERY_MAX_BATCH", "1");
     let mut g = gil.start();
     let ticket = gil.ok(&["invite"])["ticket"].as_str().unwrap().to_string();
     assert!(g.stop());
@@ -339,6 +340,7 @@ fn a_refused_answer_keeps_what_its_acceptor_wrote_marked_failed() {
     assert_eq!(erin_at_gil["delivered"], false);
     let gil_id = erin_at_gil["contact"].as_str().unwrap().to_string();
     erin.ok(&["send", "Gil", "hello, are you there?"]);
+    erin.ok(&["send", "Gil", "hello?"]);
     // Ivo's answer reaches Gil first; then Erin's.
     assert!(e.stop());
     let _g = gil.start();
@@ -359,6 +361,7 @@ fn a_refused_answer_keeps_what_its_acceptor_wrote_marked_failed() {
     let history = erin.ok(&["history", &gil_id]);
     assert_eq!(history[0]["text"], "hello, are you there?", "{history}");
     assert_eq!(history[0]["status"], "failed", "{history}");
+    assert_eq!(history[1]["status"], "failed", "{history}");
     let send = erin.json(&["send", &gil_id, "again?"]).unwrap_err();
     assert!(send.contains("refused our answer"), "{send}");
     assert_eq!(gil.history("Ivo").len(), 0);

@@ -1023,16 +1023,30 @@ fn in_use(addr: &Multiaddr) -> bool {
         Some(Protocol::Ip6(ip)) => IpAddr::V6(ip),
         _ => return false,
     };
-    let bound = match parts.next() {
-        Some(Protocol::Tcp(port)) if port != 0 => {
-            std::net::TcpListener::bind(SocketAddr::new(ip, port)).map(drop)
-        }
-        Some(Protocol::Udp(port)) if port != 0 => {
-            std::net::UdpSocket::bind(SocketAddr::new(ip, port)).map(drop)
-        }
+    let (kind, port) = match parts.next() {
+        Some(Protocol::Tcp(port)) if port != 0 => (socket2::Type::STREAM, port),
+        Some(Protocol::Udp(port)) if port != 0 => (socket2::Type::DGRAM, port),
         _ => return false,
     };
-    matches!(bound, Err(e) if e.kind() == io::ErrorKind::AddrInUse)
+    let address = SocketAddr::new(ip, port);
+    let probe = || -> io::Result<()> {
+        let socket = socket2::Socket::new(socket2::Domain::for_address(address), kind, None)?;
+        // As libp2p binds: an IPv6 address alone (not also IPv4, which
+        // this node may listen on itself), and a TCP port in TIME_WAIT
+        // after a restart is free.
+        if address.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        if kind == socket2::Type::STREAM {
+            socket.set_reuse_address(true)?;
+        }
+        socket.bind(&address.into())?;
+        if kind == socket2::Type::STREAM {
+            socket.listen(1)?;
+        }
+        Ok(())
+    };
+    matches!(probe(), Err(e) if e.kind() == io::ErrorKind::AddrInUse)
 }
 
 fn transport_error(error: TransportError<io::Error>) -> io::Error {

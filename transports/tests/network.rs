@@ -482,3 +482,35 @@ async fn a_second_node_on_a_running_nodes_ports_is_refused() {
         }
     }
 }
+
+/// One node on every IPv4 and IPv6 address at the same port: its own IPv4
+/// listener does not make the IPv6 port look taken (libp2p binds IPv6
+/// alone, where a plain bind of `::` would take IPv4 too).
+#[tokio::test(flavor = "multi_thread")]
+async fn one_node_listens_on_ipv4_and_ipv6_at_the_same_port() {
+    let Ok(v6) = std::net::TcpListener::bind("[::]:0") else {
+        eprintln!("no IPv6 loopback here; nothing to check");
+        return;
+    };
+    let port = v6.local_addr().unwrap().port();
+    drop(v6);
+    let config = config::Network {
+        listen: vec![
+            format!("/ip4/0.0.0.0/tcp/{port}"),
+            format!("/ip6/::/tcp/{port}"),
+        ],
+        mdns: false,
+        ..Default::default()
+    };
+
+    let started = within(spawn(&config, Keypair::generate_ed25519())).await;
+
+    let (client, _events, _task) = started.unwrap_or_else(|e| panic!("{e}"));
+    let status = within(client.status()).await.unwrap();
+    let v6 = |a: &Multiaddr| a.to_string().starts_with("/ip6/");
+    assert!(
+        status.listen_addrs.iter().any(v6) && !status.listen_addrs.iter().all(v6),
+        "{:?}",
+        status.listen_addrs
+    );
+}
