@@ -376,6 +376,13 @@ impl Config {
         }
         if let Some(emoji) = &p.emoji {
             check_text("profile.emoji", emoji, 1, MAX_EMOJI_CHARS)?;
+            // Letters and digits are a monogram's; an emoji is a picture.
+            if emoji.is_ascii() {
+                return invalid(
+                    "profile.emoji",
+                    format!("{emoji:?} is not an emoji; for letters, set profile.monogram"),
+                );
+            }
         }
         if let Some(monogram) = &p.monogram {
             check_text("profile.monogram", monogram, 1, MAX_MONOGRAM_CHARS)?;
@@ -908,6 +915,7 @@ mod tests {
                 "[profile]\nname = \"A\"\n[delivery]\nticket_ttl_secs = 0",
                 "delivery.ticket_ttl_secs",
             ),
+            ("[profile]\nname = \"A\"\nemoji = \"abc\"", "profile.emoji"),
             (
                 "[profile]\nname = \"A\"\n[delivery]\nticket_ttl_secs = 31536001",
                 "delivery.ticket_ttl_secs",

@@ -651,10 +651,7 @@ impl Client {
             .map_err(|e| match e.kind() {
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
                     ClientError::NoDaemon {
-                        data_dir: socket
-                            .parent()
-                            .map(|p| p.display().to_string())
-                            .unwrap_or_default(),
+                        data_dir: socket.parent().map(crate::shell_word).unwrap_or_default(),
                     }
                 }
                 _ => ClientError::Io(e),

@@ -106,7 +106,7 @@ pub fn load_config(paths: &Paths) -> anyhow::Result<Config> {
         bail!(
             "{} is not initialised; run `protonode --data-dir {} init --name NAME` first",
             paths.data_dir().display(),
-            paths.data_dir().display()
+            crate::shell_word(paths.data_dir())
         );
     }
     Ok(Config::load(paths, |k| std::env::var(k).ok())?)

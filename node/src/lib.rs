@@ -22,8 +22,39 @@ macro_rules! say {
     };
 }
 
+/// `path` as a shell word a person can paste: as it is when it is plain,
+/// else in single quotes (a directory with spaces, quotes or `$`).
+pub fn shell_word(path: &std::path::Path) -> String {
+    let text = path.display().to_string();
+    let plain = !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+,:@%=".contains(c));
+    if plain {
+        text
+    } else {
+        format!("'{}'", text.replace('\'', r"'\''"))
+    }
+}
+
 pub mod cli;
 pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod output;
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    #[test]
+    fn a_path_is_quoted_only_when_a_shell_needs_it() {
+        assert_eq!(super::shell_word(Path::new("/tmp/alex")), "/tmp/alex");
+        assert_eq!(
+            super::shell_word(Path::new("/tmp/my node")),
+            "'/tmp/my node'"
+        );
+        assert_eq!(super::shell_word(Path::new("/tmp/it's")), r"'/tmp/it'\''s'");
+        assert_eq!(super::shell_word(Path::new("/tmp/$HOME")), "'/tmp/$HOME'");
+    }
+}

@@ -91,7 +91,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 println!(
                     "Start it with: protonode --data-dir {} daemon",
-                    paths.data_dir().display()
+                    protonode::shell_word(paths.data_dir())
                 );
             }
             Ok(())
