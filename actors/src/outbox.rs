@@ -211,6 +211,8 @@ struct Queue {
     refusals: usize,
     peer: Option<PeerId>,
     transports: Option<(Instant, Vec<TransportInfo>)>,
+    /// A 1:1 recipient's name, read with its transports, for events.
+    name: Option<String>,
     /// The peer was seen (connected, discovered on the LAN) while a batch
     /// was in flight: if that batch fails, retry at once, not after backoff.
     hinted: bool,
@@ -503,14 +505,19 @@ impl Sender {
             }
         }
         let found: Option<Vec<TransportInfo>> = match dest {
-            (Conversation::Proton(id), Recipient::Peer) => self.store.read(|tx| {
-                Ok(store::get::<_, ProtonRecord, _>(
-                    &tx.open_table(tables::PROTONS)?,
-                    id.0,
-                    "proton",
-                )?
-                .map(|r| r.peer_transports))
-            })?,
+            (Conversation::Proton(id), Recipient::Peer) => {
+                let record = self.store.read(|tx| {
+                    store::get::<_, ProtonRecord, _>(
+                        &tx.open_table(tables::PROTONS)?,
+                        id.0,
+                        "proton",
+                    )
+                })?;
+                if let (Some(q), Some(r)) = (self.queues.get_mut(&dest), &record) {
+                    q.name = Some(r.peer_display.name.clone());
+                }
+                record.map(|r| r.peer_transports)
+            }
             (Conversation::Group(id), Recipient::Member(ipk)) => {
                 // One read of the group serves all its members' queues (a
                 // message to a large group starts one per member at once).
@@ -767,6 +774,13 @@ impl Sender {
                         .and_then(|(_, m)| m.get(&ipk))
                         .map(|(_, name)| name.clone()),
                     _ => None,
+                },
+                contact_name: match entry.recipient {
+                    Recipient::Peer => self
+                        .queues
+                        .get(&(entry.conversation, entry.recipient))
+                        .and_then(|q| q.name.clone()),
+                    Recipient::Member(_) => None,
                 },
             });
         }

@@ -333,6 +333,9 @@ pub enum Event {
         /// That member's name, when the sending service knows it.
         #[serde(skip_serializing_if = "Option::is_none")]
         member_name: Option<String>,
+        /// A 1:1 recipient's name, when the sending service knows it.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        contact_name: Option<String>,
     },
     /// A contact appeared or changed.
     Contact {

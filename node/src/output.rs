@@ -396,7 +396,20 @@ pub fn event(e: &Value) -> String {
                     .and_then(Value::as_str)
                     .map_or_else(|| format!("member {member}"), str::to_string)
             ),
-            _ => format!("message {} {}", s(e, "message"), s(e, "status")),
+            _ => match e.get("contact_name").and_then(Value::as_str) {
+                Some(name) if s(e, "status") == "delivered" => format!(
+                    "message {} delivered to {}'s node",
+                    s(e, "message"),
+                    shown(name)
+                ),
+                Some(name) => format!(
+                    "message {} {} (to {})",
+                    s(e, "message"),
+                    s(e, "status"),
+                    shown(name)
+                ),
+                None => format!("message {} {}", s(e, "message"), s(e, "status")),
+            },
         },
         "contact" => {
             let c = e.get("contact").unwrap_or(&Value::Null);

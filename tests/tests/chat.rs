@@ -228,13 +228,19 @@ fn watch_streams_messages_deliveries_and_contacts_as_json_lines() {
 
     let mut kinds = std::collections::BTreeSet::new();
     let mut message = None;
+    let mut delivery = None;
     watch.next_event(Duration::from_secs(20), |event| {
         kinds.insert(event["event"].as_str().unwrap().to_string());
         if event["event"] == "message" {
             message = Some(event.clone());
         }
-        kinds.len() == 3
+        if event["event"] == "delivery" && event["kind"] == "message" {
+            delivery = Some(event.clone());
+        }
+        kinds.len() == 3 && delivery.is_some()
     });
+    let delivery = delivery.unwrap();
+    assert_eq!(delivery["contact_name"], "Blair", "{delivery}");
     assert_eq!(
         kinds.into_iter().collect::<Vec<_>>(),
         ["contact", "delivery", "message"]
@@ -251,6 +257,15 @@ fn watch_streams_messages_deliveries_and_contacts_as_json_lines() {
     assert!(
         line.as_deref()
             .is_some_and(|l| l.ends_with("  Blair: watched")),
+        "{line:?}"
+    );
+    // And whose node has what we sent.
+    let line = words.next(Duration::from_secs(20), |line| {
+        line.contains("delivered").then(|| line.to_string())
+    });
+    assert!(
+        line.as_deref()
+            .is_some_and(|l| l.ends_with("delivered to Blair's node")),
         "{line:?}"
     );
 }
