@@ -1073,6 +1073,7 @@ impl Handler<SendMessage> for RelationshipManager {
                 },
             };
             let mut view = MessageView::of(conversation, &entry);
+            view.to = Some(conversation.to_string());
             if let Conversation::Group(_) = conversation {
                 view.recipients = Some(entry.pending);
             }

@@ -217,6 +217,10 @@ pub struct MessageView {
     /// else's).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recipients: Option<u32>,
+    /// For a message just sent: the contact or group id it went to (the
+    /// command may have named it by a prefix or by name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
 }
 
 impl MessageView {
@@ -234,6 +238,7 @@ impl MessageView {
             at: rfc3339(entry.sent_at),
             status: status_name(entry.status),
             recipients: None,
+            to: None,
         }
     }
 }

@@ -477,7 +477,8 @@ async fn dispatch(manager: &Addr<RelationshipManager>, call: Call) -> Result<Val
                 .send(SendMessage { to, text, wait })
                 .await
                 .map_err(stopped)??;
-            let mut answer = json!({ "message": sent.id, "status": sent.status, "at": sent.at });
+            let mut answer =
+                json!({ "message": sent.id, "status": sent.status, "at": sent.at, "to": sent.to });
             if let Some(recipients) = sent.recipients {
                 answer["recipients"] = json!(recipients);
             }

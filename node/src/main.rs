@@ -26,6 +26,20 @@ macro_rules! print {
     };
 }
 
+/// The name of contact or group `id`, as `contacts` and `groups` show it.
+async fn conversation_name(daemon: &mut control::Client, id: &str) -> Option<String> {
+    let named = |list: Value| {
+        list.as_array()?
+            .iter()
+            .find(|x| x["id"] == id)
+            .and_then(|x| x["name"].as_str().map(String::from))
+    };
+    if let Some(name) = named(daemon.call(&Call::Contacts { all: true }).await.ok()?) {
+        return Some(name);
+    }
+    named(daemon.call(&Call::Groups { all: true }).await.ok()?)
+}
+
 fn out(args: std::fmt::Arguments) {
     if !protonode::write_stdout(args) {
         std::process::exit(0);
@@ -283,6 +297,12 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
             } else {
                 let status = v["status"].as_str().unwrap_or("queued");
                 let id = v["message"].as_str().unwrap_or("");
+                // Named as the node knows it: the command may have used an
+                // id, a prefix or another spelling.
+                let contact = match v["to"].as_str() {
+                    Some(to) => conversation_name(&mut daemon, to).await.unwrap_or(contact),
+                    None => contact,
+                };
                 match v["recipients"].as_u64() {
                     Some(0) => println!("Kept in {contact}'s history (message {id}): you are its only member, so no one else receives it."),
                     Some(n) => {

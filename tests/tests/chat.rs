@@ -222,7 +222,7 @@ fn watch_streams_messages_deliveries_and_contacts_as_json_lines() {
     let _b = blair.start();
     let watch = alex.watch(true);
     let words = alex.watch(false);
-    alex.befriend(&blair);
+    let (blair_at_alex, _) = alex.befriend(&blair);
     blair.ok(&["send", "Alex", "watched", "--wait"]);
     alex.ok(&["send", "Blair", "back", "--wait"]);
 
@@ -268,6 +268,13 @@ fn watch_streams_messages_deliveries_and_contacts_as_json_lines() {
             .is_some_and(|l| l.ends_with("delivered to Blair's node")),
         "{line:?}"
     );
+
+    // Sent by an id prefix, said by name; the JSON names the contact's id.
+    let out = alex.cli(&["send", &blair_at_alex[..6], "by prefix"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.starts_with("queued to Blair (message "), "{said}");
+    let sent = alex.ok(&["send", "blair", "by name"]);
+    assert_eq!(sent["to"], blair_at_alex.as_str(), "{sent}");
 }
 
 /// `protonode status | head -1` and the like: the reader goes away, and the
