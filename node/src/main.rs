@@ -164,7 +164,13 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
                 );
             }
             if qr {
-                let code = output::qr(ticket).context("drawing the QR code failed")?;
+                use std::io::IsTerminal as _;
+                let paint = if json {
+                    std::io::stderr().is_terminal()
+                } else {
+                    std::io::stdout().is_terminal()
+                };
+                let code = output::qr(ticket, paint).context("drawing the QR code failed")?;
                 if json {
                     eprintln!("{code}");
                 } else {

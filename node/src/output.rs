@@ -473,15 +473,32 @@ fn group_label(e: &Value) -> String {
     }
 }
 
-/// A ticket as a QR code drawn with Unicode half blocks.
-pub fn qr(ticket: &str) -> Result<String, qrcode::types::QrError> {
+/// A ticket as a QR code drawn with Unicode half blocks. With `paint` (a
+/// terminal), in black on white whatever the terminal's colours, as a
+/// scanner expects; else light on dark (for the usual dark terminal).
+pub fn qr(ticket: &str, paint: bool) -> Result<String, qrcode::types::QrError> {
+    use qrcode::render::unicode::Dense1x2;
     let code = qrcode::QrCode::with_error_correction_level(ticket.as_bytes(), qrcode::EcLevel::L)?;
-    Ok(code
-        .render::<qrcode::render::unicode::Dense1x2>()
-        .dark_color(qrcode::render::unicode::Dense1x2::Light)
-        .light_color(qrcode::render::unicode::Dense1x2::Dark)
+    let (dark, light) = if paint {
+        (Dense1x2::Dark, Dense1x2::Light)
+    } else {
+        (Dense1x2::Light, Dense1x2::Dark)
+    };
+    let drawn = code
+        .render::<Dense1x2>()
+        .dark_color(dark)
+        .light_color(light)
         .quiet_zone(true)
-        .build())
+        .build();
+    if !paint {
+        return Ok(drawn);
+    }
+    // Black foreground on bright white, reset at each line's end.
+    Ok(drawn
+        .lines()
+        .map(|line| format!("\x1b[30;107m{line}\x1b[0m"))
+        .collect::<Vec<_>>()
+        .join("\n"))
 }
 
 #[cfg(test)]
@@ -489,6 +506,26 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn a_painted_qr_code_is_dark_on_light_on_any_terminal() {
+        let painted = qr("protonode:TICKET", true).unwrap();
+        let inner: Vec<&str> = painted
+            .lines()
+            .map(|line| {
+                line.strip_prefix("\x1b[30;107m")
+                    .and_then(|l| l.strip_suffix("\x1b[0m"))
+                    .unwrap_or_else(|| panic!("not painted: {line:?}"))
+            })
+            .collect();
+        // The quiet zone is light: the white background shows through.
+        assert!(inner[0].chars().all(|c| c == ' '), "{:?}", inner[0]);
+        assert!(inner.iter().any(|l| l.contains('█')));
+        // Unpainted, it is drawn for a dark terminal: light as blocks.
+        let plain = qr("protonode:TICKET", false).unwrap();
+        let top = plain.lines().next().unwrap();
+        assert!(!top.contains(' ') && !top.contains('\x1b'), "{top:?}");
+    }
 
     #[test]
     fn names_with_emoji_or_wide_characters_keep_the_columns_aligned() {
