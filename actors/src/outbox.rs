@@ -216,6 +216,12 @@ struct Queue {
     /// The peer was seen (connected, discovered on the LAN) while a batch
     /// was in flight: if that batch fails, retry at once, not after backoff.
     hinted: bool,
+    /// The peer's node answered that it is not keeping up and asked us to
+    /// retry later. Its traffic to us then says it is busy, not that it is
+    /// back: such a queue keeps its backoff until a batch goes through.
+    /// (Two overloaded nodes that reset each other's backoff with every
+    /// batch they send hammered each other several times a second.)
+    asked_later: bool,
 }
 
 impl Queue {
@@ -223,6 +229,20 @@ impl Queue {
         if self.known.insert(seq) {
             let cached = entry.filter(|_| self.rows.len() < CACHED_ROWS);
             self.rows.push_back((seq, cached));
+        }
+    }
+
+    /// The peer showed up (connected, sent us something): retry now, unless
+    /// it told us it is busy.
+    fn peer_seen(&mut self) {
+        if self.asked_later {
+            return;
+        }
+        if self.busy {
+            self.hinted = true;
+        } else {
+            self.retry_at = None;
+            self.failures = 0;
         }
     }
 
@@ -396,12 +416,7 @@ impl Sender {
     fn reachable(&mut self, peer: PeerId) {
         for q in self.queues.values_mut() {
             if q.peer == Some(peer) {
-                if q.busy {
-                    q.hinted = true;
-                } else {
-                    q.retry_at = None;
-                    q.failures = 0;
-                }
+                q.peer_seen();
             }
         }
     }
@@ -643,6 +658,12 @@ impl Sender {
         tracing::trace!(target: crate::TIMELINE, store = %self.store.name(), ok = result.is_ok(), "out: answered");
         let mut finished: Vec<(u64, OutboxEntry, bool)> = Vec::new();
         let mut transient = false;
+        // The receiver's node, or its answer's timeout, says "busy".
+        let asked_later = match &result {
+            Err(DeliveryError::Rejected(Refusal::Unavailable)) => true,
+            Ok(receipts) => receipts.contains(&Receipt::Refused(Refusal::Unavailable)),
+            Err(_) => false,
+        };
         let mut next_address = false;
         match result {
             Ok(receipts) => {
@@ -731,7 +752,8 @@ impl Sender {
         if let Some(q) = self.queues.get_mut(&destination) {
             q.busy = false;
             q.remove(&done);
-            let hinted = std::mem::take(&mut q.hinted);
+            let hinted = std::mem::take(&mut q.hinted) && !asked_later;
+            q.asked_later = asked_later;
             if transient && hinted {
                 // The peer showed up while this batch failed: go again now.
                 q.failures = 0;
@@ -825,6 +847,23 @@ fn backoff(config: &config::Delivery, failures: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_that_asked_us_to_retry_later_keeps_its_backoff_when_seen() {
+        let waiting = || Queue {
+            failures: 3,
+            retry_at: Some(Instant::now() + Duration::from_secs(2)),
+            ..Queue::default()
+        };
+        let mut back = waiting();
+        back.peer_seen();
+        assert_eq!((back.failures, back.retry_at), (0, None), "retried at once");
+        let mut busy = waiting();
+        busy.asked_later = true;
+        busy.peer_seen();
+        assert_eq!(busy.failures, 3);
+        assert!(busy.retry_at.is_some(), "it still waits out its backoff");
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {
