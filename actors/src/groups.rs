@@ -653,10 +653,11 @@ impl GroupSession {
             }
             Err(e) => {
                 self.checked = None;
-                self.provider.mls_storage().restore(writes);
                 self.record = record;
                 self.key = self.record.own_key.key();
-                self.group = mls::load_group(&self.provider, self.group.group_id())?;
+                if self.provider.mls_storage().restore(writes) {
+                    self.group = mls::load_group(&self.provider, self.group.group_id())?;
+                }
                 Err(e)
             }
         }
@@ -1768,8 +1769,9 @@ impl GroupSession {
         } else {
             let writes = self.provider.mls_storage().snapshot();
             let checked = self.check_commit(bytes);
-            self.provider.mls_storage().restore(writes);
-            self.group = mls::load_group(&self.provider, self.group.group_id())?;
+            if self.provider.mls_storage().restore(writes) {
+                self.group = mls::load_group(&self.provider, self.group.group_id())?;
+            }
             checked?;
             self.propose(bytes.to_vec(), now, changes)?;
         }
@@ -2943,6 +2945,71 @@ mod tests {
             assert!(m.claim.is_some(), "the follows attestation verified");
         }
         assert_eq!(a.epoch_authenticator(), c.epoch_authenticator());
+    }
+
+    /// A replayed message, or one sent at an epoch we have not reached
+    /// (kept for later), is refused before openmls writes anything: the
+    /// group's state is kept as it is in memory, not decoded again from
+    /// the store (with every past epoch's secrets, the cost that grows
+    /// with members times kept epochs). What comes next is received as
+    /// before.
+    #[test]
+    fn a_refused_replay_or_early_message_does_not_reload_the_group() {
+        let (alex, blair, charlie) = (person("Alex"), person("Blair"), person("Charlie"));
+        let ([_, ba, _, ca], record) = alex_introduces(&alex, &blair, &charlie);
+        for (r, (to, proton)) in record.relays.iter().zip([(&blair, ba), (&charlie, ca)]) {
+            relay(&alex, to, proton, r);
+        }
+        let (mut a, mut b) = (group_of(&alex), group_of(&blair));
+        let blair_ipk = b.own_ipk();
+        // Alex writes `text`; Blair's copy.
+        let mut write = |text: &str, now| {
+            let rows = step(&alex, &mut a, |s, ch| {
+                s.send_text(text, now, ch).unwrap();
+            });
+            rows_for(&rows, blair_ipk)[0].clone()
+        };
+        let gets = |s: &mut GroupSession, payload: &[u8], text: &str| {
+            let got = deliver(&blair, s, payload).unwrap();
+            assert!(
+                matches!(&got, Received::Text(e) if e.text == text),
+                "{got:?}"
+            );
+        };
+        let first = write("one", 30);
+        gets(&mut b, &first, "one");
+        let authenticator = b.epoch_authenticator();
+
+        let loads = mls::LOADS.get();
+        let mut ch = Changes::default();
+        let replay = b.receive(&first, None, 31, &mut ch);
+        assert!(replay.is_err(), "a replay is refused: {replay:?}");
+        assert!(ch.history.is_empty() && ch.outbox.is_empty());
+        b.drain_writes(&mut ch);
+        assert!(ch.mls.is_empty(), "a refused replay writes nothing");
+        // The same message, said to be of the next epoch: kept for later.
+        let Ok(Payload::Mls(mut early)) = Payload::decode(&first) else {
+            panic!("an MLS message")
+        };
+        // MLSMessage: version (2 bytes), wire format (2), then the
+        // PrivateMessage: its group id (a 1-byte length here), its epoch.
+        let at = 5 + usize::from(early[4]);
+        let epoch = u64::from_be_bytes(early[at..at + 8].try_into().unwrap());
+        assert_eq!(epoch, b.epoch());
+        early[at..at + 8].copy_from_slice(&(epoch + 1).to_be_bytes());
+        let mut ch = Changes::default();
+        assert!(matches!(
+            b.receive(&Payload::Mls(early).encode(), None, 32, &mut ch),
+            Err(GroupError::Deferred)
+        ));
+        assert_eq!(mls::LOADS.get(), loads, "no reload for either");
+        assert_eq!(b.epoch_authenticator(), authenticator);
+
+        gets(&mut b, &write("two", 33), "two");
+        // Across a restart too: what was committed is what was in memory.
+        let mut reloaded = group_of(&blair);
+        assert_eq!(reloaded.epoch_authenticator(), authenticator);
+        gets(&mut reloaded, &write("three", 34), "three");
     }
 
     #[test]

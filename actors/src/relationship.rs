@@ -683,9 +683,10 @@ impl ProtonSession {
         match step(self) {
             Ok(r) => Ok(r),
             Err(e) => {
-                self.provider.mls_storage().restore(writes);
                 self.record = record;
-                self.group = mls::load_group(&self.provider, self.group.group_id())?;
+                if self.provider.mls_storage().restore(writes) {
+                    self.group = mls::load_group(&self.provider, self.group.group_id())?;
+                }
                 Err(e)
             }
         }

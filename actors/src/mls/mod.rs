@@ -237,8 +237,18 @@ pub fn join_from_welcome(provider: &Provider, welcome: &[u8]) -> Result<MlsGroup
         .map_err(|e| MlsError::Welcome(e.to_string()))
 }
 
+#[cfg(test)]
+thread_local! {
+    /// How many times this thread loaded a group from storage: decoding a
+    /// group's state (with its past epochs' secrets) is the costly part of
+    /// a reload, so tests count them.
+    pub static LOADS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 /// Loads a group from the provider's storage.
 pub fn load_group(provider: &Provider, group_id: &GroupId) -> Result<MlsGroup, MlsError> {
+    #[cfg(test)]
+    LOADS.set(LOADS.get() + 1);
     MlsGroup::load(provider.storage(), group_id)
         .map_err(|e| MlsError::Load(e.to_string()))?
         .ok_or(MlsError::Missing)

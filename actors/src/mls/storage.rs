@@ -23,7 +23,7 @@
 //! 128-member group, rewritten at each message, was 5.1 KB of JSON.
 //! Keys keep their JSON encoding, so that values written before are found.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 
 use openmls_traits::storage::{traits, StorageProvider, CURRENT_VERSION};
@@ -119,6 +119,15 @@ pub struct MlsStorage {
     store: Store,
     namespace: [u8; 8],
     writes: RefCell<WriteSet>,
+    /// How many writes and deletions openmls has made through this storage:
+    /// a step that made none left the in-memory MLS state as it found it.
+    written: Cell<u64>,
+}
+
+/// The pending writes before a step, to put back if it fails.
+pub struct Snapshot {
+    writes: WriteSet,
+    written: u64,
 }
 
 impl MlsStorage {
@@ -127,6 +136,7 @@ impl MlsStorage {
             store,
             namespace,
             writes: RefCell::new(WriteSet::new()),
+            written: Cell::new(0),
         }
     }
 
@@ -151,13 +161,26 @@ impl MlsStorage {
     }
 
     /// A copy of the pending writes, to restore if the next step fails.
-    pub fn snapshot(&self) -> WriteSet {
-        self.writes.borrow().clone()
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            writes: self.writes.borrow().clone(),
+            written: self.written.get(),
+        }
     }
 
-    /// Puts back the pending writes of a snapshot.
-    pub fn restore(&self, snapshot: WriteSet) {
-        *self.writes.borrow_mut() = snapshot;
+    /// Puts back the pending writes of a snapshot. Says whether openmls
+    /// wrote anything since it was taken: only then can the in-memory MLS
+    /// state differ from what the storage now holds, and need reloading.
+    /// (openmls persists each change of a group's state as it makes it; a
+    /// message it refuses, such as a replay or one for a key already used,
+    /// is refused before anything is written.)
+    #[must_use = "in-memory MLS state built on the dropped writes must be reloaded"]
+    pub fn restore(&self, snapshot: Snapshot) -> bool {
+        if self.written.get() == snapshot.written {
+            return false;
+        }
+        *self.writes.borrow_mut() = snapshot.writes;
+        true
     }
 
     /// Drops pending writes (the operation they belonged to failed).
@@ -185,10 +208,12 @@ impl MlsStorage {
     }
 
     fn raw_put(&self, key: Vec<u8>, value: Vec<u8>) {
+        self.written.set(self.written.get() + 1);
         self.writes.borrow_mut().insert(key, Some(value));
     }
 
     fn raw_delete(&self, key: Vec<u8>) {
+        self.written.set(self.written.get() + 1);
         self.writes.borrow_mut().insert(key, None);
     }
 
