@@ -1049,6 +1049,15 @@ impl Handler<SendMessage> for RelationshipManager {
             Conversation::Proton(id) => (c, Ok(self.proton(id))),
             Conversation::Group(id) => (c, Err(self.group(id, ctx))),
         });
+        // The wait counts from the request, not from when the message is
+        // queued (which takes longer on a node that is behind). Queuing
+        // itself is waited for however long it takes: it is what says the
+        // message will not be lost, and a caller told "not queued" would
+        // send it again while the first one is still on its way.
+        // Bounded by the callers; capped here too, since an Instant overflows.
+        let deadline = msg
+            .wait
+            .map(|limit| tokio::time::Instant::now() + limit.min(Duration::from_secs(86_400)));
         Box::pin(async move {
             let (conversation, actor) = target?;
             let mut events = shared.events.subscribe();
@@ -1077,11 +1086,12 @@ impl Handler<SendMessage> for RelationshipManager {
             if let Conversation::Group(_) = conversation {
                 view.recipients = Some(entry.pending);
             }
-            if let Some(limit) = msg.wait.filter(|_| entry.status == MessageStatus::Queued) {
+            let waiting = msg.wait.zip(deadline);
+            if let Some((limit, deadline)) =
+                waiting.filter(|_| entry.status == MessageStatus::Queued)
+            {
                 // A group message is delivered once every member's node has it.
                 let mut left = entry.pending.max(1);
-                // Bounded by the callers; capped here too, since an Instant overflows.
-                let deadline = tokio::time::Instant::now() + limit.min(Duration::from_secs(86_400));
                 while left > 0 {
                     let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
                     match wait_for_delivery(&shared, &mut events, conversation, entry.id, wait)
