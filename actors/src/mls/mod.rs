@@ -7,6 +7,7 @@
 //! Every helper takes a provider whose storage collects writes; the caller
 //! commits them together with its own rows (see `storage`'s module docs).
 
+pub mod past_epochs;
 pub mod storage;
 
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
@@ -673,6 +674,19 @@ mod tests {
         (alex, blair, alex_group, blair_group)
     }
 
+    /// Blair commits an update of her keys, and Alex merges it.
+    fn blair_updates(
+        (blair_group, blair_p, blair_key): (&mut MlsGroup, &Provider, &IdentityKey),
+        (alex_group, alex_p): (&mut MlsGroup, &Provider),
+    ) {
+        let commit = stage_self_update(blair_group, blair_p, blair_key).unwrap();
+        merge_pending(blair_group, blair_p).unwrap();
+        let Incoming::Commit { staged, .. } = process(alex_group, alex_p, &commit).unwrap() else {
+            panic!("expected a commit");
+        };
+        merge_staged(alex_group, alex_p, *staged).unwrap();
+    }
+
     /// What is sealed for an epoch opens for that epoch's members, with
     /// the same label and context, and for nobody after the next commit.
     #[test]
@@ -722,14 +736,10 @@ mod tests {
             if i == MAX_PAST_EPOCHS - 1 {
                 kept = Some(encrypt(&mut blair_group, &blair_p, &blair.key, b"kept").unwrap());
             }
-            let commit = stage_self_update(&mut blair_group, &blair_p, &blair.key).unwrap();
-            merge_pending(&mut blair_group, &blair_p).unwrap();
-            let Incoming::Commit { staged, .. } =
-                process(&mut alex_group, &alex_p, &commit).unwrap()
-            else {
-                panic!("expected a commit");
-            };
-            merge_staged(&mut alex_group, &alex_p, *staged).unwrap();
+            blair_updates(
+                (&mut blair_group, &blair_p, &blair.key),
+                (&mut alex_group, &alex_p),
+            );
         }
         blair.commit(&blair_p);
         alex.commit(&alex_p);
@@ -883,6 +893,113 @@ mod tests {
             load_group(&party.provider(), &id),
             Err(MlsError::Missing)
         ));
+    }
+
+    /// The keys of one label among a write set's (`Some`: written,
+    /// `None`: deleted), or among what a store holds.
+    fn keys_of(writes: &WriteSet, label: &str) -> Vec<Option<usize>> {
+        writes
+            .iter()
+            .filter(|(k, _)| k[8..].starts_with(label.as_bytes()) && k[8 + label.len()] == 0)
+            .map(|(_, v)| v.as_ref().map(Vec::len))
+            .collect()
+    }
+
+    fn stored_past_epochs(party: &Party) -> usize {
+        party
+            .store
+            .read(|tx| {
+                use redb::ReadableTable as _;
+                let t = tx.open_table(crate::store::tables::MLS)?;
+                let mut n = 0;
+                for entry in t.iter()? {
+                    let (k, _) = entry?;
+                    n += usize::from(k.value()[8..].starts_with(b"message_secrets_past_epoch\0"));
+                }
+                Ok(n)
+            })
+            .unwrap()
+    }
+
+    /// A group's past epochs' secrets are stored apart from the current
+    /// one's: a message rewrites none of them, a late message of a past
+    /// epoch rewrites only that one, and all of it reads back after a
+    /// restart (with the keys used so far still used). Secrets a node
+    /// stored whole before are read, and stored in parts from then on.
+    #[test]
+    fn a_message_rewrites_no_past_epoch() {
+        let (alex, blair, mut alex_group, mut blair_group) = pair();
+        let (alex_p, blair_p) = (alex.provider(), blair.provider());
+        storage::WRITE_WHOLE.set(true);
+        let mut late = Vec::new();
+        for i in 0..4 {
+            let read = encrypt(&mut blair_group, &blair_p, &blair.key, b"read").unwrap();
+            process(&mut alex_group, &alex_p, &read).unwrap();
+            late.push(encrypt(&mut blair_group, &blair_p, &blair.key, &[i]).unwrap());
+            blair_updates(
+                (&mut blair_group, &blair_p, &blair.key),
+                (&mut alex_group, &alex_p),
+            );
+        }
+        blair.commit(&blair_p);
+        alex.commit(&alex_p);
+        storage::WRITE_WHOLE.set(false);
+        assert_eq!(stored_past_epochs(&alex), 0, "stored whole");
+        let alex_p = alex.provider();
+        let mut alex_group = load_group(&alex_p, alex_group.group_id()).unwrap();
+
+        let mut message = |text: &[u8]| {
+            let m = encrypt(&mut blair_group, &blair_p, &blair.key, text).unwrap();
+            blair.commit(&blair_p);
+            m
+        };
+        process(&mut alex_group, &alex_p, &message(b"first")).unwrap();
+        alex.commit(&alex_p);
+        assert_eq!(stored_past_epochs(&alex), 4, "one value per past epoch");
+
+        process(&mut alex_group, &alex_p, &message(b"now")).unwrap();
+        let writes = alex_p.mls_storage().take_writes();
+        assert_eq!(keys_of(&writes, "message_secrets").len(), 1);
+        assert!(keys_of(&writes, "message_secrets_past_epoch").is_empty());
+        alex.store
+            .write_blocking(|tx| apply_writes(tx, &writes))
+            .unwrap();
+
+        let Ok(Incoming::Application { bytes, .. }) = process(&mut alex_group, &alex_p, &late[1])
+        else {
+            panic!("a late message of a kept epoch is read")
+        };
+        assert_eq!(bytes, [1]);
+        let writes = alex_p.mls_storage().take_writes();
+        assert_eq!(keys_of(&writes, "message_secrets_past_epoch").len(), 1);
+        alex.store
+            .write_blocking(|tx| apply_writes(tx, &writes))
+            .unwrap();
+
+        let alex_p = alex.provider();
+        let mut again = load_group(&alex_p, alex_group.group_id()).unwrap();
+        assert_eq!(
+            epoch_authenticator(&again),
+            epoch_authenticator(&alex_group)
+        );
+        assert!(
+            process(&mut again, &alex_p, &late[1]).is_err(),
+            "its key was used before the restart"
+        );
+        assert!(matches!(
+            process(&mut again, &alex_p, &late[2]),
+            Ok(Incoming::Application { bytes, .. }) if bytes == [2]
+        ));
+        assert!(process(&mut again, &alex_p, &message(b"next")).is_ok());
+
+        // Leaving a group deletes its past epochs too.
+        again.delete(alex_p.storage()).unwrap();
+        let writes = alex_p.mls_storage().take_writes();
+        assert_eq!(keys_of(&writes, "message_secrets_past_epoch"), [None; 4]);
+        alex.store
+            .write_blocking(|tx| apply_writes(tx, &writes))
+            .unwrap();
+        assert_eq!(stored_past_epochs(&alex), 0);
     }
 
     #[test]
