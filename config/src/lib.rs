@@ -67,6 +67,13 @@ pub enum Error {
     },
     #[error("invalid configuration value {key}: {problem}")]
     Invalid { key: &'static str, problem: String },
+    #[error("environment variable {var} names no configuration key; [{section}] has: {known}")]
+    UnknownEnv {
+        var: String,
+        section: &'static str,
+        /// The section's variables.
+        known: String,
+    },
 }
 
 /// Where a node keeps its files. Everything lives in one directory.
@@ -647,6 +654,40 @@ struct EnvOverride {
     raw: String,
 }
 
+/// Refuses a variable among `names` that starts like an override of a
+/// section (`PROTONODE_NETWORK_…`) but names none of its keys, such as a
+/// misspelt one, which would otherwise be ignored without a word, as an
+/// unknown key in the file is refused. Other `PROTONODE_` variables (the
+/// data directory, the tests' and benchmarks' own) are not overrides.
+pub fn check_env_names(names: impl IntoIterator<Item = String>) -> Result<(), Error> {
+    for var in names {
+        let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        for (section, keys) in SECTION_DOCS {
+            let Some(key) = rest
+                .strip_prefix(&section.to_uppercase())
+                .and_then(|r| r.strip_prefix('_'))
+            else {
+                continue;
+            };
+            let env_name = |k: &str| format!("{ENV_PREFIX}{section}_{k}").to_uppercase();
+            if !keys.iter().any(|(k, _)| k.eq_ignore_ascii_case(key)) {
+                return Err(Error::UnknownEnv {
+                    known: keys
+                        .iter()
+                        .map(|(k, _)| env_name(k))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    var,
+                    section,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Applies `PROTONODE_<SECTION>_<KEY>` to `table`. The type of each key is
 /// taken from the defaults, so that a value such as "false" or "4001" is read
 /// as the right TOML type; lists are comma-separated.
@@ -782,6 +823,28 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         move |k| map.get(k).cloned()
+    }
+
+    /// A misspelt override is refused, naming the section's variables;
+    /// other `PROTONODE_` variables are none of the config's business.
+    #[test]
+    fn a_misspelt_override_is_refused() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(check_env_names(names(&[
+            "PROTONODE_NETWORK_MDNS",
+            "PROTONODE_DELIVERY_ORDERING_TIMEOUT_MS",
+            "PROTONODE_DATA_DIR",
+            "PROTONODE_BENCH_SAMPLES",
+            "PROTONODE_SEED",
+            "HOME",
+        ]))
+        .is_ok());
+        let err = check_env_names(names(&["PATH", "PROTONODE_NETWORK_MDSN"])).unwrap_err();
+        assert!(
+            matches!(&err, Error::UnknownEnv { var, section: "network", .. } if var == "PROTONODE_NETWORK_MDSN"),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("PROTONODE_NETWORK_MDNS"), "{err}");
     }
 
     #[test]

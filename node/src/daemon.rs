@@ -109,6 +109,7 @@ pub fn load_config(paths: &Paths) -> anyhow::Result<Config> {
             crate::shell_word(paths.data_dir())
         );
     }
+    config::check_env_names(std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()))?;
     Ok(Config::load(paths, |k| std::env::var(k).ok())?)
 }
 

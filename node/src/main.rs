@@ -176,6 +176,14 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
                 } else {
                     println!("{code}");
                 }
+                // A ticket holds a key package: its code is wider than the
+                // usual 80 columns, and a wrapped code does not scan.
+                let width = output::qr_width(ticket).unwrap_or(0);
+                if paint && width > 80 {
+                    eprintln!(
+                        "The code is {width} columns wide: if its lines wrap, widen the terminal (or make its font smaller) and run this again, or pass the ticket as text."
+                    );
+                }
             }
         }
         Command::Accept { ticket } => {
@@ -437,11 +445,11 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
                 ),
                 G::Add { group, contact } => (
                     Call::GroupAdd { group, contact },
-                    "Added: they are introduced and claim their place.",
+                    "Adding them: they are listed once the group has ordered the change, as a placeholder until they claim their place.",
                 ),
                 G::Remove { group, member } => (
                     Call::GroupRemove { group, member },
-                    "Removed (once the group orders the change).",
+                    "Removing them: they leave the list once the group has ordered the change.",
                 ),
                 G::Leave { group } => (Call::GroupLeave { group }, "You left the group."),
                 G::Update { group } => (

@@ -473,6 +473,12 @@ fn group_label(e: &Value) -> String {
     }
 }
 
+/// How many columns [`qr`] draws a ticket's code in (quiet zone included).
+pub fn qr_width(ticket: &str) -> Result<usize, qrcode::types::QrError> {
+    let code = qrcode::QrCode::with_error_correction_level(ticket.as_bytes(), qrcode::EcLevel::L)?;
+    Ok(code.width() + 8)
+}
+
 /// A ticket as a QR code drawn with Unicode half blocks. With `paint` (a
 /// terminal), in black on white whatever the terminal's colours, as a
 /// scanner expects; else light on dark (for the usual dark terminal).
@@ -525,6 +531,10 @@ mod tests {
         let plain = qr("protonode:TICKET", false).unwrap();
         let top = plain.lines().next().unwrap();
         assert!(!top.contains(' ') && !top.contains('\x1b'), "{top:?}");
+        // What the note on its width says is what is drawn.
+        let width = qr_width("protonode:TICKET").unwrap();
+        assert!(inner.iter().all(|l| l.chars().count() == width));
+        assert!(plain.lines().all(|l| l.chars().count() == width));
     }
 
     #[test]
