@@ -149,8 +149,9 @@ pub struct MlsStorage {
     store: Store,
     namespace: [u8; 8],
     writes: RefCell<WriteSet>,
-    /// How many writes and deletions openmls has made through this storage:
-    /// a step that made none left the in-memory MLS state as it found it.
+    /// How many times the pending writes changed (openmls's writes and
+    /// deletions, or writes taken or dropped): a step in which they did
+    /// not change left the in-memory MLS state as it found it.
     written: Cell<u64>,
 }
 
@@ -182,6 +183,7 @@ impl MlsStorage {
     /// caller commits them with [`apply_writes`] or, on failure, drops them
     /// and reloads whatever in-memory MLS state was built on them.
     pub fn take_writes(&self) -> WriteSet {
+        self.written.set(self.written.get() + 1);
         std::mem::take(&mut *self.writes.borrow_mut())
     }
 
@@ -215,6 +217,7 @@ impl MlsStorage {
 
     /// Drops pending writes (the operation they belonged to failed).
     pub fn discard_writes(&self) {
+        self.written.set(self.written.get() + 1);
         self.writes.borrow_mut().clear();
     }
 
