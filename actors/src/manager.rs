@@ -64,7 +64,7 @@ pub enum Error {
         "no contact or group matches {0:?}; `protonode contacts` and `protonode groups` list them"
     )]
     UnknownConversation(String),
-    #[error("no group matches {0:?}; `protonode groups` lists them")]
+    #[error("no group matches {0:?}; `protonode groups` lists them (an introduction is listed once the introducer's node has delivered it; `protonode watch` shows when)")]
     UnknownGroup(String),
     #[error("{query:?} matches several groups ({matches}); use the group id")]
     AmbiguousGroup { query: String, matches: String },
