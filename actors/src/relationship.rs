@@ -672,8 +672,9 @@ impl ProtonSession {
 
     /// Runs one step so that its failure leaves the session as it was before
     /// the step, even when earlier steps of the same batch are not yet
-    /// committed: the pending MLS writes are restored and the group reloaded
-    /// from them.
+    /// committed: the pending MLS writes are restored and, if the step
+    /// changed them, the group reloaded from them (a step that changed
+    /// none left the group in memory as it was).
     fn isolated<R>(
         &mut self,
         step: impl FnOnce(&mut Self) -> Result<R, RelationshipError>,

@@ -672,7 +672,8 @@ pub fn check_env_names(names: impl IntoIterator<Item = String>) -> Result<(), Er
                 continue;
             };
             let env_name = |k: &str| format!("{ENV_PREFIX}{section}_{k}").to_uppercase();
-            if !keys.iter().any(|(k, _)| k.eq_ignore_ascii_case(key)) {
+            // Overrides are looked up by their upper-case names only.
+            if !keys.iter().any(|(k, _)| k.to_uppercase() == key) {
                 return Err(Error::UnknownEnv {
                     known: keys
                         .iter()
@@ -839,6 +840,7 @@ mod tests {
             "HOME",
         ]))
         .is_ok());
+        assert!(check_env_names(names(&["PROTONODE_NETWORK_Mdns"])).is_err());
         let err = check_env_names(names(&["PATH", "PROTONODE_NETWORK_MDSN"])).unwrap_err();
         assert!(
             matches!(&err, Error::UnknownEnv { var, section: "network", .. } if var == "PROTONODE_NETWORK_MDSN"),

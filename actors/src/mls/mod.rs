@@ -462,7 +462,10 @@ pub fn stage_claim(
             LeafNodeParameters::default(),
         )
         .map_err(|e| MlsError::SelfUpdate(e.to_string()));
-    let bundle = bundle?;
+    // openmls clears the AAD only when it builds the commit: a failed
+    // claim must not leave its attestation on the next message we send
+    // (a failed step keeps the group in memory, see `MlsStorage::restore`).
+    let bundle = bundle.inspect_err(|_| group.set_aad(Vec::new()))?;
     encode_message(bundle.commit())
 }
 

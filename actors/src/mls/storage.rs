@@ -240,6 +240,13 @@ impl MlsStorage {
         })?)
     }
 
+    /// Counts a change to the pending writes as begun: a write that fails
+    /// half-way (openmls has changed its group in memory before it asks)
+    /// must still have the failed step reload the group.
+    fn attempt(&self) {
+        self.written.set(self.written.get() + 1);
+    }
+
     fn raw_put(&self, key: Vec<u8>, value: Vec<u8>) {
         self.written.set(self.written.get() + 1);
         self.writes.borrow_mut().insert(key, Some(value));
@@ -256,6 +263,7 @@ impl MlsStorage {
         key: &K,
         value: &V,
     ) -> Result<(), MlsStorageError> {
+        self.attempt();
         let k = self.key(label, key)?;
         self.raw_put(k, pack(value)?);
         Ok(())
@@ -274,6 +282,7 @@ impl MlsStorage {
     }
 
     fn delete<K: Serialize>(&self, label: &str, key: &K) -> Result<(), MlsStorageError> {
+        self.attempt();
         let k = self.key(label, key)?;
         self.raw_delete(k);
         Ok(())
@@ -286,6 +295,7 @@ impl MlsStorage {
         group_id: &K,
         value: &V,
     ) -> Result<(), MlsStorageError> {
+        self.attempt();
         let k = self.key(MESSAGE_SECRETS, group_id)?;
         #[cfg(test)]
         if WRITE_WHOLE.get() {
@@ -366,6 +376,7 @@ impl MlsStorage {
         key: &K,
         value: &V,
     ) -> Result<(), MlsStorageError> {
+        self.attempt();
         let k = self.key(label, key)?;
         let stored = self.raw_get(&k)?;
         // A list written as JSON stays JSON.
@@ -919,6 +930,7 @@ impl StorageProvider<CURRENT_VERSION> for MlsStorage {
         &self,
         group_id: &GroupId,
     ) -> Result<(), Self::Error> {
+        self.attempt();
         let k = self.key(MESSAGE_SECRETS, group_id)?;
         for epoch in self.stored_past_epochs(&k)? {
             self.delete(PAST_EPOCH, &(group_id, epoch))?;
