@@ -90,6 +90,8 @@ pub enum Error {
     TicketRefused,
     #[error("message {id} was not acknowledged within {}; it stays queued and is delivered when the recipient's node is reachable (`protonode history` shows when)", views::human_duration(*.within))]
     NotYetDelivered { id: String, within: Duration },
+    #[error("the group has not ordered the change within {}; it stays queued and is made once the group's ordering service is reachable (`protonode groups` shows it then)", views::human_duration(*.within))]
+    NotYetOrdered { within: Duration },
     #[error(transparent)]
     Relationship(#[from] RelationshipError),
     #[error(transparent)]
@@ -251,6 +253,19 @@ pub enum GroupAction {
 pub struct GroupCommand {
     pub group: String,
     pub action: GroupAction,
+}
+
+/// Answers once a group has no change of ours waiting to be ordered
+/// (queued or sent to the ordering service), with the group as it is then.
+#[derive(Message)]
+#[rtype(result = "Result<GroupView, Error>")]
+pub struct AwaitOrdered {
+    /// The group's id.
+    pub group: String,
+    /// When to give up.
+    pub until: tokio::time::Instant,
+    /// The wait asked for (for the error).
+    pub within: Duration,
 }
 
 /// New inbox rows for these owners (from the receiving service).
@@ -1420,6 +1435,39 @@ impl Handler<Connect> for RelationshipManager {
                 name,
                 delivered: arrived,
             })
+        })
+    }
+}
+
+impl Handler<AwaitOrdered> for RelationshipManager {
+    type Result = ResponseFuture<Result<GroupView, Error>>;
+
+    fn handle(&mut self, msg: AwaitOrdered, _ctx: &mut Self::Context) -> Self::Result {
+        let store = self.shared.store.clone();
+        Box::pin(async move {
+            let id: GroupProtonId = msg
+                .group
+                .parse()
+                .map_err(|_| Error::UnknownGroup(msg.group.clone()))?;
+            loop {
+                // The group proton writes its record as it goes: reading it
+                // is cheaper than a round trip through its actor, and a
+                // change that no longer applies is dropped without an event.
+                let record =
+                    groups::get_group(&store, id)?.ok_or(Error::UnknownGroup(msg.group.clone()))?;
+                let settled = record.pending.is_none() && record.intents.is_empty();
+                if settled || record.state == GroupState::Gone {
+                    return Ok(GroupView::of(&record));
+                }
+                if tokio::time::Instant::now() >= msg.until {
+                    return Err(Error::NotYetOrdered { within: msg.within });
+                }
+                tokio::time::sleep_until(
+                    msg.until
+                        .min(tokio::time::Instant::now() + Duration::from_millis(50)),
+                )
+                .await;
+            }
         })
     }
 }

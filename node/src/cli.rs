@@ -51,6 +51,13 @@ pub enum GroupCommand {
         group: String,
         /// The contact to add (id or unambiguous name).
         contact: String,
+        /// Return only once the group has ordered the change (it shows in `groups`).
+        #[arg(long)]
+        wait: bool,
+        /// With --wait, give up waiting after this many seconds, 1 to 86400 (the change stays queued).
+        #[arg(long, value_name = "SECONDS", default_value_t = 60, requires = "wait",
+              value_parser = clap::value_parser!(u64).range(1..=config::MAX_SEND_WAIT_SECS))]
+        timeout: u64,
     },
     /// Remove a member from a group.
     Remove {
@@ -58,6 +65,13 @@ pub enum GroupCommand {
         group: String,
         /// The member's id (as `groups` shows it) or unambiguous name.
         member: String,
+        /// Return only once the group has ordered the change (it shows in `groups`).
+        #[arg(long)]
+        wait: bool,
+        /// With --wait, give up waiting after this many seconds, 1 to 86400 (the change stays queued).
+        #[arg(long, value_name = "SECONDS", default_value_t = 60, requires = "wait",
+              value_parser = clap::value_parser!(u64).range(1..=config::MAX_SEND_WAIT_SECS))]
+        timeout: u64,
     },
     /// Leave a group (its history stays readable).
     Leave {
@@ -68,6 +82,13 @@ pub enum GroupCommand {
     Update {
         /// Group id or unambiguous name.
         group: String,
+        /// Return only once the group has ordered the change (it shows in `groups`).
+        #[arg(long)]
+        wait: bool,
+        /// With --wait, give up waiting after this many seconds, 1 to 86400 (the change stays queued).
+        #[arg(long, value_name = "SECONDS", default_value_t = 60, requires = "wait",
+              value_parser = clap::value_parser!(u64).range(1..=config::MAX_SEND_WAIT_SECS))]
+        timeout: u64,
     },
     /// Mark a member as verified (you checked their key id with them out of band).
     ///

@@ -19,9 +19,10 @@ use std::time::Duration;
 
 use actix::Addr;
 use actors::manager::{
-    self, AcceptInvite, AcceptMerge, Connect, ContactDetail, CreateGroup, CreateInvite, GetHistory,
-    GetStatus, GroupAction, GroupCommand, IgnoreMerge, Link, ListAllContacts, ListAllGroups,
-    ListContacts, ListGroups, ListMerges, RelationshipManager, RequestMerge, SendMessage,
+    self, AcceptInvite, AcceptMerge, AwaitOrdered, Connect, ContactDetail, CreateGroup,
+    CreateInvite, GetHistory, GetStatus, GroupAction, GroupCommand, IgnoreMerge, Link,
+    ListAllContacts, ListAllGroups, ListContacts, ListGroups, ListMerges, RelationshipManager,
+    RequestMerge, SendMessage,
 };
 use actors::merge::MergeError;
 use actors::relationship::RelationshipError;
@@ -132,16 +133,23 @@ pub enum Call {
     GroupAdd {
         group: String,
         contact: String,
+        /// Wait for the group to order the change at most this long.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wait_secs: Option<u64>,
     },
     GroupRemove {
         group: String,
         member: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wait_secs: Option<u64>,
     },
     GroupLeave {
         group: String,
     },
     GroupUpdate {
         group: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wait_secs: Option<u64>,
     },
     GroupVerify {
         group: String,
@@ -210,7 +218,7 @@ impl From<manager::Error> for RpcError {
             | E::AmbiguousMember { .. } => codes::UNKNOWN_CONTACT,
             E::OwnMember(_) => codes::INVALID_INPUT,
             E::TicketRefused => codes::TICKET_REFUSED,
-            E::NotYetDelivered { .. } => codes::NOT_DELIVERED,
+            E::NotYetDelivered { .. } | E::NotYetOrdered { .. } => codes::NOT_DELIVERED,
             E::Relationship(
                 RelationshipError::Ticket(_)
                 | RelationshipError::AlreadyAccepted { .. }
@@ -545,14 +553,20 @@ async fn dispatch(manager: &Addr<RelationshipManager>, call: Call) -> Result<Val
         }
         Call::Claim { group } => group_command(manager, group, GroupAction::Claim).await,
         Call::Decline { group } => group_command(manager, group, GroupAction::Decline).await,
-        Call::GroupAdd { group, contact } => {
-            group_command(manager, group, GroupAction::Add(contact)).await
-        }
-        Call::GroupRemove { group, member } => {
-            group_command(manager, group, GroupAction::Remove(member)).await
-        }
+        Call::GroupAdd {
+            group,
+            contact,
+            wait_secs,
+        } => group_change(manager, group, GroupAction::Add(contact), wait_secs).await,
+        Call::GroupRemove {
+            group,
+            member,
+            wait_secs,
+        } => group_change(manager, group, GroupAction::Remove(member), wait_secs).await,
         Call::GroupLeave { group } => group_command(manager, group, GroupAction::Leave).await,
-        Call::GroupUpdate { group } => group_command(manager, group, GroupAction::Update).await,
+        Call::GroupUpdate { group, wait_secs } => {
+            group_change(manager, group, GroupAction::Update, wait_secs).await
+        }
         Call::GroupVerify { group, member } => {
             group_command(manager, group, GroupAction::Verify(member)).await
         }
@@ -576,6 +590,45 @@ async fn group_command(
 ) -> Result<Value, RpcError> {
     let view = manager
         .send(GroupCommand { group, action })
+        .await
+        .map_err(|_| RpcError::new(codes::INTERNAL, "the node is shutting down"))??;
+    serde_json::to_value(view)
+        .map_err(|e| RpcError::new(codes::INTERNAL, format!("encoding the answer failed: {e}")))
+}
+
+/// A change of the group's membership or keys; with `wait_secs`, answered
+/// once the group has ordered it (or the wait runs out: the change stays
+/// queued).
+async fn group_change(
+    manager: &Addr<RelationshipManager>,
+    group: String,
+    action: GroupAction,
+    wait_secs: Option<u64>,
+) -> Result<Value, RpcError> {
+    let Some(secs) = wait_secs else {
+        return group_command(manager, group, action).await;
+    };
+    if !(1..=config::MAX_SEND_WAIT_SECS).contains(&secs) {
+        return Err(RpcError::new(
+            codes::INVALID_PARAMS,
+            format!(
+                "wait_secs {secs} is not in 1..={} (a second to a day)",
+                config::MAX_SEND_WAIT_SECS
+            ),
+        ));
+    }
+    let started = tokio::time::Instant::now();
+    let view = manager
+        .send(GroupCommand { group, action })
+        .await
+        .map_err(|_| RpcError::new(codes::INTERNAL, "the node is shutting down"))??;
+    let within = Duration::from_secs(secs);
+    let view = manager
+        .send(AwaitOrdered {
+            group: view.id,
+            until: started + within,
+            within,
+        })
         .await
         .map_err(|_| RpcError::new(codes::INTERNAL, "the node is shutting down"))??;
     serde_json::to_value(view)
@@ -858,13 +911,18 @@ mod tests {
             Call::GroupAdd {
                 group: s(),
                 contact: s(),
+                wait_secs: None,
             },
             Call::GroupRemove {
                 group: s(),
                 member: s(),
+                wait_secs: Some(5),
             },
             Call::GroupLeave { group: s() },
-            Call::GroupUpdate { group: s() },
+            Call::GroupUpdate {
+                group: s(),
+                wait_secs: None,
+            },
             Call::GroupVerify {
                 group: s(),
                 member: s(),

@@ -443,18 +443,55 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
                     Call::GroupCreate { name, contacts },
                     "Group created; the people you invited claim their places.",
                 ),
-                G::Add { group, contact } => (
-                    Call::GroupAdd { group, contact },
-                    "Adding them: they are listed once the group has ordered the change, as a placeholder until they claim their place.",
+                G::Add {
+                    group,
+                    contact,
+                    wait,
+                    timeout,
+                } => (
+                    Call::GroupAdd {
+                        group,
+                        contact,
+                        wait_secs: wait.then_some(timeout),
+                    },
+                    if wait {
+                        "Added: they are a placeholder until they claim their place."
+                    } else {
+                        "Adding them: they are listed once the group has ordered the change, as a placeholder until they claim their place (--wait waits for it)."
+                    },
                 ),
-                G::Remove { group, member } => (
-                    Call::GroupRemove { group, member },
-                    "Removing them: they leave the list once the group has ordered the change.",
+                G::Remove {
+                    group,
+                    member,
+                    wait,
+                    timeout,
+                } => (
+                    Call::GroupRemove {
+                        group,
+                        member,
+                        wait_secs: wait.then_some(timeout),
+                    },
+                    if wait {
+                        "Removed."
+                    } else {
+                        "Removing them: they leave the list once the group has ordered the change (--wait waits for it)."
+                    },
                 ),
                 G::Leave { group } => (Call::GroupLeave { group }, "You left the group."),
-                G::Update { group } => (
-                    Call::GroupUpdate { group },
-                    "Your keys in the group are being rotated.",
+                G::Update {
+                    group,
+                    wait,
+                    timeout,
+                } => (
+                    Call::GroupUpdate {
+                        group,
+                        wait_secs: wait.then_some(timeout),
+                    },
+                    if wait {
+                        "Your keys in the group are rotated."
+                    } else {
+                        "Your keys in the group are being rotated (--wait waits for it)."
+                    },
                 ),
                 G::Verify { group, member } => {
                     (Call::GroupVerify { group, member }, "Marked as verified.")

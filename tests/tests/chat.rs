@@ -186,6 +186,8 @@ fn the_cli_says_what_to_do_next() {
             "--timeout",
             "18446744073709551615",
         ],
+        &["group", "update", "G", "--wait", "--timeout", "0"],
+        &["group", "add", "G", "Blair", "--timeout", "5"],
     ] {
         let out = alex.cli(args);
         assert_eq!(out.status.code(), Some(2), "{args:?} is a usage error");
@@ -199,6 +201,10 @@ fn the_cli_says_what_to_do_next() {
         (
             "send",
             r#"{"to":"Nobody","text":"hi","wait_secs":18446744073709551615}"#,
+        ),
+        (
+            "group_update",
+            r#"{"group":"Nobody","wait_secs":18446744073709551615}"#,
         ),
     ] {
         let answer = raw_call(&alex, method, params);

@@ -481,7 +481,15 @@ fn a_plain_group_grows_and_shrinks() {
     // Blair vouches for, not a placeholder: no one holds Alex's key but
     // Alex, and Alex's node alone votes for him.
     blair.befriend(&charlie);
-    blair.ok(&["group", "add", "Book club", "Charlie"]);
+    // With --wait, the answer comes once Alex's node (the ordering
+    // service) has ordered the change: Charlie is in it, a placeholder.
+    let added = blair.ok(&["group", "add", "Book club", "Charlie", "--wait"]);
+    assert_eq!(statuses(&added)["Charlie"], "placeholder", "{added}");
+    assert_eq!(
+        added["members"].as_array().map(Vec::len),
+        Some(3),
+        "{added}"
+    );
     wait_for(SETTLE, || (!charlie.groups().is_empty()).then_some(()))
         .expect("Charlie is introduced");
     let at_charlie = statuses(&the_group(&charlie));
@@ -525,7 +533,12 @@ fn a_plain_group_grows_and_shrinks() {
     );
 
     roster_event("claimed", "Charlie");
-    alex.ok(&["group", "remove", "Book club", "Charlie"]);
+    let removed = alex.ok(&["group", "remove", "Book club", "Charlie", "--wait"]);
+    assert_eq!(
+        removed["members"].as_array().map(Vec::len),
+        Some(2),
+        "{removed}"
+    );
     wait_for_agreement(&[&alex, &blair], 2);
     roster_event("gone", "Charlie");
     wait_for(SETTLE, || charlie.groups().is_empty().then_some(()))
