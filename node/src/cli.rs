@@ -233,6 +233,13 @@ pub enum Command {
     Claim {
         /// Group id or unambiguous name.
         group: String,
+        /// Return only once the group has ordered the claim (members see you then).
+        #[arg(long)]
+        wait: bool,
+        /// With --wait, give up waiting after this many seconds, 1 to 86400 (the claim stays queued).
+        #[arg(long, value_name = "SECONDS", default_value_t = 60, requires = "wait",
+              value_parser = clap::value_parser!(u64).range(1..=config::MAX_SEND_WAIT_SECS))]
+        timeout: u64,
     },
     /// Decline an introduction: the introducer removes the placeholder made for you.
     Decline {

@@ -118,6 +118,9 @@ pub enum Call {
     },
     Claim {
         group: String,
+        /// Wait for the group to order the claim at most this long.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wait_secs: Option<u64>,
     },
     Decline {
         group: String,
@@ -551,7 +554,9 @@ async fn dispatch(manager: &Addr<RelationshipManager>, call: Call) -> Result<Val
                 .map_err(stopped)??;
             to_json(serde_json::to_value(contact))
         }
-        Call::Claim { group } => group_command(manager, group, GroupAction::Claim).await,
+        Call::Claim { group, wait_secs } => {
+            group_change(manager, group, GroupAction::Claim, wait_secs).await
+        }
         Call::Decline { group } => group_command(manager, group, GroupAction::Decline).await,
         Call::GroupAdd {
             group,
@@ -898,7 +903,10 @@ mod tests {
                 name: None,
             },
             Call::Groups { all: true },
-            Call::Claim { group: s() },
+            Call::Claim {
+                group: s(),
+                wait_secs: None,
+            },
             Call::Decline { group: s() },
             Call::Connect {
                 group: s(),

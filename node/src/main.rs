@@ -406,9 +406,19 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
                 print!("{}", output::groups(&v));
             }
         }
-        Command::Claim { group } => {
-            let v = daemon.call(&Call::Claim { group }).await?;
-            group_result(&v, json, "Claimed: your own key replaces the placeholder (members see it once the group orders the change).");
+        Command::Claim {
+            group,
+            wait,
+            timeout,
+        } => {
+            let wait_secs = wait.then_some(timeout);
+            let v = daemon.call(&Call::Claim { group, wait_secs }).await?;
+            let done = if wait {
+                "Claimed: your own key has replaced the placeholder, and the members see you."
+            } else {
+                "Claimed: your own key replaces the placeholder (members see it once the group orders the change; --wait waits for it)."
+            };
+            group_result(&v, json, done);
         }
         Command::Decline { group } => {
             let v = daemon.call(&Call::Decline { group }).await?;

@@ -457,7 +457,10 @@ fn a_plain_group_grows_and_shrinks() {
     // Spaces around a name are not part of it.
     alex.ok(&["group", "create", "  Book club ", "Blair"]);
     the_group(&blair);
-    blair.ok(&["claim", "Book club"]);
+    // With --wait, the claim is answered once Alex's node has ordered it.
+    let claimed = blair.ok(&["claim", "Book club", "--wait"]);
+    assert_eq!(claimed["claiming"], false, "{claimed}");
+    assert_eq!(claimed["pending"], false, "{claimed}");
     wait_for_agreement(&[&alex, &blair], 2);
     roster_event("claimed", "Blair");
     let said = blair.cli(&["send", "Book club", "hello Alex", "--wait"]);
