@@ -450,6 +450,9 @@ pub struct GroupView {
     /// Our claim of a pending introduction is on its way (the group has
     /// not ordered it yet).
     pub claiming: bool,
+    /// Our changes (a claim, an add, a removal, a key update) waiting for
+    /// the group's ordering service: asked for, not made yet.
+    pub queued_changes: usize,
     /// "invited", "active" or "gone".
     pub state: &'static str,
     pub members: Vec<MemberView>,
@@ -496,6 +499,7 @@ impl GroupView {
             epoch_authenticator: data_encoding::HEXLOWER.encode(&g.authenticator),
             pending: g.state == GroupState::Invited,
             claiming: g.state == GroupState::Invited && g.claiming(),
+            queued_changes: g.intents.len() + usize::from(g.pending.is_some()),
             state: match g.state {
                 GroupState::Invited => "invited",
                 GroupState::Active => "active",

@@ -259,7 +259,11 @@ pub fn groups(list: &Value) -> String {
         } else if s(g, "state") == "gone" {
             "gone: you are no longer in it; `protonode history` still shows it".to_string()
         } else {
-            s(g, "state").to_string()
+            match g.get("queued_changes").and_then(Value::as_u64).unwrap_or(0) {
+                0 => s(g, "state").to_string(),
+                1 => format!("{}, 1 change not yet ordered", s(g, "state")),
+                n => format!("{}, {n} changes not yet ordered", s(g, "state")),
+            }
         };
         out += &format!(
             "group {}{}  epoch {}  ({})\n",

@@ -3,7 +3,7 @@
 //! they see placeholders, claim them, talk in the group and on the side.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use harness::{wait_for, Person};
 use serde_json::Value;
@@ -689,4 +689,58 @@ fn the_group_goes_on_when_the_ordering_node_dies() {
             .then_some(())
     })
     .expect("Charlie reads Blair");
+}
+
+#[test]
+fn a_change_that_is_not_ordered_in_time_stays_queued() {
+    let (alex, blair) = (person("Alex"), person("Blair"));
+    let mut a = alex.start();
+    let _b = blair.start();
+    befriend_all(&alex, &[&blair]);
+    alex.ok(&["group", "create", "Pair", "Blair"]);
+    the_group(&blair);
+    blair.ok(&["claim", "Pair", "--wait"]);
+    let before = wait_for_agreement(&[&alex, &blair], 2)[0]["epoch"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(the_group(&blair)["queued_changes"], 0);
+
+    // Alex's node orders the group's changes, and Blair alone is no
+    // majority of two: with Alex's node down, nothing is ordered.
+    assert!(a.stop(), "Alex's daemon stops cleanly");
+    let asked = Instant::now();
+    let waited = blair.cli(&["group", "update", "Pair", "--wait", "--timeout", "2"]);
+    let took = asked.elapsed();
+    assert_eq!(waited.status.code(), Some(1), "{waited:?}");
+    let said = String::from_utf8_lossy(&waited.stderr);
+    assert!(
+        said.contains("within 2s") && said.contains("stays queued"),
+        "{said}"
+    );
+    // It waited for the timeout (a lower bound, not a speed check).
+    assert!(took >= Duration::from_secs(2), "answered after {took:?}");
+    let queued = the_group(&blair);
+    assert_eq!(queued["epoch"], before, "{queued}");
+    assert_eq!(queued["queued_changes"], 1, "{queued}");
+    let text = blair.cli(&["groups"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("1 change not yet ordered"), "{text}");
+
+    // Back, Alex's node orders the queued update: both move on by one.
+    let _a = alex.start();
+    wait_for(SETTLE, || {
+        let (a, b) = (the_group(&alex), the_group(&blair));
+        let done = b["epoch"].as_u64()? == before + 1
+            && a["epoch"] == b["epoch"]
+            && a["epoch_authenticator"] == b["epoch_authenticator"]
+            && b["queued_changes"] == 0;
+        done.then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the queued update was not made: {:#?} {:#?}",
+            the_group(&alex),
+            the_group(&blair)
+        )
+    });
 }
