@@ -964,10 +964,7 @@ impl GroupSession {
             })
             .collect();
         for p in via {
-            let in_group = self.record.members.iter().any(|m| {
-                m.via == Some(p.id)
-                    || matches!(m.status, MemberStatus::Linked { proton } if proton == p.id)
-            });
+            let in_group = self.record.members.iter().any(|m| m.stands_for(p.id));
             if in_group || adding.contains(&p.id) {
                 return Err(GroupError::AlreadyInGroup(p.peer_display.name.clone()));
             }
@@ -2598,6 +2595,23 @@ pub fn get_group(
     id: GroupProtonId,
 ) -> Result<Option<GroupProtonRecord>, StoreError> {
     store.read(|tx| store::get(&tx.open_table(tables::GROUPS)?, id.0, "group"))
+}
+
+/// Groups we are still in whose other members are exactly the peers of
+/// these relationships (see [`Member::stands_for`]).
+pub fn groups_of_exactly(
+    store: &Store,
+    protons: &[crate::model::ProtonId],
+) -> Result<Vec<GroupProtonRecord>, StoreError> {
+    let mut groups = all_groups(store)?;
+    groups.retain(|g| {
+        g.state != GroupState::Gone
+            && g.members.len() == protons.len()
+            && protons
+                .iter()
+                .all(|p| g.members.iter().any(|m| m.stands_for(*p)))
+    });
+    Ok(groups)
 }
 
 pub fn all_groups(store: &Store) -> Result<Vec<GroupProtonRecord>, StoreError> {

@@ -227,6 +227,14 @@ pub struct ListGroups;
 #[rtype(result = "Result<Vec<GroupView>, Error>")]
 pub struct ListAllGroups;
 
+/// The groups we are in whose other members are exactly these contacts
+/// (asked before introducing the same people again).
+#[derive(Message)]
+#[rtype(result = "Result<Vec<GroupView>, Error>")]
+pub struct GroupsWith {
+    pub contacts: Vec<String>,
+}
+
 /// Starts a side relationship with a member of a group (DESIGN.md 8.4).
 #[derive(Message)]
 #[rtype(result = "Result<AcceptView, Error>")]
@@ -1280,6 +1288,19 @@ impl Handler<ListAllGroups> for RelationshipManager {
 
     fn handle(&mut self, _: ListAllGroups, _: &mut Self::Context) -> Self::Result {
         self.group_views(true)
+    }
+}
+
+impl Handler<GroupsWith> for RelationshipManager {
+    type Result = Result<Vec<GroupView>, Error>;
+
+    fn handle(&mut self, msg: GroupsWith, _: &mut Self::Context) -> Self::Result {
+        let mut protons = Vec::with_capacity(msg.contacts.len());
+        for c in &msg.contacts {
+            protons.push(self.resolve(c)?.id);
+        }
+        let groups = groups::groups_of_exactly(&self.shared.store, &protons)?;
+        Ok(groups.iter().map(GroupView::of).collect())
     }
 }
 

@@ -308,6 +308,15 @@ pub struct Member {
     pub claim: Option<crate::attestation::Attestation>,
 }
 
+impl Member {
+    /// Whether this member is the peer of our relationship `proton`: the
+    /// placeholder we made for them, or a member linked to them.
+    pub fn stands_for(&self, proton: crate::model::ProtonId) -> bool {
+        self.via == Some(proton)
+            || matches!(self.status, MemberStatus::Linked { proton: p } if p == proton)
+    }
+}
+
 /// A control message waiting to go through one of our relationships
 /// (an introduction, an equivalence); removed once the proton queued it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -221,6 +221,10 @@ pub enum Command {
         /// A name for the group.
         #[arg(long)]
         name: Option<String>,
+        /// Introduce them even if they are already in a group with you and
+        /// no one else (a second introduction for each of them to answer).
+        #[arg(long)]
+        again: bool,
     },
     /// List your groups with their members and how far you trust each.
     Groups {

@@ -20,7 +20,7 @@ use std::time::Duration;
 use actix::Addr;
 use actors::manager::{
     self, AcceptInvite, AcceptMerge, AwaitOrdered, Connect, ContactDetail, CreateGroup,
-    CreateInvite, GetHistory, GetStatus, GroupAction, GroupCommand, IgnoreMerge, Link,
+    CreateInvite, GetHistory, GetStatus, GroupAction, GroupCommand, GroupsWith, IgnoreMerge, Link,
     ListAllContacts, ListAllGroups, ListContacts, ListGroups, ListMerges, RelationshipManager,
     RequestMerge, SendMessage,
 };
@@ -110,6 +110,9 @@ pub enum Call {
         contacts: Vec<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         name: Option<String>,
+        /// Even if the two are already in a group with us, just the three.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        again: bool,
     },
     Groups {
         /// Also groups we are no longer in.
@@ -205,6 +208,31 @@ impl RpcError {
             message: message.into(),
         }
     }
+}
+
+/// Why `introduce` refuses to introduce two people a second time.
+fn already_introduced(g: &actors::views::GroupView) -> String {
+    let names: Vec<&str> = g
+        .members
+        .iter()
+        .filter(|m| m.status != "self")
+        .map(|m| m.name.as_str())
+        .collect();
+    let placeholders = g.members.iter().any(|m| m.status == "placeholder");
+    format!(
+        "{} are already in a group with you and no one else: {}{}{}; `protonode introduce --again` makes another",
+        names.join(" and "),
+        g.id,
+        g.name
+            .as_deref()
+            .map(|n| format!(" \"{n}\""))
+            .unwrap_or_default(),
+        if placeholders {
+            " (not everyone has claimed their place yet)"
+        } else {
+            ""
+        },
+    )
 }
 
 impl From<manager::Error> for RpcError {
@@ -507,12 +535,29 @@ async fn dispatch(manager: &Addr<RelationshipManager>, call: Call) -> Result<Val
             codes::INVALID_REQUEST,
             "watch is served on its own",
         )),
-        Call::Introduce { contacts, name } => {
+        Call::Introduce {
+            contacts,
+            name,
+            again,
+        } => {
             if contacts.len() != 2 {
                 return Err(RpcError::new(
                     codes::INVALID_PARAMS,
                     "introduce takes exactly two contacts",
                 ));
+            }
+            // A second group of the same three is most likely a slip (the
+            // two would get a second introduction to answer).
+            if !again {
+                let same = manager
+                    .send(GroupsWith {
+                        contacts: contacts.clone(),
+                    })
+                    .await
+                    .map_err(stopped)??;
+                if let Some(g) = same.first() {
+                    return Err(RpcError::new(codes::INVALID_INPUT, already_introduced(g)));
+                }
             }
             let group = manager
                 .send(CreateGroup { contacts, name })
@@ -901,6 +946,7 @@ mod tests {
             Call::Introduce {
                 contacts: vec![],
                 name: None,
+                again: true,
             },
             Call::Groups { all: true },
             Call::Claim {

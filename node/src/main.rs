@@ -375,11 +375,13 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
             contact_b,
             contact_c,
             name,
+            again,
         } => {
             let v = daemon
                 .call(&Call::Introduce {
                     contacts: vec![contact_b.clone(), contact_c.clone()],
                     name,
+                    again,
                 })
                 .await?;
             if json {

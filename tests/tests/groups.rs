@@ -215,6 +215,15 @@ fn alex_introduces_blair_and_charlie_who_claim_talk_and_connect() {
     assert_eq!(entered["name"], "Trio", "{entered}");
     charlie.ok(&["claim", "Trio"]);
     let groups = wait_for_agreement(&[&alex, &blair, &charlie], 3);
+    // Introducing the two again, now that they are in the group under
+    // their own keys, is refused too.
+    let twice = alex.cli(&["introduce", "Blair", "Charlie"]);
+    assert_eq!(twice.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&twice.stderr);
+    assert!(
+        said.contains("already in a group with you") && !said.contains("not everyone"),
+        "{said}"
+    );
     let epoch = groups[0]["epoch"].as_u64().unwrap();
     assert!(epoch >= 3, "creation plus two claims: {epoch}");
     // Each claimer's equivalence reaches Alex inside their relationship,
@@ -394,15 +403,40 @@ fn a_declined_introduction_removes_the_placeholder() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("you made this group"), "{said}");
 
+    // Once Blair's placeholder is gone from Alex's group, introducing the
+    // two again is no repeat.
+    wait_for(SETTLE, || {
+        (alex.groups()[0]["members"].as_array()?.len() == 2).then_some(())
+    })
+    .expect("Alex's node removes Blair's placeholder");
     // Two introductions under one name: `claim NAME` is ambiguous while
     // both wait, and means the one still waiting once the other is claimed.
     alex.ok(&["introduce", "Blair", "Charlie", "--name", "Pair"]);
-    // Named by id, they are told by name.
+    // A second introduction of the same two is refused unless asked for
+    // with --again, and makes nothing.
     let blair_id = contact_named(&alex, "Blair")["id"]
         .as_str()
         .unwrap()
         .to_string();
-    let out = alex.cli(&["introduce", &blair_id, "Charlie", "--name", "Pair"]);
+    let twice = alex.cli(&["introduce", "Charlie", "Blair"]);
+    assert_eq!(twice.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&twice.stderr);
+    assert!(
+        said.contains("are already in a group with you and no one else")
+            && said.contains("\"Pair\" (not everyone has claimed their place yet)")
+            && said.contains("--again"),
+        "{said}"
+    );
+    assert_eq!(alex.groups().len(), 2, "no group made");
+    // Named by id, they are told by name.
+    let out = alex.cli(&[
+        "introduce",
+        &blair_id,
+        "Charlie",
+        "--name",
+        "Pair",
+        "--again",
+    ]);
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(
         said.starts_with("Introduced Blair and Charlie in group ")
