@@ -12,10 +12,11 @@
 //! process would have ([`Remote`]).
 //!
 //! 1. Introduction: from Alex's `CreateGroup` with Blair and Charlie until
-//!    both their nodes list the group with its 3 members. The invitees'
-//!    nodes emit no event when they join, so a watcher thread reads the
-//!    length of their GROUPS table (what `ListGroups` lists, at O(1) per
-//!    look); `ListGroups` then checks the new group, untimed.
+//!    both their nodes list the group with its 3 members: each invitee's
+//!    node tells of the introduction (`GroupChange::Introduced`) once its
+//!    group is durably stored; `ListGroups` then checks the new group,
+//!    untimed. (Until 2026-11-28 a thread polled the invitees' GROUPS
+//!    tables every 50 µs instead, taking CPU from the nodes it timed.)
 //!    Floor: openmls create group + 2 placeholder key packages + the add
 //!    commit, one invitee's join from the Welcome, 2 durable redb commits,
 //!    one bare libp2p request-response round trip.
@@ -55,14 +56,14 @@ use actors::manager::{
 use actors::mls::{self, Incoming, Provider};
 use actors::runtime::Node;
 use actors::store::{tables, Store};
-use actors::views::{Event, GroupView};
+use actors::views::{Event, GroupChange, GroupView};
 use openmls::prelude::MlsGroup;
 use protonode_bench::{
     env_usize, load_average, loopback_config, machine, measured_end, measured_start, ms,
     open_files_limit, CommitFleet, CommitProbe, FanOut, Hosts, ProcessUse, Remote, Stats,
 };
 use redb::ReadableTableMetadata;
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::broadcast;
 
 /// Samples of one kind taken back to back before switching to the next kind
 /// (introductions and claims).
@@ -129,11 +130,10 @@ async fn run(sizes: Sizes) {
 
     let mut rows = Vec::new();
     let mut trio = Trio::start().await;
-    let watch = GroupWatch::start();
     let rr = FanOut::new(1).await;
     let commit = CommitProbe::new();
-    rows.push(measure_introductions(&mut trio, &watch, &rr, &commit, sizes.introductions).await);
-    rows.push(measure_claims(&mut trio, &watch, &rr, &commit, sizes.claims).await);
+    rows.push(measure_introductions(&mut trio, &rr, &commit, sizes.introductions).await);
+    rows.push(measure_claims(&mut trio, &rr, &commit, sizes.claims).await);
     println!(
         "(after these, each of the three nodes holds {} groups)",
         groups_len(&trio.blair.store)
@@ -141,7 +141,6 @@ async fn run(sizes: Sizes) {
     println!();
     trio.stop().await;
     rr.stop().await;
-    drop(watch);
 
     rows.extend(measure_fan_out(sizes.group, sizes.fanouts).await);
     println!("load average at the end: {}", load_average());
@@ -165,7 +164,6 @@ async fn run(sizes: Sizes) {
 /// Measurement 1: introductions, against their floor.
 async fn measure_introductions(
     trio: &mut Trio,
-    watch: &GroupWatch,
     rr: &FanOut,
     commit: &CommitProbe,
     samples: usize,
@@ -176,7 +174,7 @@ async fn measure_introductions(
         floor_mls.sample();
         rr.sample().await;
         commit.sample();
-        trio.introduce(watch).await;
+        trio.introduce().await;
     }
     let groups_before = groups_len(&trio.blair.store);
     for _ in 0..samples.div_ceil(BLOCK) {
@@ -190,7 +188,7 @@ async fn measure_introductions(
             t_commit.push(commit.sample());
         }
         for _ in 0..BLOCK {
-            t_intro.push(trio.introduce(watch).await.0);
+            t_intro.push(trio.introduce().await.0);
         }
     }
     // Every sample leaves a group behind on each node: does the time grow
@@ -237,20 +235,14 @@ async fn measure_introductions(
 }
 
 /// Measurement 2: both claims until the three nodes converge.
-async fn measure_claims(
-    trio: &mut Trio,
-    watch: &GroupWatch,
-    rr: &FanOut,
-    commit: &CommitProbe,
-    samples: usize,
-) -> Row {
+async fn measure_claims(trio: &mut Trio, rr: &FanOut, commit: &CommitProbe, samples: usize) -> Row {
     let floor_mls = ClaimFloor::new();
     let (mut t_mls, mut t_rr, mut t_commit, mut t_claims) = (vec![], vec![], vec![], vec![]);
     for _ in 0..2 {
         floor_mls.sample();
         rr.sample().await;
         commit.sample();
-        trio.claim_both(watch).await;
+        trio.claim_both().await;
     }
     for _ in 0..samples.div_ceil(BLOCK) {
         for _ in 0..BLOCK {
@@ -263,7 +255,7 @@ async fn measure_claims(
             t_commit.push(commit.sample());
         }
         for _ in 0..BLOCK {
-            t_claims.push(trio.claim_both(watch).await);
+            t_claims.push(trio.claim_both().await);
         }
     }
     let (mls, rr, commit, claims) = (
@@ -421,68 +413,6 @@ fn groups_len(store: &Store) -> u64 {
         .expect("reading the groups table")
 }
 
-/// A thread that tells when stores hold at least so many groups. Reading a
-/// table's length is a few microseconds and takes no lock a writer needs,
-/// so the watched nodes are not slowed down; the thread looks every 50 µs.
-struct GroupWatch {
-    requests: Option<std::sync::mpsc::SyncSender<Watch>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-struct Watch {
-    stores: Vec<(Store, u64)>,
-    done: oneshot::Sender<Instant>,
-}
-
-impl GroupWatch {
-    fn start() -> Self {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Watch>(1);
-        let thread = std::thread::spawn(move || {
-            for watch in rx {
-                let deadline = Instant::now() + WAIT;
-                loop {
-                    if watch
-                        .stores
-                        .iter()
-                        .all(|(store, at_least)| groups_len(store) >= *at_least)
-                    {
-                        let _ = watch.done.send(Instant::now());
-                        break;
-                    }
-                    if Instant::now() > deadline {
-                        break; // dropping `done` tells the waiter
-                    }
-                    std::thread::sleep(Duration::from_micros(50));
-                }
-            }
-        });
-        Self {
-            requests: Some(tx),
-            thread: Some(thread),
-        }
-    }
-
-    /// Starts watching now; the answer is when all stores got there.
-    fn expect(&self, stores: Vec<(Store, u64)>) -> oneshot::Receiver<Instant> {
-        let (done, answer) = oneshot::channel();
-        self.requests
-            .as_ref()
-            .expect("the watcher runs")
-            .send(Watch { stores, done })
-            .expect("the watcher runs");
-        answer
-    }
-}
-
-impl Drop for GroupWatch {
-    fn drop(&mut self) {
-        self.requests.take();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// Starts a node in this process's actix system.
 async fn start_local(dir: &tempfile::TempDir, name: &str) -> Node {
     let store = Store::open(&dir.path().join("protonode.redb")).expect("the node's database");
@@ -627,27 +557,24 @@ impl Trio {
 
     /// Alex introduces Blair and Charlie: the time until both their nodes
     /// list the new group, and the group.
-    async fn introduce(&mut self, watch: &GroupWatch) -> (Duration, Introduced) {
-        let stores = [&self.blair.store, &self.charlie.store]
-            .map(|s| (s.clone(), groups_len(s) + 1))
-            .to_vec();
-        let joined = watch.expect(stores);
+    async fn introduce(&mut self) -> (Duration, Introduced) {
+        // Subscribed before: the invitees' nodes tell of the introduction
+        // once its group is durably stored, and listed.
+        let joined = futures::future::join(
+            introduced(self.blair.subscribe()),
+            introduced(self.charlie.subscribe()),
+        );
         measured_start("introduction");
         let t = Instant::now();
-        let created = self
-            .alex
-            .manager
-            .send(CreateGroup {
-                contacts: self.contacts.clone(),
-                name: None,
-            })
-            .await
+        let create = self.alex.manager.send(CreateGroup {
+            contacts: self.contacts.clone(),
+            name: None,
+        });
+        let (created, (at_blair, at_charlie)) = futures::future::join(create, joined).await;
+        let created = created
             .expect("Alex's manager runs")
             .expect("the group is created");
-        let end = joined
-            .await
-            .expect("both invitees' nodes list the group within the wait");
-        let elapsed = end.saturating_duration_since(t);
+        let elapsed = at_blair.max(at_charlie).saturating_duration_since(t);
         measured_end("introduction", "both invitees list the group");
 
         // Untimed: the group each invitee's node lists now, with 3 members.
@@ -682,8 +609,8 @@ impl Trio {
 
     /// After an untimed introduction: Blair and Charlie claim at once; the
     /// time until all three nodes agree.
-    async fn claim_both(&mut self, watch: &GroupWatch) -> Duration {
-        let (_, g) = self.introduce(watch).await;
+    async fn claim_both(&mut self) -> Duration {
+        let (_, g) = self.introduce().await;
         // Creation was one epoch, each claim is one more.
         let target = g.epoch + 2;
         let converged = futures::future::join_all([
@@ -780,6 +707,19 @@ fn agree(views: &[GroupView]) -> bool {
 }
 
 /// When a node emitted the event of `group` reaching `epoch`.
+/// When a node told of its next introduction.
+async fn introduced(mut events: broadcast::Receiver<Event>) -> Instant {
+    loop {
+        match tokio::time::timeout(WAIT, events.recv()).await {
+            Ok(Ok(Event::Group(e))) if e.change == GroupChange::Introduced => {
+                return Instant::now()
+            }
+            Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
+            other => panic!("an invitee's node was not introduced: {other:?}"),
+        }
+    }
+}
+
 async fn reach_epoch(mut events: broadcast::Receiver<Event>, group: String, epoch: u64) -> Instant {
     loop {
         match tokio::time::timeout(WAIT, events.recv()).await {

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Addr;
+use actors::groups::GroupError;
 use actors::manager::{
     self, AcceptInvite, AcceptMerge, AwaitOrdered, Connect, ContactDetail, CreateGroup,
     CreateInvite, GetHistory, GetStatus, GroupAction, GroupCommand, GroupsWith, IgnoreMerge, Link,
@@ -247,7 +248,30 @@ impl From<manager::Error> for RpcError {
             | E::AmbiguousConversation { .. }
             | E::UnknownMember(_)
             | E::AmbiguousMember { .. } => codes::UNKNOWN_CONTACT,
-            E::OwnMember(_) => codes::INVALID_INPUT,
+            E::OwnMember(_) | E::Usage(_) | E::NotActive(_) | E::AlreadyContact { .. } => {
+                codes::INVALID_INPUT
+            }
+            E::Group(GroupError::Unknown(_) | GroupError::UnknownMember(_)) => {
+                codes::UNKNOWN_CONTACT
+            }
+            // What the user asked cannot be done in the group's state.
+            E::Group(
+                GroupError::AlreadyMember
+                | GroupError::AlreadyInGroup(_)
+                | GroupError::NotClaimed
+                | GroupError::AlreadyClaimed
+                | GroupError::ClaimedNotDeclinable
+                | GroupError::OwnGroup
+                | GroupError::Gone
+                | GroupError::PlaceholderMember { .. }
+                | GroupError::NoDirectKey(_)
+                | GroupError::Invalid(_),
+            ) => codes::INVALID_INPUT,
+            E::Relationship(
+                RelationshipError::NotActive
+                | RelationshipError::Refused
+                | RelationshipError::Retired(_),
+            ) => codes::INVALID_INPUT,
             E::TicketRefused => codes::TICKET_REFUSED,
             E::NotYetDelivered { .. } | E::NotYetOrdered { .. } => codes::NOT_DELIVERED,
             E::Relationship(
@@ -829,6 +853,29 @@ pub fn socket_path(paths: &config::Paths) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the user asked for and cannot have is not the node's failure:
+    /// an API client tells the two apart by the code.
+    #[test]
+    fn refusals_are_not_internal_errors() {
+        use manager::Error as E;
+        let code = |e: E| RpcError::from(e).code;
+        assert_eq!(code(E::Group(GroupError::NotClaimed)), codes::INVALID_INPUT);
+        assert_eq!(
+            code(E::Group(GroupError::AlreadyInGroup("Blair".into()))),
+            codes::INVALID_INPUT
+        );
+        assert_eq!(code(E::Usage("no contact".into())), codes::INVALID_INPUT);
+        assert_eq!(
+            code(E::Group(GroupError::UnknownMember("Dana".into()))),
+            codes::UNKNOWN_CONTACT
+        );
+        assert_eq!(
+            code(E::Group(GroupError::NotOrderer)),
+            codes::INTERNAL,
+            "a protocol step, not a request"
+        );
+    }
 
     /// A daemon killed while it works on a call: the client must not call
     /// that a misunderstanding, nor claim the call failed.
