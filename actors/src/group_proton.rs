@@ -176,7 +176,7 @@ impl GroupProton {
                         Command::Decline => session.decline(&mut changes).map(|()| Answer::Done),
                         Command::Leave => session.leave(now, &mut changes).map(|()| Answer::Done),
                         Command::Intent(intent) => session
-                            .push_intent(*intent, now, &mut changes)
+                            .request(*intent, now, &mut changes)
                             .map(|()| Answer::Done),
                         Command::Add(protons) => session
                             .add(&self.shared.store, &protons, now, &mut changes)

@@ -80,6 +80,10 @@ pub enum GroupError {
     OwnGroup,
     #[error("you are no longer in this group")]
     Gone,
+    #[error("{name} still speaks for {placeholders}: not claimed yet, and only {name}'s node votes for them, so without {name} their claims could never be ordered; remove them first, or wait until they claim (`protonode groups` shows it)")]
+    SpeaksForPlaceholders { name: String, placeholders: String },
+    #[error("you still speak for {0}: not claimed yet, and only your node votes for them, so without you their claims could never be ordered; remove them first (`protonode group remove`), or wait until they claim")]
+    LeavingPlaceholders(String),
     #[error("no member matches {0:?}")]
     UnknownMember(String),
     #[error("{name} is still a placeholder that {asserted_by} asserts (and holds the key of): {action} once {name} has claimed it, which `protonode groups` shows")]
@@ -937,6 +941,51 @@ impl GroupSession {
         self.advance(now, changes)?;
         self.save(changes);
         Ok(())
+    }
+
+    /// A change the user asks for (a key update, a removal). Refused while
+    /// our introduction is pending (the placeholder is not ours to change
+    /// the group with), and when it would remove the member that alone
+    /// votes for unclaimed placeholders: their claims could never be
+    /// ordered.
+    pub fn request(
+        &mut self,
+        intent: Intent,
+        now: u64,
+        changes: &mut Changes,
+    ) -> Result<(), GroupError> {
+        match self.record.state {
+            GroupState::Gone => return Err(GroupError::Gone),
+            GroupState::Invited => return Err(GroupError::NotClaimed),
+            GroupState::Active => {}
+        }
+        if let Intent::Remove { members } = &intent {
+            for target in members {
+                let stranded = self.placeholders_of(*target, members);
+                if !stranded.is_empty() {
+                    return Err(GroupError::SpeaksForPlaceholders {
+                        name: self.member(*target)?.display.name.clone(),
+                        placeholders: stranded.join(", "),
+                    });
+                }
+            }
+        }
+        self.push_intent(intent, now, changes)
+    }
+
+    /// The names of the unclaimed placeholders `asserter` introduced, other
+    /// than those in `leaving`.
+    fn placeholders_of(&self, asserter: Ipk, leaving: &[Ipk]) -> Vec<String> {
+        self.record
+            .members
+            .iter()
+            .filter(|m| {
+                matches!(m.status, MemberStatus::Placeholder { asserted_by } if asserted_by == asserter)
+                    && m.ipk != asserter
+                    && !leaving.contains(&m.ipk)
+            })
+            .map(|m| m.display.name.clone())
+            .collect()
     }
 
     /// Adds placeholders for the peers of `via` (we introduce them).
@@ -2365,6 +2414,10 @@ impl GroupSession {
     pub fn leave(&mut self, now: u64, changes: &mut Changes) -> Result<(), GroupError> {
         if self.record.state == GroupState::Gone {
             return Err(GroupError::Gone);
+        }
+        let ours = self.placeholders_of(self.key.ipk(), &[]);
+        if self.record.state == GroupState::Active && !ours.is_empty() {
+            return Err(GroupError::LeavingPlaceholders(ours.join(", ")));
         }
         let epoch = self.epoch();
         let accepted = self

@@ -263,6 +263,8 @@ impl From<manager::Error> for RpcError {
                 | GroupError::ClaimedNotDeclinable
                 | GroupError::OwnGroup
                 | GroupError::Gone
+                | GroupError::SpeaksForPlaceholders { .. }
+                | GroupError::LeavingPlaceholders(_)
                 | GroupError::PlaceholderMember { .. }
                 | GroupError::NoDirectKey(_)
                 | GroupError::Invalid(_),

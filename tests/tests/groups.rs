@@ -453,6 +453,48 @@ fn a_declined_introduction_removes_the_placeholder() {
     blair.ok(&["claim", pending[0]["id"].as_str().unwrap()]);
     let second = blair.ok(&["claim", "Pair"]);
     assert_eq!(second["id"], pending[1]["id"], "{second}");
+
+    // Charlie has claimed nothing: Alex's node alone votes for Charlie's
+    // placeholders, so Alex may neither leave nor be removed (Charlie's
+    // claim could never be ordered), and Charlie, pending, may not change
+    // the group with the placeholder's key. Each refusal changes nothing.
+    let first = alex.groups()[0]["id"].as_str().unwrap().to_string();
+    let refused = |p: &Person, args: &[&str], says: &str| {
+        // args[2] is the group's id.
+        let group = |p: &Person| p.groups().into_iter().find(|g| g["id"] == args[2]);
+        let before = group(p);
+        let out = p.cli(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains(says), "{args:?}: {said}");
+        assert_eq!(group(p), before, "{args:?} changed nothing");
+    };
+    refused(
+        &alex,
+        &["group", "leave", &first],
+        "you still speak for Charlie",
+    );
+    let at_charlie = charlie.groups()[0]["id"].as_str().unwrap().to_string();
+    for args in [
+        ["group", "remove", &at_charlie, "Alex"].as_slice(),
+        &["group", "update", &at_charlie],
+    ] {
+        refused(&charlie, args, "claim it (or decline it) first");
+    }
+    wait_for(SETTLE, || {
+        (blair.groups()[1]["pending"] == false).then_some(())
+    })
+    .expect("Blair's second claim is ordered");
+    refused(
+        &blair,
+        &[
+            "group",
+            "remove",
+            pending[1]["id"].as_str().unwrap(),
+            "Alex",
+        ],
+        "Alex still speaks for Charlie",
+    );
     for p in [&alex, &charlie] {
         wait_for(SETTLE, || {
             let g = the_group(p);
