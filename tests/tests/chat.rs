@@ -16,7 +16,8 @@ fn chat(alex: &Person, blair: &Person) {
         (alex.history("Blair").len() == 1).then_some(())
     })
     .expect("Alex sees Blair's message");
-    let reply = alex.ok(&["send", &blair_at_alex, "Hi Blair!", "--wait"]);
+    // A message may begin with "-" (not taken for `-h`, help).
+    let reply = alex.ok(&["send", &blair_at_alex, "-hi Blair!", "--wait"]);
     assert_eq!(reply["status"], "delivered");
 
     let at_alex = wait_for(Duration::from_secs(10), || {
@@ -36,6 +37,7 @@ fn chat(alex: &Person, blair: &Person) {
     assert_eq!(at_alex[0]["text"], "Hello from Blair");
     assert_eq!(at_alex[0]["from"], blair_at_alex.as_str());
     assert_eq!(at_alex[0]["status"], "received");
+    assert_eq!(at_alex[1]["text"], "-hi Blair!");
     assert_eq!(at_alex[1]["from"], "me");
     assert_eq!(at_alex[1]["status"], "delivered");
     assert_eq!(at_blair[0]["from"], "me");
