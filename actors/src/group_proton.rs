@@ -232,6 +232,23 @@ impl GroupProton {
                                     tracing::info!(group = %self.id, %contact, "a member offered a side relationship we already have");
                                     continue;
                                 }
+                                // We both asked at once and the invitations
+                                // crossed: keep one relationship. Both nodes
+                                // keep the invitation of the member whose
+                                // group key is the lower.
+                                let crossed = crate::manager::side_ticket_to(
+                                    &self.shared.store,
+                                    self.id,
+                                    from,
+                                )
+                                .unwrap_or_else(|e| {
+                                    tracing::warn!(group = %self.id, error = %e, "reading our invitations failed");
+                                    None
+                                });
+                                if crossed.is_some() && session.own_ipk() < from {
+                                    tracing::info!(group = %self.id, "side invitations crossed; the member takes ours");
+                                    continue;
+                                }
                                 let link = SideLink {
                                     group_key: session.key(),
                                     group: self.id,
@@ -252,6 +269,11 @@ impl GroupProton {
                                             ContactChange::Added,
                                         ));
                                         changes.extend(acceptance.changes);
+                                        // Ours, which the member drops.
+                                        if let Some(ours) = crossed {
+                                            changes.delete_tickets.push(ours.id);
+                                            changes.delete_mls_namespaces.push(ours.proton.0);
+                                        }
                                     }
                                     Err(e) => {
                                         tracing::warn!(group = %self.id, error = %e, "a side invitation could not be accepted")

@@ -1880,6 +1880,27 @@ pub fn met_in_group(
         .map(|p| p.id))
 }
 
+/// Our invitation to a side relationship with `member` of `group` that
+/// has not been answered yet, if we made one.
+pub fn side_ticket_to(
+    store: &store::Store,
+    group: GroupProtonId,
+    member: Ipk,
+) -> Result<Option<TicketRecord>, StoreError> {
+    let wanted = Some(TicketOrigin::Group { group, member });
+    store.read(|tx| {
+        let t = tx.open_table(tables::TICKETS)?;
+        for e in t.iter()? {
+            let (_, v) = e?;
+            let r: TicketRecord = store::decode(v.value(), "ticket")?;
+            if !r.used && r.origin == wanted {
+                return Ok(Some(r));
+            }
+        }
+        Ok(None)
+    })
+}
+
 pub fn all_protons(store: &store::Store) -> Result<Vec<ProtonRecord>, StoreError> {
     store.read(|tx| {
         let t = tx.open_table(tables::PROTONS)?;

@@ -282,9 +282,28 @@ fn alex_introduces_blair_and_charlie_who_claim_talk_and_connect() {
         Some(Value::from("Alex"))
     );
 
-    // Figure 3.3.3: a side relationship Alex learns nothing of.
-    let connected = charlie.ok(&["connect", "Trio", "Blair"]);
-    assert_eq!(connected["name"], "Blair");
+    // Figure 3.3.3: a side relationship Alex learns nothing of. Both ask
+    // at once: their invitations cross, and they end with one
+    // relationship (each command connects, or finds the one the other's
+    // invitation made).
+    std::thread::scope(|s| {
+        for (who, whom) in [(&charlie, "Blair"), (&blair, "Charlie")] {
+            s.spawn(move || {
+                let out = who.cli(&["--json", "connect", "Trio", whom]);
+                let said = String::from_utf8_lossy(&out.stderr);
+                if out.status.success() {
+                    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+                    assert_eq!(v["name"], whom, "{v}");
+                } else {
+                    assert!(
+                        said.contains(&format!("already have a relationship with {whom}")),
+                        "{} → {whom}: {said}",
+                        who.name
+                    );
+                }
+            });
+        }
+    });
     wait_for(SETTLE, || {
         let b = blair.ok(&["contacts"]);
         b.as_array()?
@@ -320,6 +339,16 @@ fn alex_introduces_blair_and_charlie_who_claim_talk_and_connect() {
     })
     .unwrap();
     assert_eq!(side[0]["text"], "just between us");
+    for (who, whom) in [(&charlie, "Blair"), (&blair, "Charlie")] {
+        let named = who
+            .ok(&["contacts"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["name"] == whom)
+            .count();
+        assert_eq!(named, 1, "{} has one contact {whom}", who.name);
+    }
     let alex_contacts = alex.ok(&["contacts"]);
     assert_eq!(
         alex_contacts.as_array().unwrap().len(),
