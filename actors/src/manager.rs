@@ -1976,7 +1976,9 @@ pub fn history(
         Ok(out)
     })?;
     if merged {
-        out.sort_by_key(|e| e.sent_at);
+        // As one conversation's: in the order this node had each message
+        // (the author's clock is not ours to trust with the order).
+        out.sort_by_key(|e| e.stored_at);
         let mut seen = std::collections::HashSet::new();
         out.retain(|e| seen.insert(e.id));
     }

@@ -208,7 +208,7 @@ pub enum Command {
               value_parser = clap::value_parser!(u64).range(1..=config::MAX_SEND_WAIT_SECS))]
         timeout: u64,
     },
-    /// Show the conversation with a contact or a group, oldest first.
+    /// Show the conversation with a contact or a group, in the order this node sent or received it.
     History {
         /// Contact or group: id or unambiguous name.
         contact: String,
