@@ -38,7 +38,7 @@ pub enum TicketError {
     UnsupportedVersion(u8),
     #[error("the ticket's signature does not match its contents: it was altered or damaged")]
     BadSignature,
-    #[error("the ticket's key package is invalid: {0}")]
+    #[error("the ticket was altered or damaged: its key package does not check out ({0}); ask for a new one")]
     InvalidKeyPackage(String),
     #[error("the ticket is invalid: {0}")]
     Invalid(#[from] InvalidValue),
@@ -125,8 +125,11 @@ impl Ticket {
         let ticket = signed.ticket;
         ticket.display.validate()?;
         validate_transports(&ticket.transports)?;
-        let key_package = mls::decode_key_package(crypto, &ticket.key_package)
-            .map_err(|e| TicketError::InvalidKeyPackage(e.to_string()))?;
+        let key_package =
+            mls::decode_key_package(crypto, &ticket.key_package).map_err(|e| match e {
+                mls::MlsError::InvalidKeyPackage(why) => TicketError::InvalidKeyPackage(why),
+                other => TicketError::InvalidKeyPackage(other.to_string()),
+            })?;
         let ipk = mls::key_package_ipk(&key_package).ok_or_else(|| {
             TicketError::InvalidKeyPackage("its credential is not a protonode identity".into())
         })?;
