@@ -278,11 +278,16 @@ pub fn groups(list: &Value) -> String {
             .into_iter()
             .flatten()
         {
-            let by = m
-                .get("introduced_by")
-                .and_then(Value::as_str)
-                .map(|b| format!("  (introduced by {b})"))
-                .unwrap_or_default();
+            let by = m.get("introduced_by").and_then(Value::as_str);
+            // A placeholder is its introducer's word, and maybe its key.
+            let by = match (s(m, "status"), by) {
+                ("placeholder", Some("me")) => "  (as asserted by you, who hold its key)".into(),
+                ("placeholder", Some(b)) => {
+                    format!("  (as asserted by {}, who may hold its key)", shown(b))
+                }
+                (_, Some(b)) => format!("  (introduced by {})", shown(b)),
+                (_, None) => String::new(),
+            };
             out += &format!(
                 "  {:<20}  {}  {:<11}{}\n",
                 s(m, "id"),
@@ -516,6 +521,27 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn a_placeholder_is_listed_as_its_introducers_word() {
+        let member = |name: &str, status: &str, by: Option<&str>| json!({"id": "abcd", "name": name, "status": status, "introduced_by": by});
+        let listed = groups(&json!([{
+            "id": "g1", "name": "Trio", "epoch": 1, "pending": true, "state": "invited",
+            "queued_changes": 0,
+            "members": [
+                member("Blair", "self", Some("Alex")),
+                member("Alex", "linked", None),
+                member("Charlie", "placeholder", Some("Alex")),
+            ],
+        }]));
+        assert!(listed.contains("Charlie"), "{listed}");
+        assert!(
+            listed.contains("placeholder  (as asserted by Alex, who may hold its key)"),
+            "{listed}"
+        );
+        assert!(listed.contains("(introduced by Alex)"), "{listed}");
+        assert!(listed.contains("pending: `protonode claim`"), "{listed}");
+    }
 
     #[test]
     fn a_painted_qr_code_is_dark_on_light_on_any_terminal() {
