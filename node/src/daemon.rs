@@ -29,6 +29,7 @@ pub fn init(
     emoji: Option<String>,
 ) -> anyhow::Result<serde_json::Value> {
     let dir = paths.data_dir();
+    not_a_file(dir)?;
     if paths.config_file().exists() || paths.node_key().exists() {
         bail!(
             "{} is already initialised; remove it or choose another --data-dir",
@@ -100,8 +101,21 @@ pub fn read_node_key(path: &Path) -> anyhow::Result<Keypair> {
         .with_context(|| format!("the node key {} is damaged", path.display()))
 }
 
+/// Refuses a data directory path that names something other than a
+/// directory (a file, say), which neither `init` nor the daemon can use.
+fn not_a_file(dir: &Path) -> anyhow::Result<()> {
+    match fs::metadata(dir) {
+        Ok(m) if !m.is_dir() => bail!(
+            "{} is a file, not a data directory; choose another --data-dir",
+            dir.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Loads the configuration of an initialised data directory.
 pub fn load_config(paths: &Paths) -> anyhow::Result<Config> {
+    not_a_file(paths.data_dir())?;
     if !paths.config_file().exists() {
         bail!(
             "{} is not initialised; run `protonode --data-dir {} init --name NAME` first",

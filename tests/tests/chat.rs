@@ -152,6 +152,15 @@ fn the_cli_says_what_to_do_next() {
     let out = harness::run_cli(nowhere.path(), &["contacts"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not initialised"));
+    // A file is no data directory: `init` would fail on it too.
+    let file = nowhere.path().join("a-file");
+    std::fs::write(&file, "mine").unwrap();
+    for args in [["contacts"].as_slice(), &["init", "--name", "Alex"]] {
+        let out = harness::run_cli(&file, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("is a file, not a data directory"), "{said}");
+    }
 
     let again = alex.json(&["init", "--name", "Alex"]).unwrap_err();
     assert!(again.contains("already initialised"), "{again}");
