@@ -76,8 +76,9 @@ pub enum Error {
         "{query:?} matches several members ({matches}); use the member id `protonode groups` shows"
     )]
     AmbiguousMember { query: String, matches: String },
-    #[error("{0:?} is you; `protonode group leave GROUP` leaves a group")]
-    OwnMember(String),
+    /// The query, and what to do instead (may be empty).
+    #[error("{0:?} is you{1}")]
+    OwnMember(String, &'static str),
     #[error("{0} is not an active relationship yet; wait until it is")]
     NotActive(String),
     #[error("{0}")]
@@ -1348,7 +1349,12 @@ impl Handler<GroupCommand> for RelationshipManager {
                 GroupAction::Leave => Command::Leave,
                 GroupAction::Update => Command::Intent(Box::new(Intent::Update)),
                 GroupAction::Remove(q) => Command::Intent(Box::new(Intent::Remove {
-                    members: vec![member(q)?],
+                    members: vec![member(q).map_err(|e| match e {
+                        Error::OwnMember(q, _) => {
+                            Error::OwnMember(q, "; `protonode group leave GROUP` leaves a group")
+                        }
+                        other => other,
+                    })?],
                 })),
                 GroupAction::Verify(q) => Command::Verify(member(q)?),
                 GroupAction::Add(contact) => {
@@ -1560,7 +1566,7 @@ fn pick_member(
     match (by_id.as_slice(), by_name.as_slice()) {
         ([one], _) | (_, [one]) => Ok(*one),
         ([], []) if same_name(own_name, q) || matches_id(&own()) => {
-            Err(Error::OwnMember(query.to_string()))
+            Err(Error::OwnMember(query.to_string(), ""))
         }
         ([], []) => Err(Error::UnknownMember(query.to_string())),
         (many, []) | ([], many) | (many, _) => Err(Error::AmbiguousMember {
@@ -2129,8 +2135,8 @@ mod tests {
             }
             other => panic!("two members named Sam: {other:?}"),
         }
-        assert!(matches!(pick("alex"), Err(Error::OwnMember(_))));
-        assert!(matches!(pick(&me.fingerprint()), Err(Error::OwnMember(_))));
+        assert!(matches!(pick("alex"), Err(Error::OwnMember(..))));
+        assert!(matches!(pick(&me.fingerprint()), Err(Error::OwnMember(..))));
         assert!(matches!(pick("Zed"), Err(Error::UnknownMember(_))));
         // Too short to be taken for an id.
         assert!(matches!(

@@ -248,7 +248,7 @@ impl From<manager::Error> for RpcError {
             | E::AmbiguousConversation { .. }
             | E::UnknownMember(_)
             | E::AmbiguousMember { .. } => codes::UNKNOWN_CONTACT,
-            E::OwnMember(_) | E::Usage(_) | E::NotActive(_) | E::AlreadyContact { .. } => {
+            E::OwnMember(..) | E::Usage(_) | E::NotActive(_) | E::AlreadyContact { .. } => {
                 codes::INVALID_INPUT
             }
             E::Group(GroupError::Unknown(_) | GroupError::UnknownMember(_)) => {
