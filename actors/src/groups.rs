@@ -86,6 +86,8 @@ pub enum GroupError {
     LeavingPlaceholders(String),
     #[error("no member matches {0:?}")]
     UnknownMember(String),
+    #[error("{0} has just claimed their place, under a new key; run the command again")]
+    JustClaimed(String),
     #[error("{name} is still a placeholder that {asserted_by} asserts (and holds the key of): {action} once {name} has claimed it, which `protonode groups` shows")]
     PlaceholderMember {
         name: String,
@@ -2482,11 +2484,18 @@ impl GroupSession {
     /// Marks a member verified (checked out of band).
     /// The member with key `ipk` (not us).
     fn member(&self, ipk: Ipk) -> Result<&Member, GroupError> {
-        self.record
-            .members
-            .iter()
-            .find(|m| m.ipk == ipk)
-            .ok_or_else(|| GroupError::UnknownMember(ipk.fingerprint()))
+        if let Some(m) = self.record.members.iter().find(|m| m.ipk == ipk) {
+            return Ok(m);
+        }
+        // Named by its placeholder's key just before its claim landed.
+        let claimed = self.record.members.iter().find(|m| {
+            matches!(m.status, MemberStatus::Claimed { placeholder } if placeholder == ipk)
+                || m.claim.as_ref().is_some_and(|a| a.first == ipk)
+        });
+        Err(match claimed {
+            Some(m) => GroupError::JustClaimed(m.display.name.clone()),
+            None => GroupError::UnknownMember(ipk.fingerprint()),
+        })
     }
 
     /// Refuses `action` on a member that is still a placeholder.
@@ -3271,6 +3280,13 @@ mod tests {
         assert_eq!(blair_info(&c), expected, "Charlie learns it with the claim");
         assert_eq!(rows_for(&fanned, gp_b).len(), 1);
         assert_ne!(gp_b, placeholder_b);
+        // A command that named Blair by her placeholder's key just before
+        // her claim landed is told so, not "no member matches".
+        let mut ch = Changes::default();
+        assert!(matches!(
+            c.verify_member(placeholder_b, &mut ch),
+            Err(GroupError::JustClaimed(name)) if name == "Blair"
+        ));
         assert_eq!(b.record().state, GroupState::Active);
         assert_eq!(
             seen(&a, gp_b),

@@ -263,6 +263,7 @@ impl From<manager::Error> for RpcError {
                 | GroupError::ClaimedNotDeclinable
                 | GroupError::OwnGroup
                 | GroupError::Gone
+                | GroupError::JustClaimed(_)
                 | GroupError::SpeaksForPlaceholders { .. }
                 | GroupError::LeavingPlaceholders(_)
                 | GroupError::PlaceholderMember { .. }
