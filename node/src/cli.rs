@@ -274,7 +274,13 @@ pub enum Command {
     /// Messages say who wrote them and where; group events say when someone
     /// introduces you (and how to claim or decline) and who joined,
     /// claimed or went.
-    Watch,
+    Watch {
+        /// Keep watching when the daemon stops: wait for it to come back and
+        /// watch again. What happens while it is down is not shown
+        /// (`protonode history` has the messages).
+        #[arg(long)]
+        follow: bool,
+    },
     /// Run the seed's story on real nodes on loopback in temporary data dirs.
     Demo,
 }

@@ -143,6 +143,9 @@ fn group_result(v: &Value, json: bool, done: &str) {
     }
 }
 
+/// How often `watch --follow` looks for a daemon that stopped.
+const WATCH_RECONNECT: std::time::Duration = std::time::Duration::from_millis(500);
+
 async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::Result<()> {
     let mut daemon = control::Client::connect(&paths.control_socket()).await?;
     let print_json = |v: &Value| println!("{v}");
@@ -353,12 +356,19 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
                 print!("{}", output::status(&v));
             }
         }
-        Command::Watch => {
+        Command::Watch { follow } => loop {
             daemon.call(&Call::Watch {}).await?;
             // On stderr in both modes: scripts can wait for it to know that
             // nothing from now on is missed.
             eprintln!("Watching; press Ctrl-C to stop.");
-            while let Some(note) = daemon.read().await? {
+            loop {
+                let note = match daemon.read().await {
+                    Ok(Some(note)) => note,
+                    Ok(None) => break,
+                    // A daemon killed mid-line resets the connection.
+                    Err(control::ClientError::Io(_)) => break,
+                    Err(e) => return Err(e.into()),
+                };
                 let event = note.get("params").cloned().unwrap_or(Value::Null);
                 if json {
                     print_json(&event);
@@ -369,8 +379,21 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
                     }
                 }
             }
-            anyhow::bail!("the daemon stopped");
-        }
+            if !follow {
+                anyhow::bail!(
+                    "the daemon stopped (`protonode watch --follow` waits for it to come back)"
+                );
+            }
+            eprintln!("The daemon stopped; waiting for it to come back.");
+            daemon = loop {
+                tokio::time::sleep(WATCH_RECONNECT).await;
+                match control::Client::connect(&paths.control_socket()).await {
+                    Ok(again) => break again,
+                    Err(control::ClientError::NoDaemon { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            };
+        },
         Command::Introduce {
             contact_b,
             contact_c,

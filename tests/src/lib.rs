@@ -189,6 +189,11 @@ impl Person {
     /// Runs `protonode watch` (`--json` when `json`), returned once it says
     /// it is subscribed: nothing that happens after is missed.
     pub fn watch(&self, json: bool) -> Watch {
+        self.watch_with(json, &[])
+    }
+
+    /// [`Person::watch`] with more arguments (`--follow`).
+    pub fn watch_with(&self, json: bool, more: &[&str]) -> Watch {
         let mut child = Command::new(protonode_bin())
             .arg("--data-dir")
             .arg(self.data_dir())
@@ -197,6 +202,7 @@ impl Person {
             } else {
                 &["watch"][..]
             })
+            .args(more)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -232,7 +238,11 @@ impl Person {
         ready_rx
             .recv_timeout(START_TIMEOUT)
             .expect("watch says when it is subscribed");
-        Watch { child, lines }
+        Watch {
+            child,
+            lines,
+            ready: ready_rx,
+        }
     }
 }
 
@@ -240,9 +250,16 @@ impl Person {
 pub struct Watch {
     child: Child,
     lines: mpsc::Receiver<String>,
+    /// One `()` each time it says it is subscribed (again, with --follow).
+    ready: mpsc::Receiver<()>,
 }
 
 impl Watch {
+    /// Whether it said it is subscribed again within `limit`.
+    pub fn subscribed_again(&self, limit: Duration) -> bool {
+        self.ready.recv_timeout(limit).is_ok()
+    }
+
     /// The next line that `pick` keeps (skipping the others), or `None`
     /// after `limit`.
     pub fn next<T>(&self, limit: Duration, mut pick: impl FnMut(&str) -> Option<T>) -> Option<T> {

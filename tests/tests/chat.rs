@@ -294,6 +294,51 @@ fn watch_streams_messages_deliveries_and_contacts_as_json_lines() {
     assert_eq!(sent["to"], blair_at_alex.as_str(), "{sent}");
 }
 
+/// Without --follow, watch ends when its daemon stops and says how to
+/// follow it; with --follow it waits for the daemon to come back, also
+/// after `kill -9`, and watches again.
+#[test]
+fn watch_follow_outlives_a_daemon_restart() {
+    let alex = Person::init("Alex");
+    let blair = Person::init("Blair");
+    let mut a = alex.start();
+    let _b = blair.start();
+    alex.befriend(&blair);
+    let following = alex.watch_with(true, &["--follow"]);
+    let mut plain = std::process::Command::new(harness::protonode_bin())
+        .arg("--data-dir")
+        .arg(alex.data_dir())
+        .arg("watch")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = std::io::BufRead::lines(std::io::BufReader::new(plain.stderr.take().unwrap()));
+    let first = said.next().unwrap().unwrap();
+    assert!(first.starts_with("Watching"), "{first}");
+    a.kill9();
+    let ended = harness::wait_for(Duration::from_secs(20), || plain.try_wait().ok().flatten())
+        .expect("a plain watch ends with its daemon");
+    assert_eq!(ended.code(), Some(1));
+    let rest: Vec<String> = said.map_while(Result::ok).collect();
+    assert!(
+        rest.iter().any(|l| l.contains("watch --follow")),
+        "{rest:?}"
+    );
+
+    let _a = alex.start();
+    assert!(
+        following.subscribed_again(Duration::from_secs(20)),
+        "--follow watches again once the daemon is back"
+    );
+    blair.ok(&["send", "Alex", "after the restart", "--wait"]);
+    following
+        .next_event(Duration::from_secs(20), |e| {
+            e["event"] == "message" && e["message"]["text"] == "after the restart"
+        })
+        .expect("the following watch shows what came after the restart");
+}
+
 /// `protonode status | head -1` and the like: the reader goes away, and the
 /// command ends quietly, neither panicking nor writing colour codes into
 /// a log.
