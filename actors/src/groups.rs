@@ -3120,6 +3120,12 @@ mod tests {
                 .clone()
         };
         assert_eq!(seen(&b, alex_ipk), MemberStatus::Linked { proton: ba });
+        // Blair has no relationship with Charlie, but dials Charlie's node
+        // at start-up too, so that what waits there for her flows at once.
+        let charlie_node = c.record().own_transports[0].peer_id().unwrap();
+        assert!(crate::relationship::known_peers(&blair.store)
+            .unwrap()
+            .contains_key(&charlie_node));
         assert_eq!(
             seen(&b, c.own_ipk()),
             MemberStatus::Placeholder {

@@ -994,7 +994,8 @@ fn lease_due(lease: &AddressLease, lifetime: Duration, now: u64) -> bool {
     lease.valid_until.saturating_sub(now) < (lifetime.as_millis() as u64) / 2
 }
 
-/// Reads the peers of every active proton, for dialing at start-up.
+/// Reads the peers of every live proton and of our groups' members, for
+/// dialing at start-up.
 pub fn known_peers(store: &Store) -> Result<BTreeMap<PeerId, Vec<Multiaddr>>, StoreError> {
     store.read(|tx| {
         let t = tx.open_table(tables::PROTONS)?;
@@ -1005,17 +1006,36 @@ pub fn known_peers(store: &Store) -> Result<BTreeMap<PeerId, Vec<Multiaddr>>, St
             if p.state == ProtonState::Refused {
                 continue;
             }
-            for t in &p.peer_transports {
-                if let Ok(peer) = t.peer_id() {
-                    peers
-                        .entry(peer)
-                        .or_insert_with(Vec::new)
-                        .extend(t.multiaddrs());
-                }
+            add_peers(&mut peers, &p.peer_transports);
+        }
+        // Members of our groups we have no relationship with: their nodes
+        // retry what waits for us once we are reachable again.
+        let t = tx.open_table(tables::GROUPS)?;
+        for entry in t.iter()? {
+            let (_, v) = entry?;
+            let g: crate::records::GroupProtonRecord = store::decode(v.value(), "group")?;
+            if g.state == crate::records::GroupState::Gone {
+                continue;
+            }
+            for m in g.members.iter() {
+                add_peers(&mut peers, &m.transports);
             }
         }
         Ok(peers)
     })
+}
+
+fn add_peers(peers: &mut BTreeMap<PeerId, Vec<Multiaddr>>, transports: &[TransportInfo]) {
+    for t in transports {
+        if let Ok(peer) = t.peer_id() {
+            let addrs = peers.entry(peer).or_default();
+            for a in t.multiaddrs() {
+                if !addrs.contains(&a) {
+                    addrs.push(a);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
