@@ -1586,6 +1586,9 @@ impl Handler<GetStatus> for RelationshipManager {
     fn handle(&mut self, _: GetStatus, _: &mut Self::Context) -> Self::Result {
         let client = self.client.clone();
         let store = self.shared.store.clone();
+        // A change waits this long for the ordering service before status
+        // mentions it: a few of its timeouts (each one fails over).
+        let overdue = 3 * self.config.delivery.ordering_timeout();
         Box::pin(async move {
             let status = client
                 .status()
@@ -1624,7 +1627,30 @@ impl Handler<GetStatus> for RelationshipManager {
                     "{waiting} merge request(s) wait for your answer: `protonode merge list`"
                 ));
             }
-            let unanswered = groups::all_groups(&store)?
+            let all_groups = groups::all_groups(&store)?;
+            let now = now_ms();
+            for g in &all_groups {
+                let Some(p) = g.pending.as_ref().filter(|_| g.state != GroupState::Gone) else {
+                    continue;
+                };
+                let waited = Duration::from_millis(now.saturating_sub(p.sent_at));
+                if waited < overdue {
+                    continue;
+                }
+                let what = match p.intent {
+                    Intent::Claim { .. } => "claim",
+                    Intent::Add { .. } => "addition",
+                    Intent::Remove { .. } => "removal",
+                    Intent::Update => "key update",
+                };
+                warnings.push(format!(
+                    "group {}{}: your {what} has waited {} for the group's ordering service, whose node may be down; it is made once the group can order it",
+                    g.id,
+                    g.name.as_deref().map(|n| format!(" \"{n}\"")).unwrap_or_default(),
+                    views::human_duration(waited),
+                ));
+            }
+            let unanswered = all_groups
                 .iter()
                 .filter(|g| g.state == crate::records::GroupState::Invited && !g.claiming())
                 .count();

@@ -830,6 +830,17 @@ fn a_change_that_is_not_ordered_in_time_stays_queued() {
     let text = blair.cli(&["groups"]);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("1 change not yet ordered"), "{text}");
+    // A change that waits long (here, a few ordering timeouts of 1.5 s)
+    // shows in status.
+    let overdue = |p: &Person| {
+        p.ok(&["status"])["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w.as_str().unwrap().contains("your key update has waited"))
+    };
+    wait_for(SETTLE, || overdue(&blair).then_some(()))
+        .expect("status tells of the change that waits");
 
     // Back, Alex's node orders the queued update: both move on by one.
     let _a = alex.start();
@@ -848,4 +859,5 @@ fn a_change_that_is_not_ordered_in_time_stays_queued() {
             the_group(&blair)
         )
     });
+    assert!(!overdue(&blair), "made: status no longer mentions it");
 }
