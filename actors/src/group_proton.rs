@@ -190,14 +190,22 @@ impl GroupProton {
                             key,
                             changes: invite,
                         } => {
-                            // The ticket and its sealed delivery commit together.
-                            let mut step = *invite;
-                            session
-                                .connect(member, ticket, &key.key(), now, &mut step)
-                                .map(|()| {
-                                    changes.extend(step);
-                                    Answer::Done
-                                })
+                            // The member's invitation may have made the
+                            // relationship since the manager looked.
+                            match crate::manager::met_in_group(&self.shared.store, self.id, member)
+                            {
+                                Ok(Some(contact)) => Err(GroupError::AlreadyConnected(contact)),
+                                _ => {
+                                    // The ticket and its sealed delivery commit together.
+                                    let mut step = *invite;
+                                    session
+                                        .connect(member, ticket, &key.key(), now, &mut step)
+                                        .map(|()| {
+                                            changes.extend(step);
+                                            Answer::Done
+                                        })
+                                }
+                            }
                         }
                     };
                     match result {
@@ -240,6 +248,7 @@ impl GroupProton {
                                     &self.shared.store,
                                     self.id,
                                     from,
+                                    now.saturating_sub(crate::manager::CROSSING_WINDOW_MS),
                                 )
                                 .unwrap_or_else(|e| {
                                     tracing::warn!(group = %self.id, error = %e, "reading our invitations failed");

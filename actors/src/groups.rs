@@ -80,14 +80,16 @@ pub enum GroupError {
     OwnGroup,
     #[error("you are no longer in this group")]
     Gone,
-    #[error("{name} still speaks for {placeholders}: not claimed yet, and only {name}'s node votes for them, so without {name} their claims could never be ordered; remove them first, or wait until they claim (`protonode groups` shows it)")]
+    #[error("{name}'s node still votes for {placeholders} (not claimed yet), and without it the others are no majority: the group could order nothing again, their claims included; remove them first, or wait until they claim (`protonode groups` shows it)")]
     SpeaksForPlaceholders { name: String, placeholders: String },
-    #[error("you still speak for {0}: not claimed yet, and only your node votes for them, so without you their claims could never be ordered; remove them first (`protonode group remove`), or wait until they claim")]
+    #[error("your node still votes for {0} (not claimed yet), and without it the others are no majority: the group could order nothing again, their claims included; remove them first (`protonode group remove`), or wait until they claim")]
     LeavingPlaceholders(String),
     #[error("no member matches {0:?}")]
     UnknownMember(String),
     #[error("{0} has just claimed their place, under a new key; run the command again")]
     JustClaimed(String),
+    #[error("you already have a relationship with this member: contact {0}")]
+    AlreadyConnected(crate::model::ProtonId),
     #[error("{name} is still a placeholder that {asserted_by} asserts (and holds the key of): {action} once {name} has claimed it, which `protonode groups` shows")]
     PlaceholderMember {
         name: String,
@@ -963,30 +965,71 @@ impl GroupSession {
         }
         if let Intent::Remove { members } = &intent {
             for target in members {
-                let stranded = self.placeholders_of(*target, members);
-                if !stranded.is_empty() {
-                    return Err(GroupError::SpeaksForPlaceholders {
-                        name: self.member(*target)?.display.name.clone(),
-                        placeholders: stranded.join(", "),
-                    });
-                }
+                // Named by a key a claim replaced: say so, not "removed".
+                self.member(*target)?;
+            }
+            let stranded = self.stranded_without(members);
+            if !stranded.is_empty() {
+                let names = |keys: &[Ipk]| {
+                    keys.iter()
+                        .filter_map(|k| self.member(*k).ok())
+                        .map(|m| m.display.name.clone())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                let asserters: Vec<Ipk> = members
+                    .iter()
+                    .copied()
+                    .filter(|t| {
+                        self.record.members.iter().any(|m| {
+                            stranded.contains(&m.ipk)
+                                && matches!(m.status, MemberStatus::Placeholder { asserted_by } if asserted_by == *t)
+                        })
+                    })
+                    .collect();
+                let name = match names(&asserters) {
+                    n if n.is_empty() => "their introducer".to_string(),
+                    n => n,
+                };
+                return Err(GroupError::SpeaksForPlaceholders {
+                    name,
+                    placeholders: names(&stranded),
+                });
             }
         }
         self.push_intent(intent, now, changes)
     }
 
-    /// The names of the unclaimed placeholders `asserter` introduced, other
-    /// than those in `leaving`.
-    fn placeholders_of(&self, asserter: Ipk, leaving: &[Ipk]) -> Vec<String> {
-        self.record
-            .members
+    /// The unclaimed placeholders that would lose their only vote if
+    /// `leaving` went, when the rest would then be no majority: the group
+    /// could order nothing again, their claims included. Empty when the
+    /// rest keep a majority. Each member's node votes for itself and for
+    /// the placeholders it introduced (see `votes_of`).
+    fn stranded_without(&self, leaving: &[Ipk]) -> Vec<Ipk> {
+        let roster: Vec<Ipk> = self
+            .roster()
+            .into_iter()
+            .filter(|i| !leaving.contains(i))
+            .collect();
+        let placeholder = |i: &Ipk| {
+            self.record
+                .members
+                .iter()
+                .any(|m| m.ipk == *i && matches!(m.status, MemberStatus::Placeholder { .. }))
+        };
+        let mut votes: Vec<Ipk> = roster
             .iter()
-            .filter(|m| {
-                matches!(m.status, MemberStatus::Placeholder { asserted_by } if asserted_by == asserter)
-                    && m.ipk != asserter
-                    && !leaving.contains(&m.ipk)
-            })
-            .map(|m| m.display.name.clone())
+            .filter(|i| !placeholder(i))
+            .flat_map(|v| self.votes_of(*v, &roster))
+            .collect();
+        votes.sort_unstable_by_key(|i| *i.as_bytes());
+        votes.dedup();
+        if votes.len() * 2 > roster.len() {
+            return Vec::new();
+        }
+        roster
+            .into_iter()
+            .filter(|i| placeholder(i) && !votes.contains(i))
             .collect()
     }
 
@@ -2417,9 +2460,16 @@ impl GroupSession {
         if self.record.state == GroupState::Gone {
             return Err(GroupError::Gone);
         }
-        let ours = self.placeholders_of(self.key.ipk(), &[]);
-        if self.record.state == GroupState::Active && !ours.is_empty() {
-            return Err(GroupError::LeavingPlaceholders(ours.join(", ")));
+        if self.record.state == GroupState::Active {
+            let stranded = self.stranded_without(&[self.key.ipk()]);
+            if !stranded.is_empty() {
+                let names: Vec<String> = stranded
+                    .iter()
+                    .filter_map(|k| self.member(*k).ok())
+                    .map(|m| m.display.name.clone())
+                    .collect();
+                return Err(GroupError::LeavingPlaceholders(names.join(", ")));
+            }
         }
         let epoch = self.epoch();
         let accepted = self

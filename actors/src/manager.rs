@@ -1427,12 +1427,12 @@ impl Handler<Connect> for RelationshipManager {
             )?;
             Ok((g.id, member, name, invite))
         })();
-        let prepared =
-            prepared.map(|(id, member, name, invite)| (self.group(id, ctx), member, name, invite));
+        let prepared = prepared
+            .map(|(id, member, name, invite)| (id, self.group(id, ctx), member, name, invite));
         let shared = self.shared.clone();
         let wait = self.config.delivery.accept_wait();
         Box::pin(async move {
-            let (actor, member, name, invite) = prepared?;
+            let (group, actor, member, name, invite) = prepared?;
             let contact = invite.ticket.proton;
             let mut events = shared.events.subscribe();
             actor
@@ -1444,23 +1444,35 @@ impl Handler<Connect> for RelationshipManager {
                 }))
                 .await
                 .map_err(|_| Error::Stopped)??;
-            // The member's node accepts and answers; we see the new contact then.
+            // The member's node accepts and answers; we see the new contact
+            // then. Or our invitations crossed and the member's won: the
+            // relationship is then the one its invitation made.
             let wanted = contact.to_string();
+            let made = || met_in_group(&shared.store, group, member).ok().flatten();
             let arrived = tokio::time::timeout(wait, async {
                 loop {
                     match events.recv().await {
-                        Ok(Event::Contact { contact, .. }) if contact.id == wanted => return true,
+                        Ok(Event::Contact { contact, .. }) if contact.id == wanted => {
+                            return Some(contact.id)
+                        }
+                        Ok(Event::Contact { .. }) => {
+                            if let Some(other) = made() {
+                                return Some(other.to_string());
+                            }
+                        }
                         Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                        Err(broadcast::error::RecvError::Closed) => return false,
+                        Err(broadcast::error::RecvError::Closed) => return None,
                     }
                 }
             })
             .await
-            .unwrap_or(false);
+            .ok()
+            .flatten()
+            .or_else(|| made().map(|p| p.to_string()));
             Ok(AcceptView {
-                contact: contact.to_string(),
+                delivered: arrived.is_some(),
+                contact: arrived.unwrap_or(wanted),
                 name,
-                delivered: arrived,
             })
         })
     }
@@ -1912,12 +1924,19 @@ pub fn met_in_group(
         .map(|p| p.id))
 }
 
+/// How recent an unanswered invitation of ours to a member must be for
+/// the member's own invitation to count as crossing it (both sent before
+/// either arrived). An older one the member has not answered was lost or
+/// is stuck: it must not keep us from taking theirs.
+pub const CROSSING_WINDOW_MS: u64 = 10 * 60 * 1000;
+
 /// Our invitation to a side relationship with `member` of `group` that
-/// has not been answered yet, if we made one.
+/// has not been answered yet and was made since `since` (ms), if any.
 pub fn side_ticket_to(
     store: &store::Store,
     group: GroupProtonId,
     member: Ipk,
+    since: u64,
 ) -> Result<Option<TicketRecord>, StoreError> {
     let wanted = Some(TicketOrigin::Group { group, member });
     store.read(|tx| {
@@ -1925,7 +1944,7 @@ pub fn side_ticket_to(
         for e in t.iter()? {
             let (_, v) = e?;
             let r: TicketRecord = store::decode(v.value(), "ticket")?;
-            if !r.used && r.origin == wanted {
+            if !r.used && r.origin == wanted && r.created_at >= since {
                 return Ok(Some(r));
             }
         }
@@ -1980,9 +1999,9 @@ fn authors(
     })
 }
 
-/// A conversation's history, oldest first. A merged relationship's
-/// includes the histories of those it follows, in the order the messages
-/// were sent.
+/// A conversation's history, in the order this node stored its messages.
+/// A merged relationship's includes the histories of those it follows,
+/// interleaved in that same order.
 pub fn history(
     store: &store::Store,
     conversation: Conversation,

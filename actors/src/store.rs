@@ -80,7 +80,7 @@ pub mod tables {
         TableDefinition::new("accepted_tickets");
     /// Delivery address → `AddressRecord`: what this node's receiving service resolves.
     pub const ADDRESSES: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("addresses");
-    /// (conversation, sequence) → `HistoryEntry`, oldest first.
+    /// (conversation, sequence) → `HistoryEntry`, in the order stored.
     pub const HISTORY: TableDefinition<([u8; 8], u64), &[u8]> = TableDefinition::new("history");
     /// Sequence → `OutboxEntry`: envelopes not yet acknowledged by their receiver.
     pub const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");

@@ -264,6 +264,7 @@ impl From<manager::Error> for RpcError {
                 | GroupError::OwnGroup
                 | GroupError::Gone
                 | GroupError::JustClaimed(_)
+                | GroupError::AlreadyConnected(_)
                 | GroupError::SpeaksForPlaceholders { .. }
                 | GroupError::LeavingPlaceholders(_)
                 | GroupError::PlaceholderMember { .. }

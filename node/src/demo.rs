@@ -369,7 +369,9 @@ async fn story(json_output: bool) -> anyhow::Result<serde_json::Value> {
     say.step(
         "Blair consents (`protonode merge accept`): her new key P_B follows both of hers; the",
     );
-    say.detail("old relationships retire and the histories merge, oldest first.");
+    say.detail(
+        "old relationships retire and the histories merge, in the order each node had them.",
+    );
     let charlie_merged = wait_for_contacts_named(&charlie, "Blair", 1).await?;
     let mut merged_views = Vec::new();
     for (p, name) in [(&blair, "Charlie"), (&charlie, "Blair")] {

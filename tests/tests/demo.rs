@@ -38,7 +38,7 @@ fn the_demo_tells_the_seed_story_to_its_end() {
                 "Dani says hi too!",
                 "Small world."
             ],
-            "{}'s merged history, oldest first",
+            "{}'s merged history, in order",
             view["person"]
         );
     }
