@@ -706,7 +706,6 @@ fn agree(views: &[GroupView]) -> bool {
             .all(|v| v.members.len() == 3 && v.members.iter().all(|m| m.status != "placeholder"))
 }
 
-/// When a node emitted the event of `group` reaching `epoch`.
 /// When a node told of its next introduction.
 async fn introduced(mut events: broadcast::Receiver<Event>) -> Instant {
     loop {
@@ -720,6 +719,7 @@ async fn introduced(mut events: broadcast::Receiver<Event>) -> Instant {
     }
 }
 
+/// When a node emitted the event of `group` reaching `epoch`.
 async fn reach_epoch(mut events: broadcast::Receiver<Event>, group: String, epoch: u64) -> Instant {
     loop {
         match tokio::time::timeout(WAIT, events.recv()).await {

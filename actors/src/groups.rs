@@ -72,6 +72,8 @@ pub enum GroupError {
     BadIntroduction(String),
     #[error("this group is pending: claim it (or decline it) first")]
     NotClaimed,
+    #[error("your claim of this group is on its way: wait until the group has ordered it (`protonode claim GROUP --wait` waits for it)")]
+    ClaimPending,
     #[error("there is no placeholder to claim: you already claimed this group")]
     AlreadyClaimed,
     #[error("you already claimed this group; `protonode group leave` leaves it")]
@@ -960,6 +962,7 @@ impl GroupSession {
     ) -> Result<(), GroupError> {
         match self.record.state {
             GroupState::Gone => return Err(GroupError::Gone),
+            GroupState::Invited if self.record.claiming() => return Err(GroupError::ClaimPending),
             GroupState::Invited => return Err(GroupError::NotClaimed),
             GroupState::Active => {}
         }
@@ -2715,6 +2718,12 @@ pub fn groups_of_exactly(
     store: &Store,
     protons: &[crate::model::ProtonId],
 ) -> Result<Vec<GroupProtonRecord>, StoreError> {
+    let mut distinct = protons.to_vec();
+    distinct.sort_unstable_by_key(|p| p.0);
+    distinct.dedup();
+    if distinct.len() != protons.len() {
+        return Ok(Vec::new());
+    }
     let mut groups = all_groups(store)?;
     groups.retain(|g| {
         g.state != GroupState::Gone

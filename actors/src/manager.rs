@@ -1656,7 +1656,7 @@ impl Handler<GetStatus> for RelationshipManager {
                     Intent::Update => "key update",
                 };
                 warnings.push(format!(
-                    "group {}{}: your {what} has waited {} for the group's ordering service, whose node may be down; it is made once the group can order it",
+                    "group {}{}: a {what} this node asked for has waited {} at the group's current ordering service, whose node may be down; it is made once the group can order it",
                     g.id,
                     g.name.as_deref().map(|n| format!(" \"{n}\"")).unwrap_or_default(),
                     views::human_duration(waited),

@@ -434,6 +434,10 @@ pub struct MemberView {
     /// person), by the name we know them by.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub introduced_by: Option<String>,
+    /// We brought the member in (`introduced_by` is then "me", which a
+    /// peer could also be called).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub introduced_by_me: bool,
 }
 
 /// A group as `groups` shows it.
@@ -477,6 +481,7 @@ impl GroupView {
             name: g.own_display.name.clone(),
             status: "self",
             introduced_by: g.introduced.as_ref().map(|(_, by)| name_of(by)),
+            introduced_by_me: false,
         }];
         for m in g.members.iter() {
             members.push(MemberView {
@@ -490,6 +495,7 @@ impl GroupView {
                     MemberStatus::Vouched { .. } => "vouched",
                 },
                 introduced_by: m.introduced_by.as_ref().map(name_of),
+                introduced_by_me: m.introduced_by == Some(me),
             });
         }
         Self {

@@ -259,6 +259,7 @@ impl From<manager::Error> for RpcError {
                 GroupError::AlreadyMember
                 | GroupError::AlreadyInGroup(_)
                 | GroupError::NotClaimed
+                | GroupError::ClaimPending
                 | GroupError::AlreadyClaimed
                 | GroupError::ClaimedNotDeclinable
                 | GroupError::OwnGroup

@@ -143,6 +143,33 @@ fn group_result(v: &Value, json: bool, done: &str) {
     }
 }
 
+/// Prints a subscription's events until the daemon stops. A daemon killed
+/// mid-line leaves a reset connection or a partial line: stopped too when
+/// following it.
+async fn watch_events(
+    daemon: &mut control::Client,
+    json: bool,
+    follow: bool,
+) -> anyhow::Result<()> {
+    loop {
+        let note = match daemon.read().await {
+            Ok(Some(note)) => note,
+            Ok(None) | Err(control::ClientError::Io(_)) => return Ok(()),
+            Err(_) if follow => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let event = note.get("params").cloned().unwrap_or(Value::Null);
+        if json {
+            println!("{event}");
+        } else {
+            let line = output::event(&event);
+            if !line.is_empty() {
+                println!("{line}");
+            }
+        }
+    }
+}
+
 /// How often `watch --follow` looks for a daemon that stopped.
 const WATCH_RECONNECT: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -356,44 +383,40 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
                 print!("{}", output::status(&v));
             }
         }
-        Command::Watch { follow } => loop {
-            daemon.call(&Call::Watch {}).await?;
-            // On stderr in both modes: scripts can wait for it to know that
-            // nothing from now on is missed.
-            eprintln!("Watching; press Ctrl-C to stop.");
+        Command::Watch { follow } => {
+            let mut first = true;
             loop {
-                let note = match daemon.read().await {
-                    Ok(Some(note)) => note,
-                    Ok(None) => break,
-                    // A daemon killed mid-line resets the connection.
-                    Err(control::ClientError::Io(_)) => break,
-                    Err(e) => return Err(e.into()),
-                };
-                let event = note.get("params").cloned().unwrap_or(Value::Null);
-                if json {
-                    print_json(&event);
-                } else {
-                    let line = output::event(&event);
-                    if !line.is_empty() {
-                        println!("{line}");
+                // The first subscription's failure is the command's; later
+                // ones (a daemon stopping again just as it came back) are
+                // waited out like a stop.
+                let subscribed = daemon.call(&Call::Watch {}).await;
+                match subscribed {
+                    Ok(_) => {
+                        // On stderr in both modes: scripts can wait for it
+                        // to know that nothing from now on is missed.
+                        eprintln!("Watching; press Ctrl-C to stop.");
+                        watch_events(&mut daemon, json, follow).await?;
                     }
+                    Err(e) if first || !follow => return Err(e.into()),
+                    Err(_) => {}
                 }
-            }
-            if !follow {
-                anyhow::bail!(
-                    "the daemon stopped (`protonode watch --follow` waits for it to come back)"
-                );
-            }
-            eprintln!("The daemon stopped; waiting for it to come back.");
-            daemon = loop {
-                tokio::time::sleep(WATCH_RECONNECT).await;
-                match control::Client::connect(&paths.control_socket()).await {
-                    Ok(again) => break again,
-                    Err(control::ClientError::NoDaemon { .. }) => {}
-                    Err(e) => return Err(e.into()),
+                first = false;
+                if !follow {
+                    anyhow::bail!(
+                        "the daemon stopped (`protonode watch --follow` waits for it to come back)"
+                    );
                 }
-            };
-        },
+                eprintln!("The daemon stopped; waiting for it to come back.");
+                daemon = loop {
+                    tokio::time::sleep(WATCH_RECONNECT).await;
+                    match control::Client::connect(&paths.control_socket()).await {
+                        Ok(again) => break again,
+                        Err(control::ClientError::NoDaemon { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                };
+            }
+        }
         Command::Introduce {
             contact_b,
             contact_c,

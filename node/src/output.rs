@@ -279,9 +279,10 @@ pub fn groups(list: &Value) -> String {
             .flatten()
         {
             let by = m.get("introduced_by").and_then(Value::as_str);
+            let by_me = m.get("introduced_by_me") == Some(&Value::Bool(true));
             // A placeholder is its introducer's word, and maybe its key.
             let by = match (s(m, "status"), by) {
-                ("placeholder", Some("me")) => "  (as asserted by you, who hold its key)".into(),
+                ("placeholder", _) if by_me => "  (as asserted by you, who hold its key)".into(),
                 ("placeholder", Some(b)) => {
                     format!("  (as asserted by {}, who may hold its key)", shown(b))
                 }
@@ -540,6 +541,24 @@ mod tests {
             "{listed}"
         );
         assert!(listed.contains("(introduced by Alex)"), "{listed}");
+        // A peer who calls itself "me" is not us.
+        let named_me = groups(&json!([{
+            "id": "g2", "epoch": 1, "state": "active",
+            "members": [member("Dana", "placeholder", Some("me"))],
+        }]));
+        assert!(
+            named_me.contains("as asserted by me, who may"),
+            "{named_me}"
+        );
+        let ours = groups(&json!([{
+            "id": "g3", "epoch": 1, "state": "active",
+            "members": [{"id": "abcd", "name": "Dana", "status": "placeholder",
+                         "introduced_by": "me", "introduced_by_me": true}],
+        }]));
+        assert!(
+            ours.contains("as asserted by you, who hold its key"),
+            "{ours}"
+        );
         assert!(listed.contains("pending: `protonode claim`"), "{listed}");
     }
 

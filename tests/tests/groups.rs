@@ -847,7 +847,11 @@ fn a_change_that_is_not_ordered_in_time_stays_queued() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|w| w.as_str().unwrap().contains("your key update has waited"))
+            .any(|w| {
+                w.as_str()
+                    .unwrap()
+                    .contains("a key update this node asked for has waited")
+            })
     };
     wait_for(SETTLE, || overdue(&blair).then_some(()))
         .expect("status tells of the change that waits");
