@@ -3246,6 +3246,11 @@ mod tests {
             1,
             "the commit goes to the ordering service only"
         );
+        // Blair writes while her claim waits: still under the placeholder.
+        let early = step(&blair, &mut b, |s, ch| {
+            s.send_text("while my claim waits", 40, ch).unwrap();
+        });
+        let early_to_alex = rows_for(&early, alex_ipk);
         // Alex does not answer for longer than the ordering timeout. He
         // casts the majority (his vote and the unclaimed placeholders'), so
         // no other member could order: Blair waits for him, she does not
@@ -3345,6 +3350,12 @@ mod tests {
         assert_eq!(blair_info(&c), expected, "Charlie learns it with the claim");
         assert_eq!(rows_for(&fanned, gp_b).len(), 1);
         assert_ne!(gp_b, placeholder_b);
+        // What Blair wrote while her claim waited, read once the claim is
+        // ordered, is Blair's (the claim proves the placeholder was hers).
+        match deliver(&alex, &mut a, &early_to_alex[0]) {
+            Ok(Received::Text(e)) => assert_eq!(e.author, Author::Peer(gp_b)),
+            other => panic!("{other:?}"),
+        }
         // A command that named Blair by her placeholder's key just before
         // her claim landed is told so, not "no member matches".
         let mut ch = Changes::default();

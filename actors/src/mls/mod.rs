@@ -317,10 +317,19 @@ pub fn process(
     // The sender's credential was checked by openmls against its leaf; ours
     // name the leaf's signature key, which `member_ipk` insists on.
     let credential = processed.credential();
+    let past = processed.epoch() < group.epoch();
     let sender = group
         .members()
         .find(|m| &m.credential == credential)
-        .and_then(|m| member_ipk(&m.credential, &m.signature_key));
+        .and_then(|m| member_ipk(&m.credential, &m.signature_key))
+        // A message of a past epoch from a leaf whose key changed since (a
+        // claim): openmls checked it against that epoch's leaf, which our
+        // checks let in only with its key as its credential's identity.
+        .or_else(|| {
+            past.then(|| BasicCredential::try_from(credential.clone()).ok())
+                .flatten()
+                .and_then(|basic| Ipk::from_slice(basic.identity()))
+        });
     let aad = processed.aad().to_vec();
     match processed.into_content() {
         ProcessedMessageContent::ApplicationMessage(app) => Ok(Incoming::Application {
