@@ -72,7 +72,7 @@ pub enum GroupError {
     BadIntroduction(String),
     #[error("this group is pending: claim it (or decline it) first")]
     NotClaimed,
-    #[error("your claim of this group is on its way: wait until the group has ordered it (`protonode claim GROUP --wait` waits for it)")]
+    #[error("your claim of this group is on its way: wait until the group has ordered it (`protonode claim GROUP --wait` waits for it); then `protonode group leave` leaves it")]
     ClaimPending,
     #[error("there is no placeholder to claim: you already claimed this group")]
     AlreadyClaimed,
@@ -2463,6 +2463,9 @@ impl GroupSession {
         if self.record.state == GroupState::Gone {
             return Err(GroupError::Gone);
         }
+        if self.record.state == GroupState::Invited && self.record.claiming() {
+            return Err(GroupError::ClaimPending);
+        }
         if self.record.state == GroupState::Active {
             let stranded = self.stranded_without(&[self.key.ipk()]);
             if !stranded.is_empty() {
@@ -2510,6 +2513,10 @@ impl GroupSession {
     pub fn decline(&mut self, changes: &mut Changes) -> Result<(), GroupError> {
         if self.record.state != GroupState::Invited {
             return Err(self.not_invited(GroupError::ClaimedNotDeclinable));
+        }
+        // The others would take us in while we dropped the group.
+        if self.record.claiming() {
+            return Err(GroupError::ClaimPending);
         }
         if let Some((via, _)) = self.record.introduced {
             self.record.relays.push(Relay {
@@ -3251,6 +3258,16 @@ mod tests {
             s.send_text("while my claim waits", 40, ch).unwrap();
         });
         let early_to_alex = rows_for(&early, alex_ipk);
+        // Declining or leaving now would drop the group while the others
+        // take her in: refused, nothing changes.
+        let mut ch = Changes::default();
+        assert!(matches!(b.decline(&mut ch), Err(GroupError::ClaimPending)));
+        assert!(matches!(
+            b.leave(41, &mut ch),
+            Err(GroupError::ClaimPending)
+        ));
+        assert!(ch.is_empty());
+        assert_eq!(b.record().state, GroupState::Invited);
         // Alex does not answer for longer than the ordering timeout. He
         // casts the majority (his vote and the unclaimed placeholders'), so
         // no other member could order: Blair waits for him, she does not
