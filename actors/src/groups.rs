@@ -72,6 +72,8 @@ pub enum GroupError {
     BadIntroduction(String),
     #[error("this group is pending: claim it (or decline it) first")]
     NotClaimed,
+    #[error("an addition you asked for is on its way: leave once the group has ordered it (`protonode groups` shows it), then remove the placeholder or wait for its claim")]
+    AddingBeforeLeaving,
     #[error("your claim of this group is on its way: wait until the group has ordered it (`protonode claim GROUP --wait` waits for it); then `protonode group leave` leaves it")]
     ClaimPending,
     #[error("there is no placeholder to claim: you already claimed this group")]
@@ -1079,6 +1081,15 @@ impl GroupSession {
         {
             let intent = self.record.intents.remove(0);
             let epoch = self.epoch();
+            // A removal asked for before another change was ordered (an
+            // addition by the member removed, say) may strand the group
+            // now: dropped, as a change that no longer applies.
+            if let Intent::Remove { members } = &intent {
+                if !self.stranded_without(members).is_empty() {
+                    tracing::warn!(group = %self.record.id, "dropped a removal that would leave placeholders no majority to be claimed in");
+                    continue;
+                }
+            }
             let staged = self.isolated(changes, |s, _| s.stage(&intent));
             let (commit, welcome) = match staged {
                 Ok(c) => c,
@@ -2466,6 +2477,17 @@ impl GroupSession {
         if self.record.state == GroupState::Invited && self.record.claiming() {
             return Err(GroupError::ClaimPending);
         }
+        // Someone we are adding would arrive as a placeholder with no one
+        // to vote for it.
+        let adding = self
+            .record
+            .intents
+            .iter()
+            .chain(self.record.pending.as_ref().map(|p| &p.intent))
+            .any(|i| matches!(i, Intent::Add { .. }));
+        if adding {
+            return Err(GroupError::AddingBeforeLeaving);
+        }
         if self.record.state == GroupState::Active {
             let stranded = self.stranded_without(&[self.key.ipk()]);
             if !stranded.is_empty() {
@@ -3170,6 +3192,12 @@ mod tests {
                 crate::relationship::Received::Joined(_)
             ));
         }
+        // The introduction again (as when two members add someone at once):
+        // Blair joins nothing new, and is told to decline the extra one.
+        assert!(matches!(
+            relay(&alex, &blair, ba, &record.relays[0]),
+            crate::relationship::Received::AlreadyInGroup(ref g) if *g == record.group_id
+        ));
         let (mut a, mut b, mut c) = (group_of(&alex), group_of(&blair), group_of(&charlie));
         assert_eq!(b.record().state, GroupState::Invited);
         assert_eq!(a.epoch_authenticator(), b.epoch_authenticator());

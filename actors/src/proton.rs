@@ -280,6 +280,19 @@ impl Proton {
                                 groups.push(g)
                             }
                             Ok(Received::Relayed(g)) => groups.push(g),
+                            Ok(Received::AlreadyInGroup(group_id)) => {
+                                tracing::info!(proton = %self.id, "introduced into a group we are already in; declining the extra placeholder");
+                                let decline = crate::protocol::Body::Decline { group_id };
+                                if let Err(e) = session.send_control(
+                                    decline,
+                                    &node,
+                                    lifetimes,
+                                    now,
+                                    &mut changes,
+                                ) {
+                                    tracing::warn!(proton = %self.id, error = %e, "declining an extra introduction failed");
+                                }
+                            }
                             Ok(Received::Merge(outcome)) => {
                                 if let Some(m) =
                                     changes.merges.iter().rev().find(|m| m.id == outcome.id)

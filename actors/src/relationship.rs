@@ -623,6 +623,10 @@ pub enum Received {
     Relayed(GroupProtonId),
     /// A merge request, recorded (and what it revealed).
     Merge(crate::merge::RequestOutcome),
+    /// The peer introduced us into a group we are already in (another
+    /// member added us at the same time): its placeholder for us is one
+    /// no one will claim. Decline it, so that the peer removes it.
+    AlreadyInGroup(Vec<u8>),
 }
 
 /// One proton's live state: its record, key, MLS group and provider.
@@ -954,11 +958,16 @@ impl ProtonSession {
             Body::Hello { .. } => Err(RelationshipError::Unexpected("a second Hello")),
             Body::Introduction(intro) => {
                 let store = self.provider.mls_storage().store().clone();
-                let (group, c) =
-                    crate::groups::accept_introduction(&store, &self.record, &intro, now)
-                        .map_err(|e| RelationshipError::Group(Box::new(e)))?;
-                changes.extend(c);
-                Ok(Received::Joined(group.id))
+                match crate::groups::accept_introduction(&store, &self.record, &intro, now) {
+                    Ok((group, c)) => {
+                        changes.extend(c);
+                        Ok(Received::Joined(group.id))
+                    }
+                    Err(crate::groups::GroupError::AlreadyMember) => {
+                        Ok(Received::AlreadyInGroup(intro.group_id.clone()))
+                    }
+                    Err(e) => Err(RelationshipError::Group(Box::new(e))),
+                }
             }
             Body::MergeRequest(request) => {
                 let store = self.provider.mls_storage().store();

@@ -260,6 +260,7 @@ impl From<manager::Error> for RpcError {
                 | GroupError::AlreadyInGroup(_)
                 | GroupError::NotClaimed
                 | GroupError::ClaimPending
+                | GroupError::AddingBeforeLeaving
                 | GroupError::AlreadyClaimed
                 | GroupError::ClaimedNotDeclinable
                 | GroupError::OwnGroup
@@ -697,21 +698,56 @@ async fn group_change(
         ));
     }
     let started = tokio::time::Instant::now();
-    let view = manager
+    let removing = match &action {
+        GroupAction::Remove(q) => Some(q.clone()),
+        _ => None,
+    };
+    let asked = manager
         .send(GroupCommand { group, action })
         .await
         .map_err(|_| RpcError::new(codes::INTERNAL, "the node is shutting down"))??;
+    // Who is removed, as the group listed them when asked.
+    let removed = removing.and_then(|q| {
+        asked
+            .members
+            .iter()
+            .find(|m| m.status != "self" && names_member(m, &q))
+            .map(|m| (m.id.clone(), m.name.clone()))
+    });
     let within = Duration::from_secs(secs);
     let view = manager
         .send(AwaitOrdered {
-            group: view.id,
+            group: asked.id,
             until: started + within,
             within,
         })
         .await
         .map_err(|_| RpcError::new(codes::INTERNAL, "the node is shutting down"))??;
+    // Another change ordered first can make ours no longer apply: the
+    // group dropped it. Say so rather than answer as if it were made.
+    if view.state == "gone" {
+        return Err(RpcError::new(
+            codes::INVALID_INPUT,
+            "the change was not made: you are no longer in this group (`protonode groups --all` shows it)",
+        ));
+    }
+    if let Some((id, name)) = removed.filter(|(id, _)| view.members.iter().any(|m| &m.id == id)) {
+        return Err(RpcError::new(
+            codes::INVALID_INPUT,
+            format!("{name} was not removed: a change ordered before it made the removal no longer apply (member {id}; `protonode groups` shows the group)"),
+        ));
+    }
     serde_json::to_value(view)
         .map_err(|e| RpcError::new(codes::INTERNAL, format!("encoding the answer failed: {e}")))
+}
+
+/// Whether `query` names this member: its id (or an id prefix of at
+/// least 4 characters, dashes optional) or its name, as `group remove`
+/// resolves members.
+fn names_member(m: &actors::views::MemberView, query: &str) -> bool {
+    let q = query.trim().to_lowercase();
+    let bare = |s: &str| s.replace('-', "");
+    m.name.trim().to_lowercase() == q || (q.len() >= 4 && bare(&m.id).starts_with(&bare(&q)))
 }
 
 enum Line {
