@@ -23,7 +23,8 @@ use crate::identity::{Ipk, SecretKey};
 use crate::model::{now_ms, GroupProtonId};
 use crate::proton::Shared;
 use crate::records::{
-    GroupState, HistoryEntry, InboxEntry, Intent, Owner, ProtonRecord, Relay, Source,
+    GroupState, HistoryEntry, InboxEntry, Intent, Owner, ProtonRecord, Provenance, Relay, Source,
+    TicketOrigin,
 };
 use crate::relationship::{accept_invite, AcceptLink, SideLink};
 use crate::store::{self, tables, Store, StoreError};
@@ -191,8 +192,19 @@ impl GroupProton {
                             changes: invite,
                         } => {
                             // The member's invitation may have made the
-                            // relationship since the manager looked.
+                            // relationship since the manager looked, or
+                            // earlier in this pass.
+                            let met = Provenance::MetInGroup {
+                                group: self.id,
+                                member,
+                            };
+                            let made_now = changes
+                                .protons
+                                .iter()
+                                .find(|p| p.provenance == met)
+                                .map(|p| p.id);
                             match crate::manager::met_in_group(&self.shared.store, self.id, member)
+                                .map(|found| found.or(made_now))
                             {
                                 Ok(Some(contact)) => Err(GroupError::AlreadyConnected(contact)),
                                 _ => {
@@ -254,7 +266,18 @@ impl GroupProton {
                                     tracing::warn!(group = %self.id, error = %e, "reading our invitations failed");
                                     None
                                 });
-                                if crossed.is_some() && session.own_ipk() < from {
+                                // Ours may also be in this very pass, not
+                                // yet stored: the member skips it then, if
+                                // theirs wins; ours stays unused.
+                                let ours_now = changes.tickets.iter().any(|t| {
+                                    !t.used
+                                        && t.origin
+                                            == Some(TicketOrigin::Group {
+                                                group: self.id,
+                                                member: from,
+                                            })
+                                });
+                                if (crossed.is_some() || ours_now) && session.own_ipk() < from {
                                     tracing::info!(group = %self.id, "side invitations crossed; the member takes ours");
                                     continue;
                                 }
