@@ -89,7 +89,7 @@ pub enum Error {
     AmbiguousContact { query: String, matches: String },
     #[error("the inviter's node refused this invitation: it was already used or has expired; ask for a new one")]
     TicketRefused,
-    #[error("message {id} was not acknowledged within {}; it stays queued and is delivered when the recipient's node is reachable (`protonode history` shows when)", views::human_duration(*.within))]
+    #[error("message {id} was not acknowledged within {}; it stays queued and is delivered once the receiving nodes are reachable (`protonode history` shows when)", views::human_duration(*.within))]
     NotYetDelivered { id: String, within: Duration },
     #[error("the group has not ordered the change within {}; it stays queued and is made once the group's ordering service is reachable (`protonode groups` shows it then)", views::human_duration(*.within))]
     NotYetOrdered { within: Duration },

@@ -470,8 +470,10 @@ impl GroupView {
             if *ipk == me {
                 return "me".to_string();
             }
+            // Members who went are remembered for a while (`former`).
             g.members
                 .iter()
+                .chain(g.former.iter())
                 .find(|m| m.ipk == *ipk)
                 .map(|m| m.display.name.clone())
                 .unwrap_or_else(|| ipk.fingerprint())

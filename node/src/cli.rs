@@ -197,7 +197,8 @@ pub enum Command {
     Send {
         /// Contact or group: id or unambiguous name.
         contact: String,
-        /// The message (it may begin with "-": `send Alex -hi` sends "-hi").
+        /// The message. It may begin with "-" (`send Alex -hi` sends "-hi"); one
+        /// that is exactly an option, such as -h, goes after `--`.
         #[arg(allow_hyphen_values = true)]
         text: String,
         /// Return only once the contact's node acknowledged the message.

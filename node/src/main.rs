@@ -170,11 +170,34 @@ async fn watch_events(
     }
 }
 
+/// Connects to the daemon once it runs (for `watch --follow`).
+async fn wait_for_daemon(paths: &config::Paths) -> anyhow::Result<control::Client> {
+    loop {
+        tokio::time::sleep(WATCH_RECONNECT).await;
+        match control::Client::connect(&paths.control_socket()).await {
+            Ok(daemon) => return Ok(daemon),
+            Err(control::ClientError::NoDaemon { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// How often `watch --follow` looks for a daemon that stopped.
 const WATCH_RECONNECT: std::time::Duration = std::time::Duration::from_millis(500);
 
 async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::Result<()> {
-    let mut daemon = control::Client::connect(&paths.control_socket()).await?;
+    let mut daemon = match (
+        &command,
+        control::Client::connect(&paths.control_socket()).await,
+    ) {
+        (_, Ok(daemon)) => daemon,
+        // watch --follow waits for a daemon that is not running yet, too.
+        (Command::Watch { follow: true }, Err(control::ClientError::NoDaemon { .. })) => {
+            eprintln!("No daemon is running yet; waiting for it.");
+            wait_for_daemon(paths).await?
+        }
+        (_, Err(e)) => return Err(e.into()),
+    };
     let print_json = |v: &Value| println!("{v}");
     match command {
         Command::Invite { qr, expires_in } => {
@@ -407,14 +430,7 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
                     );
                 }
                 eprintln!("The daemon stopped; waiting for it to come back.");
-                daemon = loop {
-                    tokio::time::sleep(WATCH_RECONNECT).await;
-                    match control::Client::connect(&paths.control_socket()).await {
-                        Ok(again) => break again,
-                        Err(control::ClientError::NoDaemon { .. }) => {}
-                        Err(e) => return Err(e.into()),
-                    }
-                };
+                daemon = wait_for_daemon(paths).await?;
             }
         }
         Command::Introduce {
