@@ -2001,7 +2001,7 @@ fn authors(
 
 /// A conversation's history, in the order this node stored its messages.
 /// A merged relationship's includes the histories of those it follows,
-/// interleaved in that same order.
+/// interleaved by the time each message was sent.
 pub fn history(
     store: &store::Store,
     conversation: Conversation,
@@ -2027,9 +2027,10 @@ pub fn history(
         Ok(out)
     })?;
     if merged {
-        // As one conversation's: in the order this node had each message
-        // (the author's clock is not ours to trust with the order).
-        out.sort_by_key(|e| e.stored_at);
+        // Two relationships' histories, each in this node's order, are
+        // interleaved by the time their messages were sent: neither
+        // node's storing order says how the two threads went together.
+        out.sort_by_key(|e| e.sent_at);
         let mut seen = std::collections::HashSet::new();
         out.retain(|e| seen.insert(e.id));
     }
