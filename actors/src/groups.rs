@@ -2477,14 +2477,14 @@ impl GroupSession {
         if self.record.state == GroupState::Invited && self.record.claiming() {
             return Err(GroupError::ClaimPending);
         }
-        // Someone we are adding would arrive as a placeholder with no one
-        // to vote for it.
+        // Someone we are adding, sent to the ordering service, could still
+        // be ordered in: a placeholder with no one to vote for it. (What
+        // is only queued is dropped with the rest.)
         let adding = self
             .record
-            .intents
-            .iter()
-            .chain(self.record.pending.as_ref().map(|p| &p.intent))
-            .any(|i| matches!(i, Intent::Add { .. }));
+            .pending
+            .as_ref()
+            .is_some_and(|p| matches!(p.intent, Intent::Add { .. }));
         if adding {
             return Err(GroupError::AddingBeforeLeaving);
         }
