@@ -962,12 +962,7 @@ impl GroupSession {
         now: u64,
         changes: &mut Changes,
     ) -> Result<(), GroupError> {
-        match self.record.state {
-            GroupState::Gone => return Err(GroupError::Gone),
-            GroupState::Invited if self.record.claiming() => return Err(GroupError::ClaimPending),
-            GroupState::Invited => return Err(GroupError::NotClaimed),
-            GroupState::Active => {}
-        }
+        self.must_be_active()?;
         if let Intent::Remove { members } = &intent {
             for target in members {
                 // Named by a key a claim replaced: say so, not "removed".
@@ -1003,6 +998,17 @@ impl GroupSession {
             }
         }
         self.push_intent(intent, now, changes)
+    }
+
+    /// Whether we may change the group or act in it as a member: not once
+    /// we are gone, nor with an introduction's placeholder (claim first).
+    fn must_be_active(&self) -> Result<(), GroupError> {
+        match self.record.state {
+            GroupState::Active => Ok(()),
+            GroupState::Gone => Err(GroupError::Gone),
+            GroupState::Invited if self.record.claiming() => Err(GroupError::ClaimPending),
+            GroupState::Invited => Err(GroupError::NotClaimed),
+        }
     }
 
     /// The unclaimed placeholders that would lose their only vote if
@@ -1046,9 +1052,7 @@ impl GroupSession {
         now: u64,
         changes: &mut Changes,
     ) -> Result<(), GroupError> {
-        if self.record.state != GroupState::Active {
-            return Err(GroupError::NotClaimed);
-        }
+        self.must_be_active()?;
         // A second placeholder for someone in the group would be one they
         // can never claim, and a key only we hold.
         let queued = self
@@ -2224,9 +2228,7 @@ impl GroupSession {
         now: u64,
         changes: &mut Changes,
     ) -> Result<(), GroupError> {
-        if self.record.state != GroupState::Active {
-            return Err(GroupError::NotClaimed);
-        }
+        self.must_be_active()?;
         let m = self.member(member)?;
         // A side relationship with a placeholder could be one with its
         // introducer, who holds its key.

@@ -512,6 +512,7 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
         }
         Command::Group(command) => {
             use protonode::cli::GroupCommand as G;
+            let adding = matches!(command, G::Add { .. });
             let (call, done) = match command {
                 G::Create { name, contacts } => (
                     Call::GroupCreate { name, contacts },
@@ -573,6 +574,13 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
             };
             let v = daemon.call(&call).await?;
             group_result(&v, json, done);
+            if adding {
+                for name in output::namesakes_of_ours(&v) {
+                    eprintln!(
+                        "note: a member called {name} was already in the group, added by someone else; if it is the same person, their node declines this second introduction and your placeholder for them goes"
+                    );
+                }
+            }
         }
         Command::Init { .. } | Command::Daemon { .. } | Command::Demo => {
             anyhow::bail!("this command does not talk to the daemon")

@@ -237,6 +237,32 @@ pub fn history(list: &Value, contacts: &Value) -> String {
     out
 }
 
+/// Names of the placeholders we made in group `g` that share their name
+/// with another member: the same person added twice, perhaps (no one can
+/// tell from a name).
+pub fn namesakes_of_ours(g: &Value) -> Vec<String> {
+    let members: Vec<&Value> = g
+        .get("members")
+        .and_then(Value::as_array)
+        .map(|l| l.iter().collect())
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for m in &members {
+        let ours = s(m, "status") == "placeholder"
+            && m.get("introduced_by_me") == Some(&Value::Bool(true));
+        let name = s(m, "name");
+        let twice = members
+            .iter()
+            .filter(|o| s(o, "name").trim().to_lowercase() == name.trim().to_lowercase())
+            .count()
+            > 1;
+        if ours && twice && !out.contains(&shown(name)) {
+            out.push(shown(name));
+        }
+    }
+    out
+}
+
 /// Groups with their rosters.
 pub fn groups(list: &Value) -> String {
     let Some(items) = list.as_array() else {
@@ -522,6 +548,18 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn a_placeholder_of_ours_named_like_another_member_is_pointed_out() {
+        let g = json!({"members": [
+            {"id": "a", "name": "Fay", "status": "self"},
+            {"id": "b", "name": "Oli", "status": "claimed", "introduced_by": "Eve"},
+            {"id": "c", "name": "oli", "status": "placeholder", "introduced_by": "me",
+             "introduced_by_me": true},
+            {"id": "d", "name": "Eve", "status": "placeholder", "introduced_by": "Fay"},
+        ]});
+        assert_eq!(namesakes_of_ours(&g), ["oli"]);
+    }
 
     #[test]
     fn a_placeholder_is_listed_as_its_introducers_word() {

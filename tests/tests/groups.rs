@@ -679,10 +679,16 @@ fn a_plain_group_grows_and_shrinks() {
     blair.ok(&["group", "leave", "Book club"]);
     assert!(blair.groups().is_empty());
     assert!(texts(&blair, "Book club").contains(&"thanks for adding me".to_string()));
-    let send = blair.cli(&["send", "Book club", "still here?"]);
-    assert_eq!(send.status.code(), Some(1));
-    let said = String::from_utf8_lossy(&send.stderr);
-    assert!(said.contains("no longer in this group"), "{said}");
+    for args in [
+        ["send", "Book club", "still here?"].as_slice(),
+        &["group", "add", "Book club", "Charlie"],
+        &["group", "update", "Book club"],
+    ] {
+        let out = blair.cli(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("no longer in this group"), "{args:?}: {said}");
+    }
     wait_for(SETTLE, || {
         (the_group(&alex)["members"].as_array()?.len() == 1).then_some(())
     })
