@@ -791,15 +791,54 @@ fn contact_view(
             .and_then(|g| g.name)
             .map(|n| format!("\"{n}\" ({group})"))
             .unwrap_or_else(|| group.to_string());
-        view.origin = match merge::introducer_of(store, p)? {
-            Some((_, by)) => {
+        let adder = added_by_other(store, p)?;
+        view.origin = match (merge::introducer_of(store, p)?, adder) {
+            (Some((_, by)), Some(adder)) => {
+                view.introduced_by = Some(adder.clone());
+                format!("added by {adder} to group {name}, which {by} introduced you to")
+            }
+            (Some((_, by)), None) => {
                 view.introduced_by = Some(by.clone());
                 format!("introduced by {by} in group {name}")
             }
-            None => format!("met in our group {name}"),
+            (None, Some(adder)) => {
+                view.introduced_by = Some(adder.clone());
+                format!("added by {adder} to our group {name}")
+            }
+            (None, None) => format!("met in our group {name}"),
         };
     }
     Ok(view)
+}
+
+/// For a relationship begun in a group: the name of the member who added
+/// its peer to the group, when that is not who introduced us there (or,
+/// in a group we made, not us). Their word, too, is what the peer's key
+/// rests on.
+fn added_by_other(store: &store::Store, p: &ProtonRecord) -> Result<Option<String>, StoreError> {
+    let Provenance::MetInGroup { group, member } = p.provenance else {
+        return Ok(None);
+    };
+    let Some(g) = groups::get_group(store, group)? else {
+        return Ok(None);
+    };
+    let known = || g.members.iter().chain(g.former.iter());
+    let Some(by) = known()
+        .find(|m| m.ipk == member)
+        .and_then(|m| m.introduced_by)
+    else {
+        return Ok(None);
+    };
+    let ours = g.introduced.map(|(_, ipk)| ipk);
+    if Some(by) == ours || by == g.own_key.key().ipk() {
+        return Ok(None);
+    }
+    Ok(Some(
+        known()
+            .find(|m| m.ipk == by)
+            .map(|m| m.display.name.clone())
+            .unwrap_or_else(|| by.fingerprint()),
+    ))
 }
 
 impl Handler<ContactDetail> for RelationshipManager {
@@ -826,10 +865,21 @@ impl Handler<ContactDetail> for RelationshipManager {
         let obtained = match &p.provenance {
             Provenance::InvitedByUs { .. } => "ticket: they accepted our invitation".to_string(),
             Provenance::AcceptedTicket { .. } => "ticket: we accepted their invitation".to_string(),
-            Provenance::MetInGroup { group, .. } => match merge::introducer_of(store, &p)? {
-                Some((by, _)) => format!("introduced by {} in group {group}", name_of(by)),
-                None => format!("met in group {group}, which we started"),
-            },
+            Provenance::MetInGroup { group, .. } => {
+                match (merge::introducer_of(store, &p)?, added_by_other(store, &p)?) {
+                    (Some((by, _)), Some(adder)) => format!(
+                        "added by {adder} to group {group}, which {} introduced us to",
+                        name_of(by)
+                    ),
+                    (Some((by, _)), None) => {
+                        format!("introduced by {} in group {group}", name_of(by))
+                    }
+                    (None, Some(adder)) => {
+                        format!("added by {adder} to group {group}, which we started")
+                    }
+                    (None, None) => format!("met in group {group}, which we started"),
+                }
+            }
             Provenance::Merged { from: [a, b] } => {
                 format!("merged from {} and {}", name_of(*a), name_of(*b))
             }
@@ -860,6 +910,13 @@ impl Handler<ContactDetail> for RelationshipManager {
                 let by = name_of(by);
                 if !vouched_by.contains(&by) {
                     vouched_by.push(by);
+                }
+            }
+            // The member who added them to the group vouches too.
+            if let Some(adder) = added_by_other(store, &r)? {
+                let adder = format!("{adder} (the group member who added them)");
+                if !vouched_by.contains(&adder) {
+                    vouched_by.push(adder);
                 }
             }
             for a in merge::links_of(store, id)? {
