@@ -881,3 +881,85 @@ fn a_change_that_is_not_ordered_in_time_stays_queued() {
     });
     assert!(!overdue(&blair), "made: status no longer mentions it");
 }
+
+/// In a group of four, a member who votes for a placeholder not yet
+/// claimed may leave when the others are still a majority: they order the
+/// claim without it. And a contact met there through a member someone
+/// else added says who added them, since their key rests on that word.
+#[test]
+fn a_member_may_leave_before_its_invitee_claims_when_the_rest_are_a_majority() {
+    let ([alex, blair, charlie], _daemons) = trio();
+    let dana = person("Dana");
+    let _d = dana.start();
+    blair.befriend(&dana);
+    let added = blair.ok(&["group", "add", "Trio", "Dana", "--wait"]);
+    assert_eq!(statuses(&added)["Dana"], "placeholder", "{added}");
+    wait_for(SETTLE, || (!dana.groups().is_empty()).then_some(())).expect("Dana is introduced");
+
+    // Blair's node votes for Dana's placeholder; without Blair, Alex and
+    // Charlie are two of three, a majority.
+    blair.ok(&["group", "leave", "Trio"]);
+    assert!(blair.groups().is_empty());
+    wait_for(SETTLE, || {
+        [&alex, &charlie]
+            .iter()
+            .all(|p| {
+                let g = the_group(p);
+                let s = statuses(&g);
+                s.len() == 3
+                    && !s.contains_key("Blair")
+                    && s.get("Dana").map(String::as_str) == Some("placeholder")
+            })
+            .then_some(())
+    })
+    .expect("Alex and Charlie see Blair gone and Dana's placeholder");
+
+    let claimed = dana.ok(&["claim", "Trio", "--wait"]);
+    assert_eq!(claimed["claiming"], false, "{claimed}");
+    wait_for_agreement(&[&alex, &charlie, &dana], 3);
+    dana.ok(&["send", "Trio", "hello, both of you", "--wait"]);
+    for p in [&alex, &charlie] {
+        wait_for(SETTLE, || {
+            texts(p, "Trio")
+                .contains(&"hello, both of you".to_string())
+                .then_some(())
+        })
+        .unwrap_or_else(|| panic!("{} reads Dana", p.name));
+    }
+
+    // Charlie met Dana in a group Alex introduced Charlie to, and it was
+    // Blair, who has left since, who added Dana.
+    let out = charlie.ok(&["connect", "Trio", "Dana"]);
+    assert_eq!(out["name"], "Dana", "{out}");
+    let record = wait_for(SETTLE, || {
+        let r = charlie.ok(&["contact", "Dana"]);
+        (r["contact"]["state"] == "active").then_some(r)
+    })
+    .expect("Charlie's contact Dana becomes active");
+    let obtained = record["obtained"].as_str().unwrap();
+    assert!(
+        obtained.starts_with("added by Blair to group ")
+            && obtained.ends_with(" Alex introduced us to"),
+        "{record}"
+    );
+    let vouched: Vec<&str> = record["vouched_by"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        vouched.iter().any(|v| v.ends_with(" Alex"))
+            && vouched.contains(&"Blair (the group member who added them)"),
+        "{record}"
+    );
+    assert_eq!(record["may_be_alias_of"], record["vouched_by"], "{record}");
+    let origin = contact_named(&charlie, "Dana")["origin"].clone();
+    assert!(
+        origin
+            .as_str()
+            .unwrap()
+            .starts_with("added by Blair to group \"Trio\""),
+        "{origin}"
+    );
+}
