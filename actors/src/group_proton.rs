@@ -337,9 +337,16 @@ impl GroupProton {
                 }
             }
         }
+        let departures = session.take_departures();
         if session.epoch() != epoch_before || session.record().state != state_before {
             let (joined, claimed, gone) =
                 crate::views::roster_change(&members_before, &session.record().members);
+            let (left, removed, removed_by) = crate::views::departures_named(
+                &members_before,
+                &session.record().members,
+                &departures,
+                session.own_ipk(),
+            );
             let change = match (state_before, session.record().state) {
                 (_, GroupState::Gone) => GroupChange::Left,
                 (GroupState::Invited, GroupState::Active) => GroupChange::Entered,
@@ -349,6 +356,9 @@ impl GroupProton {
                 joined,
                 claimed,
                 gone,
+                left,
+                removed,
+                removed_by,
                 ..Event::group_change(session.record(), session.epoch(), change)
             }));
         }

@@ -544,6 +544,11 @@ pub struct GroupSession {
     /// new epoch, and reading it from openmls costs a clone and a parse per
     /// member, on every message.
     roster: std::cell::RefCell<Option<Roster>>,
+    /// Members removed by the commits applied since the last
+    /// [`take_departures`](Self::take_departures), each with who removed
+    /// them (`None`: they asked to leave). Not stored: it only tells
+    /// `watch` what happened.
+    departures: Vec<(Ipk, Option<Ipk>)>,
 }
 
 /// The members at one epoch, told apart by its number and authenticator.
@@ -605,6 +610,7 @@ impl GroupSession {
             proposal: None,
             checked: None,
             roster: std::cell::RefCell::new(None),
+            departures: Vec::new(),
         })
     }
 
@@ -1422,8 +1428,15 @@ impl GroupSession {
                     .copied()
                     .filter(|m| self.is_member(m))
                     .collect();
+                // Removing members who asked to leave says so, for the
+                // others to tell a departure from a removal.
+                let left = !present.is_empty()
+                    && present
+                        .iter()
+                        .all(|m| self.record.left.iter().any(|(l, _)| l == m));
+                let aad = if left { LEAVE_AAD.to_vec() } else { Vec::new() };
                 (
-                    mls::stage_remove(&mut self.group, &self.provider, &self.key, &present)?,
+                    mls::stage_remove(&mut self.group, &self.provider, &self.key, &present, aad)?,
                     None,
                 )
             }
@@ -1511,7 +1524,10 @@ impl GroupSession {
                     introductions(&self.record, &self.key, &via, &invitees, &welcome, now)?;
                 self.record.relays.extend(relays);
             }
-            Intent::Remove { .. } => {}
+            Intent::Remove { members } => {
+                let me = self.key.ipk();
+                self.note_departures(&members, me, false);
+            }
             Intent::Update => {}
         }
         self.sync_roster();
@@ -1984,6 +2000,9 @@ impl GroupSession {
             .replaced
             .and_then(|(_, new)| self.open_claim_info(&aad, new));
         let removed_us = staged.self_removed();
+        if let Some(by) = sender {
+            self.note_departures(&summary.removed, by, aad == LEAVE_AAD);
+        }
         mls::merge_staged(&mut self.group, &self.provider, *staged)?;
         if removed_us {
             self.record.state = GroupState::Gone;
@@ -2093,6 +2112,21 @@ impl GroupSession {
         self.outbox_to(proposer, &accept, changes, now);
         self.save(changes);
         Ok(Received::Other)
+    }
+
+    /// Notes that `by`'s commit removes `removed`: each asked to leave if
+    /// `leaving` (the commit says so) or if we received their leaving.
+    fn note_departures(&mut self, removed: &[Ipk], by: Ipk, leaving: bool) {
+        for m in removed {
+            let left = leaving || self.record.left.iter().any(|(l, _)| l == m);
+            self.departures.push((*m, (!left).then_some(by)));
+        }
+    }
+
+    /// Members removed since the last call, each with who removed them
+    /// (`None`: they left); our own key among them if we were removed.
+    pub fn take_departures(&mut self) -> Vec<(Ipk, Option<Ipk>)> {
+        std::mem::take(&mut self.departures)
     }
 
     /// Updates the member list after someone else's commit; `verified` is
@@ -2680,6 +2714,11 @@ fn verify_claim(aad: &[u8], old: Ipk, new: Ipk) -> Result<Attestation, Attestati
 
 /// The label of the key a claim's member info is sealed under.
 const CLAIM_INFO_LABEL: &str = "protonode/v1/claim-info";
+
+/// The authenticated data of a commit that removes members who asked to
+/// leave (a removal's is otherwise empty; a claim's is a [`ClaimAad`]).
+/// Older nodes read no removal's AAD, and see a removal.
+const LEAVE_AAD: &[u8] = b"protonode: they left";
 
 /// What a claim commit carries in its authenticated data (which travels in
 /// the clear, signed with the commit).
@@ -3500,5 +3539,21 @@ mod tests {
         a.drain_writes(&mut ch);
         commit(&alex, ch);
         assert_eq!(seen(&a, c.own_ipk()), MemberStatus::Linked { proton: ac });
+
+        // Blair leaves. Her leaving reaches Alex, who orders her removal;
+        // Charlie gets the removal first: the commit itself says that she
+        // left, and nobody removed her.
+        let _ = (a.take_departures(), c.take_departures());
+        let rows = step(&blair, &mut b, |s, ch| s.leave(70, ch).unwrap());
+        let fanned = order(&alex, &mut a, &rows_for(&rows, alex_ipk)[0], 71);
+        assert_eq!(a.take_departures(), [(gp_b, None)]);
+        let removal = rows_for(&fanned, c.own_ipk());
+        assert_eq!(removal.len(), 1);
+        assert_eq!(
+            deliver(&charlie, &mut c, &removal[0]).unwrap(),
+            Received::Committed
+        );
+        assert_eq!(c.record().members.len(), 1);
+        assert_eq!(c.take_departures(), [(gp_b, None)], "Blair left");
     }
 }

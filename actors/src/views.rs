@@ -374,6 +374,68 @@ pub struct GroupEvent {
     /// Members no longer in the group (left, removed, or declined).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub gone: Vec<String>,
+    /// Those of `gone` who asked to leave.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub left: Vec<String>,
+    /// Those of `gone` a member removed, and who ("me" for us): a
+    /// placeholder removed by its introducer was declined or withdrawn.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<Removal>,
+    /// For `left`: the member who removed us, if we did not leave.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub removed_by: Option<String>,
+}
+
+/// A member a commit removed, by name, and by whom.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Removal {
+    pub member: String,
+    pub by: String,
+    /// The member was a placeholder, not yet claimed.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub placeholder: bool,
+}
+
+/// Who of `before`'s members left and who was removed, by whom, from the
+/// departures a group noted (see `GroupSession::take_departures`); and who
+/// removed us (`own`), if someone did. Names are looked up in `before` and
+/// `after`; `own` is "me".
+pub fn departures_named(
+    before: &[Member],
+    after: &[Member],
+    departures: &[(Ipk, Option<Ipk>)],
+    own: Ipk,
+) -> (Vec<String>, Vec<Removal>, Option<String>) {
+    let name = |ipk: Ipk| {
+        if ipk == own {
+            return "me".to_string();
+        }
+        before
+            .iter()
+            .chain(after)
+            .find(|m| m.ipk == ipk)
+            .map(|m| m.display.name.clone())
+            .unwrap_or_else(|| format!("member {}", ipk.fingerprint()))
+    };
+    let (mut left, mut removed, mut removed_by) = (Vec::new(), Vec::new(), None);
+    for (member, by) in departures {
+        if *member == own {
+            removed_by = by.map(name);
+            continue;
+        }
+        let Some(m) = before.iter().find(|m| m.ipk == *member) else {
+            continue;
+        };
+        match by {
+            None => left.push(m.display.name.clone()),
+            Some(by) => removed.push(Removal {
+                member: m.display.name.clone(),
+                by: name(*by),
+                placeholder: matches!(m.status, MemberStatus::Placeholder { .. }),
+            }),
+        }
+    }
+    (left, removed, removed_by)
 }
 
 /// Who joined, claimed and went between two member lists of a group (us
@@ -567,6 +629,9 @@ impl Event {
             joined: Vec::new(),
             claimed: Vec::new(),
             gone: Vec::new(),
+            left: Vec::new(),
+            removed: Vec::new(),
+            removed_by: None,
         }
     }
 

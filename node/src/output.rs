@@ -386,7 +386,14 @@ pub fn event(e: &Value) -> String {
                     "Your claim is ordered: you are in the {group} under your own key (epoch {}).",
                     e.get("epoch").and_then(Value::as_u64).unwrap_or(0)
                 ),
-                "left" => format!("You are no longer in {group}; `protonode history {id}` still reads it."),
+                "left" => match e.get("removed_by").and_then(Value::as_str) {
+                    Some(by) => format!(
+                        "{by} removed you from {group}; `protonode history {id}` still reads it."
+                    ),
+                    None => format!(
+                        "You are no longer in {group}; `protonode history {id}` still reads it."
+                    ),
+                },
                 _ => {
                     let epoch = e.get("epoch").and_then(Value::as_u64).unwrap_or(0);
                     let names = |key: &str| {
@@ -395,19 +402,46 @@ pub fn event(e: &Value) -> String {
                             .map(|l| l.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "))
                             .filter(|l| !l.is_empty())
                     };
+                    let list = |key: &str| -> Vec<&Value> {
+                        e.get(key).and_then(Value::as_array).map(|l| l.iter().collect()).unwrap_or_default()
+                    };
+                    let removals = list("removed");
+                    let told: Vec<&str> = list("left")
+                        .into_iter()
+                        .chain(removals.iter().map(|r| &r["member"]))
+                        .filter_map(Value::as_str)
+                        .collect();
+                    // Departures a node of an older version ordered: who went, not how.
+                    let untold: Vec<&str> = list("gone")
+                        .into_iter()
+                        .filter_map(Value::as_str)
+                        .filter(|n| !told.contains(n))
+                        .collect();
                     let said: Vec<String> = [
                         names("claimed").map(|n| format!("{n} claimed their place")),
                         names("joined").map(|n| format!("{n} joined (until claimed, as asserted by whoever added them)")),
-                        names("gone").map(|n| {
-                            let were = match e.get("gone").and_then(Value::as_array) {
-                                Some(l) if l.len() > 1 => "were",
-                                _ => "was",
-                            };
-                            format!("{n} left or {were} removed")
-                        }),
+                        names("left").map(|n| format!("{n} left")),
                     ]
                     .into_iter()
                     .flatten()
+                    .chain(removals.iter().map(|r| {
+                        let by = match s(r, "by") {
+                            "me" => "you",
+                            by => by,
+                        };
+                        if r["placeholder"] == true {
+                            format!(
+                                "{}'s placeholder was removed by {by} (they declined, or {by} withdrew it)",
+                                s(r, "member")
+                            )
+                        } else {
+                            format!("{by} removed {}", s(r, "member"))
+                        }
+                    }))
+                    .chain((!untold.is_empty()).then(|| {
+                        let were = if untold.len() > 1 { "were" } else { "was" };
+                        format!("{} left or {were} removed", untold.join(", "))
+                    }))
                     .collect();
                     if said.is_empty() {
                         format!("The {group} changed (epoch {epoch}): `protonode groups` shows its members.")
@@ -729,6 +763,21 @@ mod tests {
         assert_eq!(
             event(&roster),
             "In the group \"Trio\" (g1): Blair claimed their place; Dana, Eli left or were removed (epoch 3)."
+        );
+        let told = json!({"event": "group", "group": "g1", "epoch": 4, "change": "changed",
+            "gone": ["Dana", "Eli", "Fay", "Gus"], "left": ["Dana"],
+            "removed": [{"member": "Eli", "by": "Blair"},
+                        {"member": "Fay", "by": "me", "placeholder": true}]});
+        assert_eq!(
+            event(&told),
+            "In the group g1: Dana left; Blair removed Eli; Fay's placeholder was removed by you \
+             (they declined, or you withdrew it); Gus left or was removed (epoch 4)."
+        );
+        let expelled = json!({"event": "group", "group": "g2", "epoch": 6, "change": "left",
+            "removed_by": "Blair"});
+        assert_eq!(
+            event(&expelled),
+            "Blair removed you from group g2; `protonode history g2` still reads it."
         );
         let changed = json!({"event": "group", "group": "g2", "epoch": 5, "change": "changed"});
         assert_eq!(

@@ -651,6 +651,7 @@ fn a_plain_group_grows_and_shrinks() {
     );
 
     roster_event("claimed", "Charlie");
+    let charlie_watches = charlie.watch(true);
     let removed = alex.ok(&["group", "remove", "Book club", "Charlie", "--wait"]);
     assert_eq!(
         removed["members"].as_array().map(Vec::len),
@@ -658,7 +659,17 @@ fn a_plain_group_grows_and_shrinks() {
         "{removed}"
     );
     wait_for_agreement(&[&alex, &blair], 2);
-    roster_event("gone", "Charlie");
+    // `watch` says who removed whom, to each.
+    let gone = roster_event("gone", "Charlie");
+    assert_eq!(
+        gone["removed"],
+        serde_json::json!([{"member": "Charlie", "by": "me"}]),
+        "{gone}"
+    );
+    let expelled = charlie_watches
+        .next_event(SETTLE, |e| e["event"] == "group" && e["change"] == "left")
+        .expect("Charlie's watch says she is out");
+    assert_eq!(expelled["removed_by"], "Alex", "{expelled}");
     wait_for(SETTLE, || charlie.groups().is_empty().then_some(()))
         .expect("Charlie learns she was removed");
 
@@ -693,6 +704,9 @@ fn a_plain_group_grows_and_shrinks() {
         (the_group(&alex)["members"].as_array()?.len() == 1).then_some(())
     })
     .expect("Alex is alone in the group");
+    let left = roster_event("gone", "Blair");
+    assert_eq!(left["left"], serde_json::json!(["Blair"]), "{left}");
+    assert!(left.get("removed").is_none(), "{left}");
 
     // Alone in a group, a message goes to no one, and `send` says so
     // rather than "delivered".

@@ -414,12 +414,14 @@ pub fn stage_add(
     Ok((encode_message(&commit)?, encode_message(&welcome)?))
 }
 
-/// Stages a commit removing the members with these IPKs.
+/// Stages a commit removing the members with these IPKs, with `aad` in
+/// its authenticated data (empty for none).
 pub fn stage_remove(
     group: &mut MlsGroup,
     provider: &Provider,
     key: &IdentityKey,
     members: &[Ipk],
+    aad: Vec<u8>,
 ) -> Result<Vec<u8>, MlsError> {
     let leaves: Vec<LeafNodeIndex> = group
         .members()
@@ -431,9 +433,12 @@ pub fn stage_remove(
     if leaves.is_empty() {
         return Err(MlsError::RemoveMember("no such member".into()));
     }
+    group.set_aad(aad);
     let (commit, _, _) = group
         .remove_members(provider, key, &leaves)
-        .map_err(|e| MlsError::RemoveMember(e.to_string()))?;
+        .map_err(|e| MlsError::RemoveMember(e.to_string()))
+        // As in `stage_claim`: no AAD left over for the next message.
+        .inspect_err(|_| group.set_aad(Vec::new()))?;
     encode_message(&commit)
 }
 
