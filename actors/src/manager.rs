@@ -1208,9 +1208,21 @@ impl Handler<GetHistory> for RelationshipManager {
 
     fn handle(&mut self, msg: GetHistory, _: &mut Self::Context) -> Self::Result {
         let conversation = self.resolve_conversation(&msg.of);
+        // What the peer's `send --wait` was told is delivered is stored
+        // here, and maybe not yet processed: wait for it. (A group's
+        // envelopes are processed before they are acknowledged.)
+        let settled = match conversation {
+            Ok(Conversation::Proton(id)) if self.proton_exists(id) => {
+                Some(self.proton(id).send(crate::proton::Settle))
+            }
+            _ => None,
+        };
         let shared = self.shared.clone();
         Box::pin(async move {
             let conversation = conversation?;
+            if let Some(settled) = settled {
+                let _ = tokio::time::timeout(RECORDS_WAIT, settled).await;
+            }
             // What `send --wait` or `watch` said was delivered, history says too.
             shared.outbox.recorded(RECORDS_WAIT).await;
             let entries = history(&shared.store, conversation)?;

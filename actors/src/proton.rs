@@ -92,6 +92,8 @@ enum Work {
     Direct(Vec<InboxEntry>, oneshot::Sender<bool>),
     Refresh,
     SetState(ProtonState),
+    /// Answered once the inbox rows stored before it are processed.
+    Settle(oneshot::Sender<()>),
 }
 
 /// Send a text message; answers once it is durably queued.
@@ -103,6 +105,13 @@ pub struct SendText(pub String);
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct ProcessInbox;
+
+/// Answers once every envelope stored for this relationship before it is
+/// processed and its effects are durable (or failed): what the peer was
+/// told is delivered (stored) is then in the history too.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Settle;
 
 /// Tell the peer our transports if they changed.
 #[derive(Message)]
@@ -208,6 +217,7 @@ impl Proton {
         let mut events: Vec<Event> = Vec::new();
         let mut more_inbox = false;
         let mut inbox_done = false;
+        let mut settled: Vec<oneshot::Sender<()>> = Vec::new();
         let state_before = session.record().state;
         // Direct envelopes are processed with the inbox rows, after them.
         let (queue, mut direct, direct_done) = crate::inbound::take_direct(
@@ -331,6 +341,7 @@ impl Proton {
                         changes.extend(session.set_state(state));
                     }
                 }
+                Work::Settle(done) => settled.push(done),
             }
         }
         // Our answer acknowledged, or the peer heard from: the state moved.
@@ -347,6 +358,9 @@ impl Proton {
         if changes.is_empty() {
             for done in direct_done {
                 let _ = done.send(true);
+            }
+            for done in settled {
+                let _ = done.send(());
             }
             return;
         }
@@ -383,7 +397,13 @@ impl Proton {
                         act.shared.emit(event);
                     }
                     if more_inbox {
+                        // Older rows than those waited for remain.
                         act.queue.push_back(Work::Inbox);
+                        act.queue.extend(settled.into_iter().map(Work::Settle));
+                    } else {
+                        for done in settled {
+                            let _ = done.send(());
+                        }
                     }
                 }
                 Err(e) => {
@@ -546,6 +566,21 @@ impl Handler<ProcessInbox> for Proton {
 
     fn handle(&mut self, _: ProcessInbox, ctx: &mut Self::Context) {
         self.push(Work::Inbox, ctx);
+    }
+}
+
+impl Handler<Settle> for Proton {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: Settle, ctx: &mut Self::Context) -> Self::Result {
+        let (done, settled) = oneshot::channel();
+        self.queue.push_back(Work::Inbox);
+        self.push(Work::Settle(done), ctx);
+        // A dropped sender (the pass failed, or the actor stopped) ends the
+        // wait too: the history is read as it is.
+        Box::pin(async move {
+            let _ = settled.await;
+        })
     }
 }
 

@@ -119,6 +119,17 @@ async fn alex_invites_blair_and_they_talk_both_ways() {
         .unwrap()
         .unwrap();
     assert_eq!(sent.status, "delivered");
+    // Delivered means stored at Alex's node; Alex's history has it at
+    // once, also if his node has not processed it yet.
+    let history = alex
+        .node
+        .manager
+        .send(GetHistory { of: "Blair".into() })
+        .await
+        .unwrap()
+        .unwrap();
+    let texts: Vec<&str> = history.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts, ["hi Alex"]);
     let (_, text) = next_message(&mut alex_events).await;
     assert_eq!(text, "hi Alex");
 
