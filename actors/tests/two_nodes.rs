@@ -16,6 +16,17 @@ struct TestNode {
     node: Node,
 }
 
+impl TestNode {
+    async fn history_of(&self, of: &str) -> Vec<actors::views::MessageView> {
+        self.node
+            .manager
+            .send(GetHistory { of: of.into() })
+            .await
+            .unwrap()
+            .unwrap()
+    }
+}
+
 async fn start(name: &str) -> TestNode {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("db")).unwrap();
@@ -121,13 +132,7 @@ async fn alex_invites_blair_and_they_talk_both_ways() {
     assert_eq!(sent.status, "delivered");
     // Delivered means stored at Alex's node; Alex's history has it at
     // once, also if his node has not processed it yet.
-    let history = alex
-        .node
-        .manager
-        .send(GetHistory { of: "Blair".into() })
-        .await
-        .unwrap()
-        .unwrap();
+    let history = alex.history_of("Blair").await;
     let texts: Vec<&str> = history.iter().map(|m| m.text.as_str()).collect();
     assert_eq!(texts, ["hi Alex"]);
     let (_, text) = next_message(&mut alex_events).await;
@@ -146,13 +151,7 @@ async fn alex_invites_blair_and_they_talk_both_ways() {
     let (_, text) = next_message(&mut blair_events).await;
     assert_eq!(text, "hi Blair");
 
-    let history = alex
-        .node
-        .manager
-        .send(GetHistory { of: "Blair".into() })
-        .await
-        .unwrap()
-        .unwrap();
+    let history = alex.history_of("Blair").await;
     let texts: Vec<&str> = history.iter().map(|m| m.text.as_str()).collect();
     assert_eq!(texts, ["hi Alex", "hi Blair"]);
     assert_eq!(history[0].status, "received");
