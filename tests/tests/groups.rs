@@ -720,7 +720,11 @@ fn a_plain_group_grows_and_shrinks() {
 
 /// Alex, Blair and Charlie in a claimed group "Trio"; their daemons.
 fn trio() -> ([Person; 3], [harness::Daemon; 3]) {
-    let (alex, blair, charlie) = (person("Alex"), person("Blair"), person("Charlie"));
+    trio_of([person("Alex"), person("Blair"), person("Charlie")])
+}
+
+/// As [`trio`], with these three people.
+fn trio_of([alex, blair, charlie]: [Person; 3]) -> ([Person; 3], [harness::Daemon; 3]) {
     let daemons = [alex.start(), blair.start(), charlie.start()];
     befriend_all(&alex, &[&blair, &charlie]);
     alex.ok(&["introduce", "Blair", "Charlie", "--name", "Trio"]);
@@ -976,4 +980,51 @@ fn a_member_may_leave_before_its_invitee_claims_when_the_rest_are_a_majority() {
             .starts_with("added by Blair to group \"Trio\""),
         "{origin}"
     );
+}
+
+/// Blair and Charlie each ask for a side relationship while the other's
+/// node is down, so that each has its own invitation out when the other's
+/// arrives: the invitations cross for certain. Both keep the invitation of
+/// the member whose group key is the lower, and end with one relationship.
+#[test]
+fn crossed_side_invitations_make_one_relationship() {
+    let quick = |name| person(name).with_env("PROTONODE_DELIVERY_ACCEPT_WAIT_SECS", "1");
+    let ([_alex, blair, charlie], [_a, mut b, mut c]) =
+        trio_of([quick("Alex"), quick("Blair"), quick("Charlie")]);
+    assert!(c.stop(), "Charlie's daemon stops");
+    let asked = blair.ok(&["connect", "Trio", "Charlie"]);
+    assert_eq!(asked["delivered"], false, "{asked}");
+    assert!(b.stop(), "Blair's daemon stops");
+    c = charlie.start();
+    let asked = charlie.ok(&["connect", "Trio", "Blair"]);
+    assert_eq!(asked["delivered"], false, "{asked}");
+    b = blair.start();
+
+    let named = |p: &Person, whom: &str| -> Vec<Value> {
+        p.ok(&["contacts", "--all"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["name"] == whom)
+            .cloned()
+            .collect()
+    };
+    wait_for(SETTLE, || {
+        [(&blair, "Charlie"), (&charlie, "Blair")]
+            .iter()
+            .all(|(p, whom)| named(p, whom).iter().any(|c| c["state"] == "active"))
+            .then_some(())
+    })
+    .expect("both see the other as a contact");
+    // Both invitations have arrived by now (each side has answered one):
+    // neither made a second relationship, nor left one waiting.
+    for (p, whom) in [(&blair, "Charlie"), (&charlie, "Blair")] {
+        let contacts = named(p, whom);
+        assert_eq!(contacts.len(), 1, "{}: {contacts:#?}", p.name);
+        assert_eq!(contacts[0]["state"], "active", "{}: {contacts:#?}", p.name);
+    }
+    charlie.ok(&["send", "Blair", "one of us", "--wait"]);
+    blair.ok(&["send", "Charlie", "one of us, too", "--wait"]);
+    assert_eq!(texts(&blair, "Charlie"), ["one of us", "one of us, too"]);
+    drop((b, c));
 }
