@@ -232,6 +232,13 @@ impl Queue {
         }
     }
 
+    /// Whether a row with this payload waits here (among the cached ones).
+    fn holds(&self, payload: &[u8]) -> bool {
+        self.rows
+            .iter()
+            .any(|(_, e)| e.as_ref().is_some_and(|e| e.payload == payload))
+    }
+
     /// The peer showed up (connected, sent us something): retry now, unless
     /// it told us it is busy.
     fn peer_seen(&mut self) {
@@ -324,11 +331,22 @@ impl Sender {
                 command = self.commands.recv() => match command {
                     Some(Command::Queued(rows)) => {
                         for (seq, entry) in rows {
-                            self.queues
+                            let q = self
+                                .queues
                                 .entry((entry.conversation, entry.recipient))
-                                .or_default()
-                                .push(seq, Some(entry));
+                                .or_default();
+                            // A group's control message that a copy still
+                            // waiting for this member already says (an
+                            // ordering service asking again while the member
+                            // is away) would only pile up: drop it.
+                            if entry.kind == OutboxKind::Control && q.holds(&entry.payload) {
+                                self.unrecorded.outbox_done.push(seq);
+                                self.unrecorded_rows.insert(seq);
+                                continue;
+                            }
+                            q.push(seq, Some(entry));
                         }
+                        self.record();
                     }
                     Some(Command::PeerReachable(peer)) => self.reachable(peer),
                     Some(Command::Recorded(reply)) => {

@@ -879,6 +879,14 @@ fn a_change_that_is_not_ordered_in_time_stays_queued() {
     };
     wait_for(SETTLE, || overdue(&blair).then_some(()))
         .expect("status tells of the change that waits");
+    // Meanwhile Blair's node, ordering in Alex's place, asks Alex's node
+    // again every 2 s: the copies do not pile up in its outbox.
+    let outbox = || blair.ok(&["status"])["outbox"].as_u64().unwrap();
+    let waiting = outbox();
+    std::thread::sleep(Duration::from_secs(7));
+    let later = outbox();
+    println!("Blair's outbox: {waiting} rows, then {later} 7 s later");
+    assert!(later <= waiting, "{waiting} rows, then {later}");
 
     // Back, Alex's node orders the queued update: both move on by one.
     let _a = alex.start();
