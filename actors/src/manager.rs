@@ -81,6 +81,8 @@ pub enum Error {
     OwnMember(String, &'static str),
     #[error("{0} is not an active relationship yet; wait until it is")]
     NotActive(String),
+    #[error("{0}'s node refused your answer to their invitation (it was used or had expired), so this relationship never started on their side; ask them for a new ticket")]
+    RefusedContact(String),
     #[error("{0}")]
     Usage(String),
     #[error(transparent)]
@@ -461,6 +463,20 @@ impl RelationshipManager {
 
     /// Resolves what the user typed to a relationship: an exact id, a unique
     /// name (case-insensitive), or a unique id prefix of at least 4 digits.
+    /// A contact to introduce or add to a group: live (not merged into
+    /// another) and active.
+    fn resolve_usable(&self, query: &str) -> Result<ProtonRecord, Error> {
+        let p = self.resolve(query)?;
+        if let Some(into) = merge::retired_into(&self.shared.store, p.id)? {
+            return Err(RelationshipError::Retired(into).into());
+        }
+        match p.state {
+            ProtonState::Active => Ok(p),
+            ProtonState::Refused => Err(Error::RefusedContact(p.peer_display.name)),
+            ProtonState::Pending => Err(Error::NotActive(p.peer_display.name)),
+        }
+    }
+
     fn resolve(&self, query: &str) -> Result<ProtonRecord, Error> {
         let query_trim = query.trim();
         // An exact id is one read, not a scan of every relationship.
@@ -496,10 +512,20 @@ impl RelationshipManager {
         } else {
             Vec::new()
         };
-        let matches = if by_name.is_empty() {
-            by_prefix
-        } else {
-            by_name
+        // A relationship their node refused still has its history; by name,
+        // it is found when no live one goes by that name.
+        let refused: Vec<&ProtonRecord> = protons
+            .iter()
+            .filter(|p| {
+                same_name(&p.peer_display.name, query_trim)
+                    && !retired.contains_key(&p.id)
+                    && p.state == ProtonState::Refused
+            })
+            .collect();
+        let matches = match (by_name.is_empty(), by_prefix.is_empty()) {
+            (false, _) => by_name,
+            (true, false) => by_prefix,
+            (true, true) => refused,
         };
         match matches.as_slice() {
             [one] => Ok((*one).clone()),
@@ -1257,10 +1283,7 @@ impl Handler<CreateGroup> for RelationshipManager {
             }
             let mut via: Vec<ProtonRecord> = Vec::new();
             for c in &msg.contacts {
-                let p = self.resolve(c)?;
-                if p.state != ProtonState::Active {
-                    return Err(Error::NotActive(p.peer_display.name));
-                }
+                let p = self.resolve_usable(c)?;
                 if via.iter().any(|v| v.id == p.id) {
                     return Err(Error::Usage(format!("{c:?} is named twice")));
                 }
@@ -1426,13 +1449,7 @@ impl Handler<GroupCommand> for RelationshipManager {
                     })?],
                 })),
                 GroupAction::Verify(q) => Command::Verify(member(q)?),
-                GroupAction::Add(contact) => {
-                    let p = self.resolve(contact)?;
-                    if p.state != ProtonState::Active {
-                        return Err(Error::NotActive(p.peer_display.name));
-                    }
-                    Command::Add(vec![p])
-                }
+                GroupAction::Add(contact) => Command::Add(vec![self.resolve_usable(contact)?]),
             };
             Ok((g.id, command))
         })();
@@ -1476,7 +1493,14 @@ impl Handler<Connect> for RelationshipManager {
                 MemberStatus::Linked { proton } if m.ipk == member => Some(proton),
                 _ => None,
             });
-            if let Some(proton) = linked.or(met_in_group(&self.shared.store, g.id, member)?) {
+            if let Some(mut proton) = linked.or(met_in_group(&self.shared.store, g.id, member)?) {
+                // Merged since: the relationship it was merged into.
+                for _ in 0..16 {
+                    match merge::retired_into(&self.shared.store, proton)? {
+                        Some(into) => proton = into,
+                        None => break,
+                    }
+                }
                 return Err(Error::AlreadyContact {
                     name,
                     contact: proton.to_string(),

@@ -51,6 +51,8 @@ pub enum MergeError {
     Retired(ProtonId),
     #[error("{0} is not an active relationship yet; wait until it is")]
     NotActive(ProtonId),
+    #[error("{0} never started on the other side (their node refused our answer to their invitation); ask them for a new ticket")]
+    Refused(ProtonId),
     #[error("the merge request is malformed: {0}")]
     Invalid(#[from] InvalidValue),
     #[error("the merge request's ticket: {0}")]
@@ -175,8 +177,10 @@ fn live_pair(store: &Store, a: ProtonId, b: ProtonId) -> Result<[ProtonRecord; 2
             return Err(MergeError::Retired(id));
         }
         let p = load(store, id)?;
-        if p.state != crate::records::ProtonState::Active {
-            return Err(MergeError::NotActive(id));
+        match p.state {
+            crate::records::ProtonState::Active => {}
+            crate::records::ProtonState::Refused => return Err(MergeError::Refused(id)),
+            crate::records::ProtonState::Pending => return Err(MergeError::NotActive(id)),
         }
         out.push(p);
     }

@@ -248,9 +248,11 @@ impl From<manager::Error> for RpcError {
             | E::AmbiguousConversation { .. }
             | E::UnknownMember(_)
             | E::AmbiguousMember { .. } => codes::UNKNOWN_CONTACT,
-            E::OwnMember(..) | E::Usage(_) | E::NotActive(_) | E::AlreadyContact { .. } => {
-                codes::INVALID_INPUT
-            }
+            E::OwnMember(..)
+            | E::Usage(_)
+            | E::NotActive(_)
+            | E::RefusedContact(_)
+            | E::AlreadyContact { .. } => codes::INVALID_INPUT,
             E::Group(GroupError::Unknown(_) | GroupError::UnknownMember(_)) => {
                 codes::UNKNOWN_CONTACT
             }
@@ -291,6 +293,7 @@ impl From<manager::Error> for RpcError {
                 MergeError::SameRelationship
                 | MergeError::Retired(_)
                 | MergeError::NotActive(_)
+                | MergeError::Refused(_)
                 | MergeError::NotPending { .. },
             ) => codes::INVALID_INPUT,
             E::Merge(MergeError::Ticket(_)) => codes::BAD_TICKET,

@@ -104,7 +104,11 @@ pub fn contacts(list: &Value) -> String {
 pub fn trust_record(v: &Value) -> String {
     let c = v.get("contact").unwrap_or(&Value::Null);
     let mut out = format!("{} ({})\n", s(c, "name"), s(c, "id"));
-    out += &format!("  state:        {}\n", s(c, "state"));
+    let state = match c.get("merged_into").and_then(Value::as_str) {
+        Some(into) => format!("retired: merged into {into}"),
+        None => s(c, "state").to_string(),
+    };
+    out += &format!("  state:        {state}\n");
     out += &format!("  their key:    {}\n", s(c, "fingerprint"));
     out += &format!("  our key:      {}\n", s(v, "own_fingerprint"));
     out += &format!("  obtained:     {}\n", s(v, "obtained"));

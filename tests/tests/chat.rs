@@ -448,6 +448,14 @@ fn a_refused_answer_keeps_what_its_acceptor_wrote_marked_failed() {
     assert_eq!(history[1]["status"], "failed", "{history}");
     let send = erin.json(&["send", &gil_id, "again?"]).unwrap_err();
     assert!(send.contains("refused our answer"), "{send}");
+    // By name too, as no live contact goes by it; and it is not offered
+    // for a group as if it could become active.
+    assert_eq!(erin.history("Gil").len(), 2);
+    let create = erin.json(&["group", "create", "Pals", "Gil"]).unwrap_err();
+    assert!(
+        create.contains("never started on their side") && create.contains("new ticket"),
+        "{create}"
+    );
     assert_eq!(gil.history("Ivo").len(), 0);
     assert_eq!(gil.ok(&["contacts"]).as_array().map(Vec::len), Some(1));
 }

@@ -280,6 +280,18 @@ fn charlie_asks_blair_consents_and_the_two_relationships_become_one() {
             let x = all.iter().find(|x| x["id"] == o.as_str()).unwrap();
             assert_eq!(x["retired"], true, "{}: {x}", p.name);
         }
+        // A retired relationship is not one to bring into a group, and
+        // its record says where it went.
+        let refused = p.cli(&["group", "create", "Old times", &old[0]]);
+        assert_eq!(refused.status.code(), Some(1), "{}", p.name);
+        let said = String::from_utf8_lossy(&refused.stderr);
+        assert!(said.contains("was merged into"), "{said}");
+        let record = p.cli(&["contact", &old[0]]);
+        let said = String::from_utf8_lossy(&record.stdout);
+        assert!(
+            said.contains("state:        retired: merged into "),
+            "{said}"
+        );
     }
 
     // The whole history of both, oldest first, nothing lost or doubled:
