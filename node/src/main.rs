@@ -512,7 +512,10 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
         }
         Command::Group(command) => {
             use protonode::cli::GroupCommand as G;
-            let adding = matches!(command, G::Add { .. });
+            let adding = match &command {
+                G::Add { contact, .. } => Some(contact.clone()),
+                _ => None,
+            };
             let (call, done) = match command {
                 G::Create { name, contacts } => (
                     Call::GroupCreate { name, contacts },
@@ -574,10 +577,16 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
             };
             let v = daemon.call(&call).await?;
             group_result(&v, json, done);
-            if adding {
-                for name in output::namesakes_of_ours(&v) {
+            if let Some(contact) = adding {
+                // The contact's name, to compare with the members' (an
+                // added contact is not in the roster until the change is
+                // ordered); a note only, so a failure here says nothing.
+                let named = daemon.call(&Call::Contact { contact }).await.ok();
+                let name = named.as_ref().and_then(|c| c["contact"]["name"].as_str());
+                if let Some(name) = name.filter(|n| output::has_namesake(&v, n)) {
                     eprintln!(
-                        "note: a member called {name} was already in the group, added by someone else; if it is the same person, their node declines this second introduction and your placeholder for them goes"
+                        "note: a member called {} is already in the group, added by someone else; if it is the same person, their node declines this second introduction and your placeholder for them goes",
+                        output::shown(name)
                     );
                 }
             }

@@ -241,30 +241,18 @@ pub fn history(list: &Value, contacts: &Value) -> String {
     out
 }
 
-/// Names of the placeholders we made in group `g` that share their name
-/// with another member: the same person added twice, perhaps (no one can
-/// tell from a name).
-pub fn namesakes_of_ours(g: &Value) -> Vec<String> {
-    let members: Vec<&Value> = g
-        .get("members")
+/// Whether a member of group `g` other than us and our own placeholders
+/// goes by `name`: someone we add under that name may already be in the
+/// group, added by someone else (no one can tell from a name).
+pub fn has_namesake(g: &Value, name: &str) -> bool {
+    let name = name.trim().to_lowercase();
+    g.get("members")
         .and_then(Value::as_array)
-        .map(|l| l.iter().collect())
-        .unwrap_or_default();
-    let mut out = Vec::new();
-    for m in &members {
-        let ours = s(m, "status") == "placeholder"
-            && m.get("introduced_by_me") == Some(&Value::Bool(true));
-        let name = s(m, "name");
-        let twice = members
-            .iter()
-            .filter(|o| s(o, "name").trim().to_lowercase() == name.trim().to_lowercase())
-            .count()
-            > 1;
-        if ours && twice && !out.contains(&shown(name)) {
-            out.push(shown(name));
-        }
-    }
-    out
+        .into_iter()
+        .flatten()
+        .filter(|m| s(m, "status") != "self")
+        .filter(|m| m.get("introduced_by_me") != Some(&Value::Bool(true)))
+        .any(|m| s(m, "name").trim().to_lowercase() == name)
 }
 
 /// Groups with their rosters.
@@ -588,15 +576,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_placeholder_of_ours_named_like_another_member_is_pointed_out() {
+    fn a_member_named_like_the_one_we_add_is_pointed_out() {
         let g = json!({"members": [
             {"id": "a", "name": "Fay", "status": "self"},
             {"id": "b", "name": "Oli", "status": "claimed", "introduced_by": "Eve"},
             {"id": "c", "name": "oli", "status": "placeholder", "introduced_by": "me",
              "introduced_by_me": true},
-            {"id": "d", "name": "Eve", "status": "placeholder", "introduced_by": "Fay"},
+            {"id": "d", "name": "Eve", "status": "placeholder", "introduced_by": "Gus"},
+            {"id": "e", "name": "Kim", "status": "placeholder", "introduced_by": "me",
+             "introduced_by_me": true},
         ]});
-        assert_eq!(namesakes_of_ours(&g), ["oli"]);
+        assert!(has_namesake(&g, "OLI"), "Eve added an Oli");
+        assert!(has_namesake(&g, " eve"), "Gus added an Eve");
+        assert!(!has_namesake(&g, "Fay"), "Fay is us");
+        assert!(!has_namesake(&g, "Kim"), "only our own placeholder");
+        assert!(!has_namesake(&g, "Max"));
     }
 
     #[test]
