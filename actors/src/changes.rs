@@ -45,7 +45,9 @@ pub struct Changes {
     pub delete_groups: Vec<GroupProtonId>,
     /// New derived routes: rows waiting for the group move to it.
     pub routes: Vec<(ProtonId, [u8; 16], GroupProtonId)>,
-    pub delete_routes: Vec<(ProtonId, [u8; 16])>,
+    /// Derived routes to remove, each only if it still leads to that group
+    /// (a later introduction into the same MLS group may own it now).
+    pub delete_routes: Vec<(ProtonId, [u8; 16], GroupProtonId)>,
     /// New inbox rows written by us (relayed control messages).
     pub inbox: Vec<InboxEntry>,
     pub merges: Vec<MergeRecord>,
@@ -199,8 +201,11 @@ impl Changes {
         }
         if !self.delete_routes.is_empty() || !self.routes.is_empty() {
             let mut t = tx.open_table(tables::DERIVED_ROUTES)?;
-            for (p, c) in &self.delete_routes {
-                t.remove((p.0, *c))?;
+            for (p, c, g) in &self.delete_routes {
+                let leads_there = t.get((p.0, *c))?.is_some_and(|v| v.value() == g.0);
+                if leads_there {
+                    t.remove((p.0, *c))?;
+                }
             }
             for (p, c, g) in &self.routes {
                 t.insert((p.0, *c), g.0)?;

@@ -652,6 +652,16 @@ impl GroupSession {
         self.record.authenticator = self.epoch_authenticator();
         changes.groups.retain(|g| g.id != self.record.id);
         changes.groups.push(self.record.clone());
+        // Gone: what comes to our derived address from now on waits for a
+        // new introduction into the group (say, after being added again:
+        // the address is the same), rather than reaching this membership,
+        // which drops it.
+        if let (GroupState::Gone, Some((via, _))) = (self.record.state, self.record.introduced) {
+            let route = (via, self.record.context, self.record.id);
+            if !changes.delete_routes.contains(&route) {
+                changes.delete_routes.push(route);
+            }
+        }
     }
 
     /// Runs one step so that its failure leaves the session as before it

@@ -1036,3 +1036,37 @@ fn crossed_side_invitations_make_one_relationship() {
     assert_eq!(texts(&blair, "Charlie"), ["one of us", "one of us, too"]);
     drop((b, c));
 }
+
+/// Someone removed and added again is reached at the same derived
+/// address as before (it comes from their relationship with whoever adds
+/// them, and the group). A message sent to them before their node has
+/// taken the new introduction waits for it, instead of reaching the
+/// membership that ended and being dropped there.
+#[test]
+fn a_member_added_again_gets_what_was_sent_before_their_node_knew() {
+    let ([alex, blair, _charlie], _daemons) = trio();
+    let dana = person("Dana");
+    let _d = dana.start();
+    alex.befriend(&dana);
+    alex.ok(&["group", "add", "Trio", "Dana", "--wait"]);
+    wait_for(SETTLE, || (!dana.groups().is_empty()).then_some(())).expect("Dana is introduced");
+    dana.ok(&["claim", "Trio", "--wait"]);
+    alex.ok(&["group", "remove", "Trio", "Dana", "--wait"]);
+    wait_for(SETTLE, || dana.groups().is_empty().then_some(()))
+        .expect("Dana's node learns she was removed");
+
+    // Added again, and a message at once: it reaches Dana's node while
+    // the introduction is still on its way (through her relationship with
+    // Alex, stored before it is processed).
+    alex.ok(&["group", "add", "Trio", "Dana", "--wait"]);
+    blair.ok(&["send", "Trio", "welcome back, Dana"]);
+    wait_for(SETTLE, || (!dana.groups().is_empty()).then_some(()))
+        .expect("Dana is introduced again");
+    dana.ok(&["claim", "Trio", "--wait"]);
+    wait_for(SETTLE, || {
+        texts(&dana, "Trio")
+            .contains(&"welcome back, Dana".to_string())
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("Dana never read Blair: {:?}", texts(&dana, "Trio")));
+}
