@@ -549,6 +549,11 @@ pub struct GroupSession {
     /// them (`None`: they asked to leave). Not stored: it only tells
     /// `watch` what happened.
     departures: Vec<(Ipk, Option<Ipk>)>,
+    /// Members removed by commits this session applied, and when: their
+    /// texts written before the removal are still taken for a while (see
+    /// [`REMOVED_GRACE_MS`]). Not stored: after a restart such late texts
+    /// are refused, as any from a former member.
+    removed_lately: Vec<(Ipk, u64)>,
 }
 
 /// The members at one epoch, told apart by its number and authenticator.
@@ -611,6 +616,7 @@ impl GroupSession {
             checked: None,
             roster: std::cell::RefCell::new(None),
             departures: Vec::new(),
+            removed_lately: Vec::new(),
         })
     }
 
@@ -1536,7 +1542,7 @@ impl GroupSession {
             }
             Intent::Remove { members } => {
                 let me = self.key.ipk();
-                self.note_departures(&members, me, false);
+                self.note_departures(&members, me, false, now);
             }
             Intent::Update => {}
         }
@@ -1752,8 +1758,22 @@ impl GroupSession {
             }
             Incoming::Proposal => return Err(GroupError::Unexpected("a standalone proposal")),
         };
-        let sender = self.current_identity(sender.ok_or(GroupError::NotAMember)?)?;
+        let sender = sender.ok_or(GroupError::NotAMember)?;
         let plaintext = Plaintext::decode(&plain)?;
+        let sender = match self.current_identity(sender) {
+            // Written before its author's removal reached us (openmls
+            // checked it against the epoch it was written in), and come
+            // soon after: every member's node takes it alike, whichever
+            // it got first. Later, it would be a removed member writing
+            // on with keys of the past.
+            Err(GroupError::NotAMember)
+                if matches!(plaintext.body, Body::Text { .. })
+                    && self.removed_lately(sender, now) =>
+            {
+                sender
+            }
+            other => other?,
+        };
         let received = match plaintext.body {
             Body::Text { id, text, sent_at } => {
                 let entry = HistoryEntry {
@@ -2011,7 +2031,7 @@ impl GroupSession {
             .and_then(|(_, new)| self.open_claim_info(&aad, new));
         let removed_us = staged.self_removed();
         if let Some(by) = sender {
-            self.note_departures(&summary.removed, by, aad == LEAVE_AAD);
+            self.note_departures(&summary.removed, by, aad == LEAVE_AAD, now);
         }
         mls::merge_staged(&mut self.group, &self.provider, *staged)?;
         if removed_us {
@@ -2126,11 +2146,22 @@ impl GroupSession {
 
     /// Notes that `by`'s commit removes `removed`: each asked to leave if
     /// `leaving` (the commit says so) or if we received their leaving.
-    fn note_departures(&mut self, removed: &[Ipk], by: Ipk, leaving: bool) {
+    fn note_departures(&mut self, removed: &[Ipk], by: Ipk, leaving: bool, now: u64) {
+        self.removed_lately
+            .retain(|(_, at)| now < at.saturating_add(REMOVED_GRACE_MS));
         for m in removed {
             let left = leaving || self.record.left.iter().any(|(l, _)| l == m);
             self.departures.push((*m, (!left).then_some(by)));
+            self.removed_lately.push((*m, now));
         }
+    }
+
+    /// Whether `sender` was removed from the group less than
+    /// [`REMOVED_GRACE_MS`] ago (by this session's clock).
+    fn removed_lately(&self, sender: Ipk, now: u64) -> bool {
+        self.removed_lately
+            .iter()
+            .any(|(m, at)| *m == sender && now < at.saturating_add(REMOVED_GRACE_MS))
     }
 
     /// Members removed since the last call, each with who removed them
@@ -2724,6 +2755,13 @@ fn verify_claim(aad: &[u8], old: Ipk, new: Ipk) -> Result<Attestation, Attestati
 
 /// The label of the key a claim's member info is sealed under.
 const CLAIM_INFO_LABEL: &str = "protonode/v1/claim-info";
+
+/// How long after applying a member's removal we still take texts they
+/// wrote before it (in an epoch they were a member of). A removal and the
+/// removed member's last messages travel apart, from different nodes; a
+/// text the author's node sent before it learnt of its removal reaches
+/// every member within retries of each other, not at once.
+const REMOVED_GRACE_MS: u64 = 60_000;
 
 /// The authenticated data of a commit that removes members who asked to
 /// leave (a removal's is otherwise empty; a claim's is a [`ClaimAad`]).
@@ -3554,6 +3592,12 @@ mod tests {
         // Charlie gets the removal first: the commit itself says that she
         // left, and nobody removed her.
         let _ = (a.take_departures(), c.take_departures());
+        // Her last words before, which reach Charlie after her removal.
+        let last = step(&blair, &mut b, |s, ch| {
+            s.send_text("bye, both", 69, ch).unwrap();
+            s.send_text("one more thing", 69, ch).unwrap();
+        });
+        let last = rows_for(&last, c.own_ipk());
         let rows = step(&blair, &mut b, |s, ch| s.leave(70, ch).unwrap());
         let fanned = order(&alex, &mut a, &rows_for(&rows, alex_ipk)[0], 71);
         assert_eq!(a.take_departures(), [(gp_b, None)]);
@@ -3565,5 +3609,22 @@ mod tests {
         );
         assert_eq!(c.record().members.len(), 1);
         assert_eq!(c.take_departures(), [(gp_b, None)], "Blair left");
+        // What she wrote before her removal reached us, and came soon after
+        // it, is hers; long after, it would be a former member writing on.
+        let mut ch = Changes::default();
+        match c.receive(&last[0], None, 20 + REMOVED_GRACE_MS - 1, &mut ch) {
+            Ok(Received::Text(e)) => {
+                assert_eq!(
+                    (e.author, e.text.as_str()),
+                    (Author::Peer(gp_b), "bye, both")
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut ch = Changes::default();
+        assert!(matches!(
+            c.receive(&last[1], None, 20 + REMOVED_GRACE_MS, &mut ch),
+            Err(GroupError::NotAMember)
+        ));
     }
 }
