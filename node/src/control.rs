@@ -164,7 +164,31 @@ pub enum Call {
     },
 }
 
+/// How long a client waits for the daemon's answer beyond what the call
+/// itself asks to wait for: far more than any call takes on a node that
+/// works, so that only a daemon that is stuck (stopped with SIGSTOP, say)
+/// meets it.
+const ANSWER_GRACE: Duration = Duration::from_secs(120);
+
 impl Call {
+    /// How long the daemon may take to answer this call before the client
+    /// gives up on it; `None` for `watch`, which streams.
+    pub fn answer_within(&self) -> Option<Duration> {
+        let asked = match self {
+            Call::Watch {} => return None,
+            Call::Send { wait_secs, .. }
+            | Call::Claim { wait_secs, .. }
+            | Call::GroupAdd { wait_secs, .. }
+            | Call::GroupRemove { wait_secs, .. }
+            | Call::GroupUpdate { wait_secs, .. } => wait_secs.unwrap_or(0),
+            // These wait for the other node up to the daemon's
+            // `delivery.accept_wait_secs` (10 s unless set otherwise).
+            Call::Accept { .. } | Call::Connect { .. } | Call::MergeAccept { .. } => 600,
+            _ => 0,
+        };
+        Some(ANSWER_GRACE + Duration::from_secs(asked))
+    }
+
     /// Every method name (a test keeps this equal to the variants).
     pub const METHODS: [&'static str; 24] = [
         "invite",
@@ -807,6 +831,12 @@ pub enum ClientError {
     Stopped,
     #[error("{0}")]
     Remote(RpcError),
+    #[error(
+        "the daemon did not answer within {}: it may be stuck or overloaded, so the command may \
+         or may not have been done; check (e.g. with `protonode status`) once it answers",
+        actors::views::human_duration(*.0)
+    )]
+    NoAnswer(Duration),
 }
 
 /// A connection to the daemon's control socket.
@@ -857,10 +887,20 @@ impl Client {
             }
             e => e,
         };
-        let written = write_json(&mut self.writer, &request).await;
+        let within = call.answer_within();
+        let exchange = async {
+            let written = write_json(&mut self.writer, &request).await;
+            (written, self.read().await)
+        };
+        let answered = match within {
+            Some(limit) => tokio::time::timeout(limit, exchange)
+                .await
+                .map_err(|_| ClientError::NoAnswer(limit))?,
+            None => exchange.await,
+        };
         // A daemon that refuses a request (one too long, say) answers and
         // closes while we may still be writing: its answer comes first.
-        let value = match (written, self.read().await) {
+        let value = match answered {
             (_, Ok(Some(value))) => value,
             (Err(e), _) => return Err(gone(e.into())),
             (Ok(()), Ok(None)) => return Err(ClientError::Stopped),
@@ -919,6 +959,47 @@ mod tests {
             codes::INTERNAL,
             "a protocol step, not a request"
         );
+    }
+
+    /// A daemon that takes the call and never answers (stopped with
+    /// SIGSTOP, say): the client gives up after the call's allowance and
+    /// says what that means, instead of waiting for ever.
+    #[tokio::test(start_paused = true)]
+    async fn a_daemon_that_never_answers_is_given_up_on() {
+        let dir = std::env::temp_dir().join(format!("protonode-mute-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("control.sock");
+        let _ = std::fs::remove_file(&socket);
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let (read, answered) = tokio::sync::oneshot::channel();
+        let daemon = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut reader = BufReader::new(stream);
+            let mut line = String::new();
+            reader.read_line(&mut line).await.unwrap();
+            let _ = read.send(());
+            // Holds the connection open, silent.
+            std::future::pending::<()>().await;
+        });
+
+        let mut client = Client::connect(&socket).await.unwrap();
+        let call = Call::Send {
+            to: "Alex".into(),
+            text: "hi".into(),
+            wait_secs: Some(30),
+        };
+        let result = client.call(&call).await;
+        answered.await.unwrap();
+        daemon.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+        match result {
+            Err(e @ ClientError::NoAnswer(within)) => {
+                assert_eq!(within, ANSWER_GRACE + Duration::from_secs(30));
+                assert!(e.to_string().contains("did not answer within"), "{e}");
+            }
+            other => panic!("expected NoAnswer, got {other:?}"),
+        }
+        assert_eq!(Call::Watch {}.answer_within(), None, "watch streams");
     }
 
     /// A daemon killed while it works on a call: the client must not call
