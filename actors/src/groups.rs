@@ -94,9 +94,11 @@ pub enum GroupError {
     JustClaimed(String),
     #[error("you already have a relationship with this member: contact {0}")]
     AlreadyConnected(crate::model::ProtonId),
-    #[error("{name} is still a placeholder that {asserted_by} asserts (and holds the key of): {action} once {name} has claimed it, which `protonode groups` shows")]
+    #[error("{name} is still a placeholder that {asserted_by}: {action} once {name} has claimed it, which `protonode groups` shows")]
     PlaceholderMember {
         name: String,
+        /// Who asserts it and holds its key, as a phrase ("Alex asserts
+        /// (and holds the key of)", "you assert (and hold the key of)").
         asserted_by: String,
         /// What waits for the claim ("connect", "verify").
         action: &'static str,
@@ -2663,9 +2665,12 @@ impl GroupSession {
             return Ok(());
         };
         let asserted_by = match self.record.members.iter().find(|a| a.ipk == asserted_by) {
-            Some(a) => a.display.name.clone(),
-            None if asserted_by == self.key.ipk() => "you".to_string(),
-            None => asserted_by.fingerprint(),
+            Some(a) => format!("{} asserts (and holds the key of)", a.display.name),
+            None if asserted_by == self.key.ipk() => "you assert (and hold the key of)".into(),
+            None => format!(
+                "{} asserts (and holds the key of)",
+                asserted_by.fingerprint()
+            ),
         };
         Err(GroupError::PlaceholderMember {
             name: m.display.name.clone(),

@@ -56,12 +56,12 @@ const MERGE_TICKET_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 /// What a user-facing request can fail with. Each message says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("no contact matches {0:?}; `protonode contacts` lists them")]
+    #[error("no contact matches {0:?}; `protonode contacts` lists them (an id may be shortened to its first 4 or more characters)")]
     UnknownContact(String),
     #[error("you already have a relationship with {name}: contact {contact}")]
     AlreadyContact { name: String, contact: String },
     #[error(
-        "no contact or group matches {0:?}; `protonode contacts` and `protonode groups` list them"
+        "no contact or group matches {0:?}; `protonode contacts` and `protonode groups` list them (an id may be shortened to its first 4 or more characters)"
     )]
     UnknownConversation(String),
     #[error("no group matches {0:?}; `protonode groups` lists them (an introduction is listed once the introducer's node has delivered it; `protonode watch` shows when)")]
@@ -1438,6 +1438,9 @@ impl Handler<GroupCommand> for RelationshipManager {
                     Command::Claim(Box::new(proton))
                 }
                 GroupAction::Decline => Command::Decline,
+                // Leaving an introduction not yet claimed is declining it:
+                // the introducer removes the placeholder, as the seed has it.
+                GroupAction::Leave if g.state == GroupState::Invited => Command::Decline,
                 GroupAction::Leave => Command::Leave,
                 GroupAction::Update => Command::Intent(Box::new(Intent::Update)),
                 GroupAction::Remove(q) => Command::Intent(Box::new(Intent::Remove {
@@ -1989,10 +1992,14 @@ fn one_person(a: &ProtonRecord, b: &ProtonRecord, force: bool, command: &str) ->
     if force || !active(a) || !active(b) || same_name(one, other) {
         return Ok(());
     }
+    let why = if command == "link" {
+        "if not, a merge request over them later would tell each that someone poses as them"
+    } else {
+        "if not, each would be told that someone poses as them to you"
+    };
     Err(Error::Usage(format!(
-        "\"{one}\" and \"{other}\" go by different names: are they really one person? If not, \
-         each would be told that someone poses as them to you. `protonode {command} --force` \
-         if you are sure"
+        "\"{one}\" and \"{other}\" go by different names: are they really one person? \
+         ({why}) `protonode {command} --force` if you are sure"
     )))
 }
 

@@ -778,11 +778,29 @@ fn culprit(table: &toml::Table) -> Option<(String, String, String)> {
             }
             if let Err(e) = one.try_into::<Config>() {
                 let e: toml::de::Error = e;
-                return Some((section.clone(), key.clone(), e.message().to_string()));
+                return Some((section.clone(), key.clone(), plain_types(e.message())));
             }
         }
     }
     None
+}
+
+/// serde's message with Rust's type names said in words ("expected u16"
+/// means a port number or the like to whoever edits a config file).
+fn plain_types(message: &str) -> String {
+    [
+        ("expected u16", "expected a whole number from 0 to 65535"),
+        (
+            "expected u32",
+            "expected a whole number from 0 to 4294967295",
+        ),
+        ("expected u64", "expected a whole number, 0 or more"),
+        ("expected usize", "expected a whole number, 0 or more"),
+    ]
+    .iter()
+    .fold(message.to_string(), |m, (rust, words)| {
+        m.replace(rust, words)
+    })
 }
 
 /// " (line N)" of `key` in `section` of the file, when it can be found.

@@ -167,9 +167,9 @@ pub enum Command {
         /// The ticket, as given (starts with "protonode:").
         ticket: String,
     },
-    /// List your contacts (relationships merged into others only with --all).
+    /// List your contacts (with --all, also relationships merged into others, and refused ones).
     Contacts {
-        /// Also list relationships merged into others ("retired").
+        /// Also list relationships merged into others ("retired"), and those whose inviter's node refused your answer ("refused"; their history stays).
         #[arg(long)]
         all: bool,
     },

@@ -59,6 +59,9 @@ pub fn init(
     write_node_key(&paths.node_key(), &keypair)?;
     config.write_new(paths)?;
     Store::open(&paths.database()).context("creating the database failed")?;
+    // Private like the node key (the directory is 0700 too).
+    fs::set_permissions(paths.database(), fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {} failed", paths.database().display()))?;
     Ok(json!({
         "data_dir": dir.display().to_string(),
         "name": name,
@@ -117,6 +120,16 @@ fn not_a_file(dir: &Path) -> anyhow::Result<()> {
 pub fn load_config(paths: &Paths) -> anyhow::Result<Config> {
     not_a_file(paths.data_dir())?;
     if !paths.config_file().exists() {
+        // `init` makes only a new or empty directory its own.
+        let used = fs::read_dir(paths.data_dir()).is_ok_and(|mut d| d.next().is_some());
+        if used {
+            bail!(
+                "{} is not a protonode data directory (it has no config.toml); name the data \
+                 directory with --data-dir, or make a new one with `protonode --data-dir NEW_DIR \
+                 init --name NAME`",
+                paths.data_dir().display()
+            );
+        }
         bail!(
             "{} is not initialised; run `protonode --data-dir {} init --name NAME` first",
             paths.data_dir().display(),
@@ -173,13 +186,20 @@ pub fn run(
     no_mdns: bool,
     json_output: bool,
 ) -> anyhow::Result<()> {
-    if !listen.is_empty() {
+    let flags = !listen.is_empty();
+    if flags {
         config.network.listen = listen;
     }
     if no_mdns {
         config.network.mdns = false;
     }
-    config.validate()?;
+    // A wrong --listen is the flag's, not the file's.
+    config.validate().map_err(|e| match e {
+        config::Error::Invalid { key, problem } if flags && key == "network.listen" => {
+            anyhow::anyhow!("--listen: {problem}")
+        }
+        e => e.into(),
+    })?;
     let _lock = lock(&paths)?;
     let keypair = read_node_key(&paths.node_key())?;
     // init made it: a database gone missing was moved or deleted, and a new

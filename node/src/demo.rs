@@ -603,11 +603,16 @@ async fn talk(
 
 fn roster(say: &Narrator, g: &GroupView) {
     for m in &g.members {
-        let by = m
-            .introduced_by
-            .as_ref()
-            .map(|b| format!(" (introduced by {b})"))
-            .unwrap_or_default();
+        // As `protonode groups` says it: a placeholder is its introducer's
+        // word, and maybe its key.
+        let by = match (m.status, &m.introduced_by) {
+            ("placeholder", _) if m.introduced_by_me => {
+                " (as asserted by you, who hold its key)".to_string()
+            }
+            ("placeholder", Some(b)) => format!(" (as asserted by {b}, who may hold its key)"),
+            (_, Some(b)) => format!(" (introduced by {b})"),
+            (_, None) => String::new(),
+        };
         say.detail(&format!("  {:<8} {:<12}{}", m.name, m.status, by));
     }
 }

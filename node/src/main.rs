@@ -245,13 +245,13 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
                 print_json(&v);
             } else {
                 let name = v["name"].as_str().unwrap_or("them");
-                println!(
-                    "You are now connected with {} (contact {}).",
-                    name,
-                    v["contact"].as_str().unwrap_or("")
-                );
-                if v["delivered"] != Value::Bool(true) {
-                    println!("{name}'s node is not reachable yet; your answer is queued and goes out when it is.");
+                let contact = v["contact"].as_str().unwrap_or("");
+                if v["delivered"] == Value::Bool(true) {
+                    println!("You are now connected with {name} (contact {contact}).");
+                } else {
+                    println!(
+                        "{name} is your contact {contact}, but {name}'s node is not reachable yet: your answer is queued and goes out when it is, and you are connected once it has taken it."
+                    );
                 }
             }
         }
@@ -466,6 +466,8 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
             let v = daemon.call(&Call::Groups { all }).await?;
             if json {
                 print_json(&v);
+            } else if all && v.as_array().is_some_and(Vec::is_empty) {
+                println!("No groups, neither now nor before.");
             } else {
                 print!("{}", output::groups(&v));
             }
