@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::Addr;
+use actix::{Addr, MailboxError};
 use actors::groups::GroupError;
 use actors::manager::{
     self, AcceptInvite, AcceptMerge, AwaitOrdered, Connect, ContactDetail, CreateGroup,
@@ -650,10 +650,14 @@ async fn dispatch(manager: &Addr<RelationshipManager>, call: Call) -> Result<Val
             to_json(serde_json::to_value(groups))
         }
         Call::Connect { group, member } => {
-            let contact = manager
-                .send(Connect { group, member })
-                .await
-                .map_err(stopped)??;
+            let contact = again_after_claim(|| {
+                manager.send(Connect {
+                    group: group.clone(),
+                    member: member.clone(),
+                })
+            })
+            .await
+            .map_err(stopped)??;
             to_json(serde_json::to_value(contact))
         }
         Call::Claim { group, wait_secs } => {
@@ -680,6 +684,27 @@ async fn dispatch(manager: &Addr<RelationshipManager>, call: Call) -> Result<Val
     }
 }
 
+/// Asks the manager, and again (a few times, a moment apart) while the
+/// answer is that the member named is known by a key their claim replaced
+/// a moment ago: the group's actor applied the claim, and the read of the
+/// group that resolved the name was from just before. Asked again, the
+/// name resolves to the claimer's new key.
+async fn again_after_claim<T, F, A>(mut ask: A) -> Result<Result<T, manager::Error>, MailboxError>
+where
+    A: FnMut() -> F,
+    F: std::future::Future<Output = Result<Result<T, manager::Error>, MailboxError>>,
+{
+    for _ in 0..4 {
+        match ask().await {
+            Ok(Err(manager::Error::Group(GroupError::JustClaimed(_)))) => {
+                tokio::time::sleep(Duration::from_millis(250)).await
+            }
+            answered => return answered,
+        }
+    }
+    ask().await
+}
+
 /// Exactly two contacts, or a params error naming the method.
 fn two(contacts: Vec<String>, method: &str) -> Result<[String; 2], RpcError> {
     <[String; 2]>::try_from(contacts).map_err(|_| {
@@ -695,10 +720,14 @@ async fn group_command(
     group: String,
     action: GroupAction,
 ) -> Result<Value, RpcError> {
-    let view = manager
-        .send(GroupCommand { group, action })
-        .await
-        .map_err(|_| RpcError::new(codes::INTERNAL, "the node is shutting down"))??;
+    let view = again_after_claim(|| {
+        manager.send(GroupCommand {
+            group: group.clone(),
+            action: action.clone(),
+        })
+    })
+    .await
+    .map_err(|_| RpcError::new(codes::INTERNAL, "the node is shutting down"))??;
     serde_json::to_value(view)
         .map_err(|e| RpcError::new(codes::INTERNAL, format!("encoding the answer failed: {e}")))
 }
@@ -729,10 +758,14 @@ async fn group_change(
         GroupAction::Remove(q) => Some(q.clone()),
         _ => None,
     };
-    let asked = manager
-        .send(GroupCommand { group, action })
-        .await
-        .map_err(|_| RpcError::new(codes::INTERNAL, "the node is shutting down"))??;
+    let asked = again_after_claim(|| {
+        manager.send(GroupCommand {
+            group: group.clone(),
+            action: action.clone(),
+        })
+    })
+    .await
+    .map_err(|_| RpcError::new(codes::INTERNAL, "the node is shutting down"))??;
     // Who is removed, as the group listed them when asked.
     let removed = removing.and_then(|q| {
         asked

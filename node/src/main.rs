@@ -511,6 +511,26 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
                     v["contact"].as_str().unwrap_or("")
                 );
             }
+            // Someone of that name we know already may be the same person.
+            let (name, id) = (
+                v["name"].as_str().unwrap_or_default(),
+                v["contact"].as_str().unwrap_or_default(),
+            );
+            let contacts = daemon.call(&Call::Contacts { all: false }).await.ok();
+            let namesake = contacts.as_ref().and_then(Value::as_array).and_then(|l| {
+                l.iter().find(|c| {
+                    c["id"] != id
+                        && c["name"]
+                            .as_str()
+                            .is_some_and(|n| n.trim().eq_ignore_ascii_case(name.trim()))
+                })
+            });
+            if let Some(other) = namesake.and_then(|c| c["id"].as_str()) {
+                eprintln!(
+                    "note: you already have a contact called {} ({other}); if it is the same person, `protonode merge request {other} {id}` asks them to make the two one relationship",
+                    output::shown(name)
+                );
+            }
         }
         Command::Group(command) => {
             use protonode::cli::GroupCommand as G;
