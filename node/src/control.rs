@@ -684,6 +684,22 @@ async fn dispatch(manager: &Addr<RelationshipManager>, call: Call) -> Result<Val
     }
 }
 
+/// Runs a group command (see [`again_after_claim`]).
+async fn ask_group(
+    manager: &Addr<RelationshipManager>,
+    group: &str,
+    action: &GroupAction,
+) -> Result<actors::views::GroupView, RpcError> {
+    Ok(again_after_claim(|| {
+        manager.send(GroupCommand {
+            group: group.to_string(),
+            action: action.clone(),
+        })
+    })
+    .await
+    .map_err(|_| RpcError::new(codes::INTERNAL, "the node is shutting down"))??)
+}
+
 /// Asks the manager, and again (a few times, a moment apart) while the
 /// answer is that the member named is known by a key their claim replaced
 /// a moment ago: the group's actor applied the claim, and the read of the
@@ -720,14 +736,7 @@ async fn group_command(
     group: String,
     action: GroupAction,
 ) -> Result<Value, RpcError> {
-    let view = again_after_claim(|| {
-        manager.send(GroupCommand {
-            group: group.clone(),
-            action: action.clone(),
-        })
-    })
-    .await
-    .map_err(|_| RpcError::new(codes::INTERNAL, "the node is shutting down"))??;
+    let view = ask_group(manager, &group, &action).await?;
     serde_json::to_value(view)
         .map_err(|e| RpcError::new(codes::INTERNAL, format!("encoding the answer failed: {e}")))
 }
@@ -758,14 +767,7 @@ async fn group_change(
         GroupAction::Remove(q) => Some(q.clone()),
         _ => None,
     };
-    let asked = again_after_claim(|| {
-        manager.send(GroupCommand {
-            group: group.clone(),
-            action: action.clone(),
-        })
-    })
-    .await
-    .map_err(|_| RpcError::new(codes::INTERNAL, "the node is shutting down"))??;
+    let asked = ask_group(manager, &group, &action).await?;
     // Who is removed, as the group listed them when asked.
     let removed = removing.and_then(|q| {
         asked
