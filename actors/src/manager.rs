@@ -467,7 +467,7 @@ impl RelationshipManager {
     /// another) and active.
     fn resolve_usable(&self, query: &str) -> Result<ProtonRecord, Error> {
         let p = self.resolve(query)?;
-        if let Some(into) = merge::retired_into(&self.shared.store, p.id)? {
+        if let Some(into) = merge::merged_into_live(&self.shared.store, p.id)? {
             return Err(RelationshipError::Retired(into).into());
         }
         match p.state {
@@ -1496,14 +1496,9 @@ impl Handler<Connect> for RelationshipManager {
                 MemberStatus::Linked { proton } if m.ipk == member => Some(proton),
                 _ => None,
             });
-            if let Some(mut proton) = linked.or(met_in_group(&self.shared.store, g.id, member)?) {
+            if let Some(proton) = linked.or(met_in_group(&self.shared.store, g.id, member)?) {
                 // Merged since: the relationship it was merged into.
-                for _ in 0..16 {
-                    match merge::retired_into(&self.shared.store, proton)? {
-                        Some(into) => proton = into,
-                        None => break,
-                    }
-                }
+                let proton = merge::merged_into_live(&self.shared.store, proton)?.unwrap_or(proton);
                 return Err(Error::AlreadyContact {
                     name,
                     contact: proton.to_string(),

@@ -49,6 +49,8 @@ pub enum MergeError {
     SameRelationship,
     #[error("{0} was merged into another relationship; use that one")]
     Retired(ProtonId),
+    #[error("{0} was merged into {1}; use that one")]
+    RetiredInto(ProtonId, ProtonId),
     #[error("{0} is not an active relationship yet; wait until it is")]
     NotActive(ProtonId),
     #[error("{0} never started on the other side (their node refused our answer to their invitation); ask them for a new ticket")]
@@ -140,6 +142,21 @@ pub fn retired_into(store: &Store, id: ProtonId) -> Result<Option<ProtonId>, Sto
     })
 }
 
+/// The live relationship `id` was merged into, following merges of the
+/// merged ones; `None` if `id` is live itself.
+pub fn merged_into_live(store: &Store, id: ProtonId) -> Result<Option<ProtonId>, StoreError> {
+    let mut at = id;
+    // Each merge retires two relationships into a newer one: the chain
+    // ends. The bound only guards against a damaged table.
+    for _ in 0..64 {
+        match retired_into(store, at)? {
+            Some(next) => at = next,
+            None => break,
+        }
+    }
+    Ok((at != id).then_some(at))
+}
+
 /// The attestations that link `id` to our other relationships.
 pub fn links_of(store: &Store, id: ProtonId) -> Result<Vec<Attestation>, StoreError> {
     store.read(|tx| {
@@ -173,8 +190,8 @@ fn live_pair(store: &Store, a: ProtonId, b: ProtonId) -> Result<[ProtonRecord; 2
     }
     let mut out = Vec::with_capacity(2);
     for id in [a, b] {
-        if retired_into(store, id)?.is_some() {
-            return Err(MergeError::Retired(id));
+        if let Some(into) = merged_into_live(store, id)? {
+            return Err(MergeError::RetiredInto(id, into));
         }
         let p = load(store, id)?;
         match p.state {

@@ -715,7 +715,7 @@ impl ProtonSession {
     ) -> Result<HistoryEntry, RelationshipError> {
         validate_text(text)?;
         let store = self.provider.mls_storage().store();
-        if let Some(into) = crate::merge::retired_into(store, self.record.id)? {
+        if let Some(into) = crate::merge::merged_into_live(store, self.record.id)? {
             return Err(RelationshipError::Retired(into));
         }
         let id = MessageId::random();

@@ -316,6 +316,7 @@ impl From<manager::Error> for RpcError {
             E::Merge(
                 MergeError::SameRelationship
                 | MergeError::Retired(_)
+                | MergeError::RetiredInto(..)
                 | MergeError::NotActive(_)
                 | MergeError::Refused(_)
                 | MergeError::NotPending { .. },
