@@ -562,6 +562,7 @@ fn log_drop(id: GroupProtonId, e: &GroupError) {
     match e {
         GroupError::WrongEpoch { .. }
         | GroupError::Mls(crate::mls::MlsError::Replay)
+        | GroupError::RemovedLately
         | GroupError::Gone => {
             tracing::debug!(group = %id, error = %e, "dropped a stale or repeated message")
         }

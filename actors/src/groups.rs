@@ -109,6 +109,10 @@ pub enum GroupError {
     NoDirectKey(String),
     #[error("the sender is not a member of the group (removed or never added)")]
     NotAMember,
+    /// From a member whose removal this node applied lately: what it sent
+    /// before it learnt (a vote, a request), now moot.
+    #[error("the sender was removed from the group a moment ago")]
+    RemovedLately,
     #[error("this node is not the group's ordering service")]
     NotOrderer,
     #[error("the commit is for epoch {got}, the group is at epoch {at}")]
@@ -1774,6 +1778,11 @@ impl GroupSession {
             {
                 sender
             }
+            // Its vote or news, sent before it learnt: moot. (A text after
+            // the grace stays "not a member".)
+            Err(GroupError::NotAMember) if !matches!(plaintext.body, Body::Text { .. }) => {
+                return Err(self.outsider(sender))
+            }
             other => other?,
         };
         let received = match plaintext.body {
@@ -2035,13 +2044,16 @@ impl GroupSession {
         if let Some(by) = sender {
             self.note_departures(&summary.removed, by, aad == LEAVE_AAD, now);
         }
-        mls::merge_staged(&mut self.group, &self.provider, *staged)?;
         if removed_us {
+            // Not merged: a removed member derives none of the new epoch's
+            // secrets, so the group stays at the last epoch we were in,
+            // with that epoch's authenticator, as the others knew it.
             self.record.state = GroupState::Gone;
             self.record.intents.clear();
             self.save(changes);
             return Ok(summary.replaced);
         }
+        mls::merge_staged(&mut self.group, &self.provider, *staged)?;
         self.apply_summary(&summary, claim, claim_info);
         self.save(changes);
         Ok(summary.replaced)
@@ -2155,6 +2167,17 @@ impl GroupSession {
             let left = leaving || self.record.left.iter().any(|(l, _)| l == m);
             self.departures.push((*m, (!left).then_some(by)));
             self.removed_lately.push((*m, now));
+        }
+    }
+
+    /// Why `from`'s message is refused: it is no member, or (told apart,
+    /// since that is expected) one whose removal we applied in this
+    /// session.
+    fn outsider(&self, from: Ipk) -> GroupError {
+        if self.removed_lately.iter().any(|(m, _)| *m == from) {
+            GroupError::RemovedLately
+        } else {
+            GroupError::NotAMember
         }
     }
 
@@ -2342,7 +2365,7 @@ impl GroupSession {
         signature: &[u8; SIGNATURE_LEN],
     ) -> Result<Received, GroupError> {
         if !self.is_member(&from) || from == self.key.ipk() {
-            return Err(GroupError::NotAMember);
+            return Err(self.outsider(from));
         }
         from.verify(
             &side_message(&self.record.group_id, &from, sealed),
@@ -2398,7 +2421,7 @@ impl GroupSession {
         changes: &mut Changes,
     ) -> Result<Received, GroupError> {
         if from == self.key.ipk() || !self.record.members.iter().any(|m| m.ipk == from) {
-            return Err(GroupError::NotAMember);
+            return Err(self.outsider(from));
         }
         self.send_log_since(epoch, from, now, changes)?;
         Ok(Received::Other)
@@ -2442,7 +2465,7 @@ impl GroupSession {
     ) -> Result<Received, GroupError> {
         let me = self.key.ipk();
         if m.from == me || !self.is_member(&m.from) {
-            return Err(GroupError::NotAMember);
+            return Err(self.outsider(m.from));
         }
         if m.accepted
             .as_ref()

@@ -651,6 +651,7 @@ fn a_plain_group_grows_and_shrinks() {
     );
 
     roster_event("claimed", "Charlie");
+    let last_shared = the_group(&charlie);
     let charlie_watches = charlie.watch(true);
     let removed = alex.ok(&["group", "remove", "Book club", "Charlie", "--wait"]);
     assert_eq!(
@@ -685,6 +686,11 @@ fn a_plain_group_grows_and_shrinks() {
     // removed from, and its history still reads.
     let all = charlie.ok(&["groups", "--all"]);
     assert_eq!(all[0]["state"], "gone", "{all}");
+    // At the last epoch she was in, as the others knew it: her node cannot
+    // derive the epoch that removed her.
+    for key in ["epoch", "epoch_authenticator"] {
+        assert_eq!(all[0][key], last_shared[key], "{key}: {all} {last_shared}");
+    }
     assert!(texts(&charlie, "Book club").contains(&"thanks for adding me".to_string()));
 
     blair.ok(&["group", "leave", "Book club"]);
