@@ -2041,10 +2041,14 @@ impl GroupSession {
             .replaced
             .and_then(|(_, new)| self.open_claim_info(&aad, new));
         let removed_us = staged.self_removed();
-        if let Some(by) = sender {
-            self.note_departures(&summary.removed, by, aad == LEAVE_AAD, now);
-        }
+        // Noted once the commit is taken (a failed merge leaves no trace).
+        let departures = |s: &mut Self| {
+            if let Some(by) = sender {
+                s.note_departures(&summary.removed, by, aad == LEAVE_AAD, now);
+            }
+        };
         if removed_us {
+            departures(self);
             // Not merged: a removed member derives none of the new epoch's
             // secrets, so the group stays at the last epoch we were in,
             // with that epoch's authenticator, as the others knew it.
@@ -2054,6 +2058,7 @@ impl GroupSession {
             return Ok(summary.replaced);
         }
         mls::merge_staged(&mut self.group, &self.provider, *staged)?;
+        departures(self);
         self.apply_summary(&summary, claim, claim_info);
         self.save(changes);
         Ok(summary.replaced)

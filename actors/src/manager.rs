@@ -1246,11 +1246,14 @@ impl Handler<GetHistory> for RelationshipManager {
         let shared = self.shared.clone();
         Box::pin(async move {
             let conversation = conversation?;
+            // One bound for both waits below.
+            let until = tokio::time::Instant::now() + RECORDS_WAIT;
             if let Some(settled) = settled {
-                let _ = tokio::time::timeout(RECORDS_WAIT, settled).await;
+                let _ = tokio::time::timeout_at(until, settled).await;
             }
             // What `send --wait` or `watch` said was delivered, history says too.
-            shared.outbox.recorded(RECORDS_WAIT).await;
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            shared.outbox.recorded(left).await;
             let entries = history(&shared.store, conversation)?;
             let name_of = authors(&shared.store, conversation)?;
             Ok(entries

@@ -331,14 +331,24 @@ impl Sender {
                 command = self.commands.recv() => match command {
                     Some(Command::Queued(rows)) => {
                         for (seq, entry) in rows {
+                            // Known already (a scan found it first), or
+                            // finished: nothing to add, nothing to drop.
+                            if self.unrecorded_rows.contains(&seq) {
+                                continue;
+                            }
                             let q = self
                                 .queues
                                 .entry((entry.conversation, entry.recipient))
                                 .or_default();
+                            if q.known.contains(&seq) {
+                                continue;
+                            }
                             // A group's control message that a copy still
                             // waiting for this member already says (an
                             // ordering service asking again while the member
-                            // is away) would only pile up: drop it.
+                            // is away) would only pile up: drop it. (Should
+                            // that copy fail for good, the asking goes on
+                            // and queues the next one.)
                             if entry.kind == OutboxKind::Control && q.holds(&entry.payload) {
                                 self.unrecorded.outbox_done.push(seq);
                                 self.unrecorded_rows.insert(seq);

@@ -37,6 +37,8 @@ pub const MAX_MONOGRAM_CHARS: usize = 3;
 /// default lifetime is at least a minute; `invite --expires-in` may be as
 /// short as a second.
 pub const MAX_TICKET_TTL_SECS: u64 = 365 * 24 * 3600;
+/// Longest `delivery.accept_wait_secs`.
+pub const MAX_ACCEPT_WAIT_SECS: u64 = 600;
 /// Longest `send --wait` (s): a day.
 pub const MAX_SEND_WAIT_SECS: u64 = 24 * 3600;
 
@@ -443,6 +445,17 @@ impl Config {
             return invalid(
                 "delivery.ordering_timeout_ms",
                 format!("{} ms is too short (at least 100)", d.ordering_timeout_ms),
+            );
+        }
+        // A command waits this long for the other node; its client gives
+        // up on the daemon a while after that (node's `answer_within`).
+        if d.accept_wait_secs > MAX_ACCEPT_WAIT_SECS {
+            return invalid(
+                "delivery.accept_wait_secs",
+                format!(
+                    "{} seconds is more than {MAX_ACCEPT_WAIT_SECS} (ten minutes)",
+                    d.accept_wait_secs
+                ),
             );
         }
         if !(1..=1024).contains(&d.max_batch) {

@@ -183,7 +183,9 @@ impl Call {
             | Call::GroupUpdate { wait_secs, .. } => wait_secs.unwrap_or(0),
             // These wait for the other node up to the daemon's
             // `delivery.accept_wait_secs` (10 s unless set otherwise).
-            Call::Accept { .. } | Call::Connect { .. } | Call::MergeAccept { .. } => 600,
+            Call::Accept { .. } | Call::Connect { .. } | Call::MergeAccept { .. } => {
+                config::MAX_ACCEPT_WAIT_SECS
+            }
             _ => 0,
         };
         Some(ANSWER_GRACE + Duration::from_secs(asked))
