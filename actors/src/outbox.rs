@@ -331,15 +331,14 @@ impl Sender {
                 command = self.commands.recv() => match command {
                     Some(Command::Queued(rows)) => {
                         for (seq, entry) in rows {
-                            // Known already (a scan found it first), or
-                            // finished: nothing to add, nothing to drop.
-                            if self.unrecorded_rows.contains(&seq) {
-                                continue;
-                            }
                             let q = self
                                 .queues
                                 .entry((entry.conversation, entry.recipient))
                                 .or_default();
+                            // Known already (a scan found it first): not a
+                            // copy of itself. (A finished row's number may
+                            // come back for a new row once its removal is
+                            // committed, so only the queue's own count.)
                             if q.known.contains(&seq) {
                                 continue;
                             }
