@@ -9,6 +9,7 @@
 //! in the database or not at all.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use redb::{ReadableTable, WriteTransaction};
 use transports::DeliveryAddress;
@@ -21,6 +22,11 @@ use crate::records::{
     MergeState, MessageStatus, OutboxEntry, Owner, ProtonRecord, Recipient, TicketRecord, Trust,
 };
 use crate::store::{self, tables, StoreError};
+
+/// The least outbox number not yet given in this process (see
+/// `Changes::apply`). Shared by every store the process opens: numbers need
+/// only be unique and rising per store, and gaps cost nothing.
+static OUTBOX_NEXT: AtomicU64 = AtomicU64::new(0);
 
 /// Epochs of accepted commits each group keeps for members who fell behind.
 pub const ORDERED_LOG_KEPT: u64 = 64;
@@ -352,10 +358,15 @@ impl Changes {
             for seq in &self.outbox_done {
                 t.remove(*seq)?;
             }
-            // Sequence numbers may be reused once the outbox empties: the
-            // sending service learns of rows from `Applied::outbox`, never
-            // by scanning for numbers it has not seen.
-            let first = store::next_seq(&t)?;
+            // A number is never given twice in one process, even once the
+            // table has emptied: the sending service tells rows apart by
+            // number, and still holds the numbers of rows whose removal is
+            // being committed. (After a restart it holds none, so the
+            // table's own last number is enough to start from.)
+            let first = store::next_seq(&t)?.max(OUTBOX_NEXT.load(Ordering::SeqCst));
+            // Raised before the commit: a transaction that is dropped and
+            // run again only leaves a gap.
+            OUTBOX_NEXT.fetch_max(first + self.outbox.len() as u64, Ordering::SeqCst);
             for (seq, entry) in (first..).zip(&self.outbox) {
                 let mut entry = entry.clone();
                 if let Some(id) = entry.message {
@@ -396,5 +407,56 @@ impl Changes {
             }
         }
         Ok(applied)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    fn row(n: u8) -> OutboxEntry {
+        OutboxEntry {
+            conversation: Conversation::Proton(ProtonId([n; 8])),
+            recipient: Recipient::Peer,
+            kind: crate::records::OutboxKind::Control,
+            message: None,
+            history: None,
+            address: None,
+            payload: vec![n],
+            created_at: 0,
+        }
+    }
+
+    /// The sending service may still hold the number of a row whose removal
+    /// is being committed; a new row must not come back with it.
+    #[test]
+    fn an_outbox_number_is_not_given_again_once_the_table_empties() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let queue = |n: u8| {
+            let changes = Changes {
+                outbox: vec![row(n)],
+                ..Changes::default()
+            };
+            let applied = store.write_blocking(|tx| changes.apply(tx)).unwrap();
+            applied.outbox[0].0
+        };
+        let finish = |seq: u64| {
+            let changes = Changes {
+                outbox_done: vec![seq],
+                ..Changes::default()
+            };
+            store.write_blocking(|tx| changes.apply(tx)).unwrap();
+        };
+        let first = queue(1);
+        finish(first);
+        let second = queue(2);
+        assert!(second > first, "{second} after {first}");
+        let third = queue(3);
+        assert!(third > second);
+        finish(third);
+        finish(second);
+        assert!(queue(4) > third);
     }
 }

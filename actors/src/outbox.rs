@@ -336,9 +336,8 @@ impl Sender {
                                 .entry((entry.conversation, entry.recipient))
                                 .or_default();
                             // Known already (a scan found it first): not a
-                            // copy of itself. (A finished row's number may
-                            // come back for a new row once its removal is
-                            // committed, so only the queue's own count.)
+                            // copy of itself. (Numbers are never given twice
+                            // in one process: see `Changes::apply`.)
                             if q.known.contains(&seq) {
                                 continue;
                             }

@@ -393,8 +393,7 @@ pub fn accept_invite(
 /// accepted the ticket goes too, so the same mistake reads the same later.
 ///
 /// Reads in the transaction that applies the changes, so that no row
-/// queued or stored meanwhile escapes them (and no reused outbox sequence
-/// number is taken for another conversation's).
+/// queued or stored meanwhile escapes them.
 pub fn forget_refused(
     tx: &redb::WriteTransaction,
     proton: &ProtonRecord,
