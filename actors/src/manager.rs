@@ -651,10 +651,22 @@ impl RelationshipManager {
                 .into_actor(self)
                 .map(|result, act, _| {
                     match result {
-                        Ok(n) if n > 0 => {
-                            tracing::info!(rows = n, "pruned expired tickets and addresses")
+                        Ok(pruned) => {
+                            if pruned.expired > 0 {
+                                tracing::info!(
+                                    rows = pruned.expired,
+                                    "pruned expired tickets and addresses"
+                                );
+                            }
+                            if pruned.held > 0 {
+                                tracing::warn!(
+                                    envelopes = pruned.held,
+                                    "dropped envelopes that waited for an introduction to a \
+                                     group that never came (30 days, or their relationship \
+                                     is gone)"
+                                );
+                            }
                         }
-                        Ok(_) => {}
                         Err(e) => tracing::warn!(error = %e, "housekeeping failed"),
                     }
                     act.refresh_all();
@@ -2172,9 +2184,28 @@ fn load_ticket(store: &store::Store, id: TicketId) -> Result<TicketRecord, Relat
         .ok_or_else(|| RelationshipError::BadWelcome("no such ticket".into()))
 }
 
+/// How long an envelope that came to an address derived from one of our
+/// relationships waits for the introduction to its group (which comes
+/// through that relationship, and may come after the group's first
+/// messages). After that, or once the relationship is gone, it is dropped:
+/// only the group's members know such an address, and what they send for a
+/// group we never joined would otherwise stay for ever.
+pub const HELD_FOR_GROUP_MS: u64 = 30 * 24 * 3600 * 1000;
+
+/// What `prune` dropped.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Pruned {
+    /// Expired tickets, addresses and rows that came for unused tickets.
+    expired: usize,
+    /// Envelopes that waited for an introduction that never came.
+    held: usize,
+}
+
 /// Drops what has expired: unused tickets (with their addresses, MLS state
-/// and any rows that arrived for them) and expired addresses.
-fn prune(tx: &redb::WriteTransaction, now: u64) -> Result<usize, StoreError> {
+/// and any rows that arrived for them), expired addresses, and envelopes
+/// held for a group longer than [`HELD_FOR_GROUP_MS`] or for a relationship
+/// that is gone.
+fn prune(tx: &redb::WriteTransaction, now: u64) -> Result<Pruned, StoreError> {
     let mut count = 0;
     let expired_tickets: Vec<TicketRecord> = {
         let t = tx.open_table(tables::TICKETS)?;
@@ -2210,8 +2241,10 @@ fn prune(tx: &redb::WriteTransaction, now: u64) -> Result<usize, StoreError> {
         }
     }
     count += changes.delete_addresses.len();
+    let mut held = 0;
     {
         let inbox = tx.open_table(tables::INBOX)?;
+        let protons = tx.open_table(tables::PROTONS)?;
         for e in inbox.iter()? {
             let (k, v) = e?;
             let entry: InboxEntry = store::decode(v.value(), "inbox entry")?;
@@ -2220,14 +2253,24 @@ fn prune(tx: &redb::WriteTransaction, now: u64) -> Result<usize, StoreError> {
                 Owner::Ticket(id) => expired_tickets.iter().any(|t| t.id == id),
                 Owner::Group(_) => false,
             };
+            let waited_out = entry.context.is_some()
+                && (entry.received_at.saturating_add(HELD_FOR_GROUP_MS) <= now
+                    || matches!(entry.owner, Owner::Proton(p) if protons.get(p.0)?.is_none()));
             if orphan {
-                changes.inbox_done.push(k.value());
+                count += 1;
+            } else if waited_out {
+                held += 1;
+            } else {
+                continue;
             }
+            changes.inbox_done.push(k.value());
         }
     }
-    count += changes.inbox_done.len();
     changes.apply(tx)?;
-    Ok(count)
+    Ok(Pruned {
+        expired: count,
+        held,
+    })
 }
 
 #[cfg(test)]
@@ -2251,6 +2294,59 @@ mod tests {
             via: None,
             claim: None,
         }
+    }
+
+    #[test]
+    fn envelopes_held_for_a_group_go_after_thirty_days_or_with_their_relationship() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store::Store::open(&dir.path().join("db")).unwrap();
+        let (live, gone) = (ProtonId([1; 8]), ProtonId([2; 8]));
+        let now = 100 * HELD_FOR_GROUP_MS;
+        let day = 24 * 3600 * 1000;
+        let row = |owner: ProtonId, context: Option<[u8; 16]>, age: u64| InboxEntry {
+            owner: Owner::Proton(owner),
+            source: crate::records::Source::Network,
+            context,
+            payload: vec![age as u8],
+            received_at: now - age,
+        };
+        let rows = [
+            row(live, Some([7; 16]), day),                     // waits on
+            row(live, Some([7; 16]), HELD_FOR_GROUP_MS + day), // waited out
+            row(gone, Some([7; 16]), day),                     // its relationship is gone
+            row(gone, None, HELD_FOR_GROUP_MS + day),          // not held: its proton's
+        ];
+        store
+            .write_blocking(|tx| {
+                // Only whether a record is there counts.
+                tx.open_table(tables::PROTONS)?
+                    .insert(live.0, b"record".as_slice())?;
+                let mut t = tx.open_table(tables::INBOX)?;
+                for (seq, entry) in rows.iter().enumerate() {
+                    store::put(&mut t, seq as u64, entry, "inbox entry")?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        let pruned = store.write_blocking(|tx| prune(tx, now)).unwrap();
+        assert_eq!(
+            pruned,
+            Pruned {
+                expired: 0,
+                held: 2
+            }
+        );
+        let left: Vec<u64> = store
+            .read(|tx| {
+                let t = tx.open_table(tables::INBOX)?;
+                let mut keys = Vec::new();
+                for e in t.iter()? {
+                    keys.push(e?.0.value());
+                }
+                Ok(keys)
+            })
+            .unwrap();
+        assert_eq!(left, vec![0, 3]);
     }
 
     #[test]
