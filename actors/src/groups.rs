@@ -772,6 +772,26 @@ impl GroupSession {
             .collect()
     }
 
+    /// Whether the ordering service at our rank is a placeholder not yet
+    /// claimed, which nobody orders for: its invitee's node orders only
+    /// under its own key, once it has claimed, and its introducer only for
+    /// its own rank. Waiting out the ordering timeout for it would only
+    /// stall the group; the next rank takes over at once. (A member we know
+    /// only from the roster, whose description has not come yet, may be
+    /// someone who orders, so for it the timeout holds.)
+    fn orderer_is_placeholder(&self) -> bool {
+        let Some(orderer) = self.orderer() else {
+            return false;
+        };
+        if orderer == self.key.ipk() {
+            return self.record.state == GroupState::Invited;
+        }
+        self.record.members.iter().any(|m| {
+            m.ipk == orderer
+                && matches!(m.status, MemberStatus::Placeholder { asserted_by } if asserted_by != orderer)
+        })
+    }
+
     /// Whether the current ordering service's node casts a majority of the
     /// votes by itself (and has not left), as an introducer does until its
     /// placeholders are claimed: then no other could order without it.
@@ -1628,7 +1648,7 @@ impl GroupSession {
         let Some(pending) = &self.record.pending else {
             return Ok(false);
         };
-        if now < pending.sent_at.saturating_add(timeout_ms) {
+        if now < pending.sent_at.saturating_add(timeout_ms) && !self.orderer_is_placeholder() {
             return Ok(false);
         }
         if self.orderer_holds_majority() {
@@ -3231,6 +3251,48 @@ mod tests {
             assert!(m.claim.is_some(), "the follows attestation verified");
         }
         assert_eq!(a.epoch_authenticator(), c.epoch_authenticator());
+    }
+
+    /// An addition or removal can move the ordering rank onto a placeholder
+    /// nobody orders for yet. A member whose commit waits for it moves to
+    /// the next rank at its next check, not after the ordering timeout.
+    #[test]
+    fn a_placeholder_at_the_ordering_rank_is_passed_over_at_once() {
+        let (alex, blair, charlie) = (person("Alex"), person("Blair"), person("Charlie"));
+        let ([_, ba, _, ca], record) = alex_introduces(&alex, &blair, &charlie);
+        for (r, (to, proton)) in record.relays.iter().zip([(&blair, ba), (&charlie, ca)]) {
+            relay(&alex, to, proton, r);
+        }
+        let (a, mut b, c) = (group_of(&alex), group_of(&blair), group_of(&charlie));
+        let roster = b.roster();
+        let at = |ipk: Ipk| roster.iter().position(|i| *i == ipk).unwrap() as u32;
+        let ba_record = load_protons(&blair.store, [ba]).unwrap().pop().unwrap();
+        step(&blair, &mut b, |s, ch| {
+            s.claim(&ba_record, &blair.node, LIFETIMES, 40, ch).unwrap()
+        });
+        // Within the timeout, an ordering service that may answer is waited for.
+        b.record.orderer_rank = at(a.own_ipk());
+        let mut ch = Changes::default();
+        assert!(!b.check_ordering(41, 10_000, &mut ch).unwrap());
+        // Her own placeholder (she has not claimed yet), then Charlie's:
+        // nobody orders there, so she moves on without waiting, to Alex.
+        b.record.orderer_rank = at(b.own_ipk());
+        for (next, rank) in [
+            (c.own_ipk(), at(c.own_ipk())),
+            (a.own_ipk(), roster.len() as u32),
+        ] {
+            let mut ch = Changes::default();
+            assert!(b.check_ordering(41, 10_000, &mut ch).unwrap());
+            assert_eq!(b.record().orderer_rank, rank);
+            assert_eq!(b.orderer(), Some(next));
+            assert!(
+                !rows_for(&ch.outbox, next).is_empty(),
+                "the claim goes to the next ordering service"
+            );
+        }
+        // Alex may answer: waited for again.
+        let mut ch = Changes::default();
+        assert!(!b.check_ordering(42, 10_000, &mut ch).unwrap());
     }
 
     /// A replayed message, or one sent at an epoch we have not reached
