@@ -950,7 +950,8 @@ fn introduce_mls(store: &Store, counter: &std::cell::Cell<u64>) -> Introduction 
     let mut a_group = mls::create_group(&alex, &gp_a).expect("create");
     let (kp_b, bundle_b) = mls::placeholder_key_package(&scratch, &ph_b).expect("placeholder");
     let (kp_c, bundle_c) = mls::placeholder_key_package(&scratch, &ph_c).expect("placeholder");
-    let (_, welcome) = mls::stage_add(&mut a_group, &alex, &gp_a, &[kp_b, kp_c]).expect("add");
+    let (_, welcome) =
+        mls::stage_add(&mut a_group, &alex, &gp_a, &[kp_b, kp_c], Vec::new()).expect("add");
     mls::merge_pending(&mut a_group, &alex).expect("merge");
     mls::install_placeholder(&blair, &bundle_b, &ph_b.ipk()).expect("install");
     let b_group = mls::join_from_welcome(&blair, &welcome).expect("join");
@@ -1077,7 +1078,7 @@ impl GroupEncrypt {
             })
             .collect();
         scratch.mls_storage().discard_writes();
-        mls::stage_add(&mut group, &provider, &key, &packages).expect("add");
+        mls::stage_add(&mut group, &provider, &key, &packages, Vec::new()).expect("add");
         mls::merge_pending(&mut group, &provider).expect("merge");
         let writes = provider.mls_storage().take_writes();
         store

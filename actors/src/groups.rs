@@ -354,7 +354,7 @@ pub fn create_group(
     let group_id = group.group_id().as_slice().to_vec();
     let context = context_of(&group_id);
     let (invitees, packages) = make_invitees(store, via, key.ipk(), &context)?;
-    let (_commit, welcome) = mls::stage_add(&mut group, &provider, &key, &packages)?;
+    let (_commit, welcome) = mls::stage_add(&mut group, &provider, &key, &packages, Vec::new())?;
     // We are the only member and the ordering service: nothing to order.
     mls::merge_pending(&mut group, &provider)?;
     let own_transports = make_transports(node, lifetimes, now)?;
@@ -1460,8 +1460,25 @@ impl GroupSession {
                     .iter()
                     .map(|i| decode_bundle_key_package(&i.bundle))
                     .collect::<Result<Vec<_>, _>>()?;
+                // Who the placeholders are for, sealed for the members of
+                // the epoch it commits from: they learn it with the commit.
+                let infos: Vec<MemberInfo> =
+                    invitees.iter().map(|i| member_info(&i.member)).collect();
+                let infos =
+                    postcard::to_allocvec(&infos).map_err(|e| MlsError::Encode(e.to_string()))?;
+                let aad = AddAad {
+                    infos: mls::seal_for_epoch(
+                        &self.group,
+                        &self.provider,
+                        ADD_INFO_LABEL,
+                        self.key.ipk().as_bytes(),
+                        &infos,
+                    )?,
+                };
+                let aad =
+                    postcard::to_allocvec(&aad).map_err(|e| MlsError::Encode(e.to_string()))?;
                 let (commit, welcome) =
-                    mls::stage_add(&mut self.group, &self.provider, &self.key, &packages)?;
+                    mls::stage_add(&mut self.group, &self.provider, &self.key, &packages, aad)?;
                 (commit, Some(welcome))
             }
             Intent::Remove { members } => {
@@ -2056,10 +2073,15 @@ impl GroupSession {
                 .replaced
                 .and_then(|(old, new)| verify_claim(&aad, old, new).ok())
         });
-        // A claim's info is sealed under the epoch it commits from.
+        // A claim's info is sealed under the epoch it commits from, as is
+        // who the placeholders an addition makes are for.
         let claim_info = summary
             .replaced
             .and_then(|(_, new)| self.open_claim_info(&aad, new));
+        let added_info = match sender {
+            Some(by) if !summary.added.is_empty() => self.open_add_info(&aad, by, &summary.added),
+            _ => Vec::new(),
+        };
         let removed_us = staged.self_removed();
         // Noted once the commit is taken (a failed merge leaves no trace).
         let departures = |s: &mut Self| {
@@ -2080,6 +2102,11 @@ impl GroupSession {
         mls::merge_staged(&mut self.group, &self.provider, *staged)?;
         departures(self);
         self.apply_summary(&summary, claim, claim_info);
+        if let Some(by) = sender {
+            for info in added_info {
+                self.apply_member_info(by, info);
+            }
+        }
         self.save(changes);
         Ok(summary.replaced)
     }
@@ -2255,6 +2282,43 @@ impl GroupSession {
             }
         }
         self.sync_roster();
+    }
+
+    /// Who the placeholders an addition by `by` makes are for (their names
+    /// and derived transports), if its authenticated data opens under our
+    /// epoch (the one it commits from). Only what is about a member it adds
+    /// counts. An addition whose data does not open (or an older node's,
+    /// which has none) adds the members all the same: the adder also
+    /// announces them in a group message.
+    fn open_add_info(&self, aad: &[u8], by: Ipk, added: &[Ipk]) -> Vec<MemberInfo> {
+        if aad.is_empty() {
+            return Vec::new();
+        }
+        let opened = (|| {
+            let aad: AddAad = postcard::from_bytes(aad).ok()?;
+            let infos = mls::open_for_epoch(
+                &self.group,
+                &self.provider,
+                ADD_INFO_LABEL,
+                by.as_bytes(),
+                &aad.infos,
+            )
+            .ok()?;
+            postcard::from_bytes::<Vec<MemberInfo>>(&infos).ok()
+        })();
+        let Some(infos) = opened else {
+            tracing::warn!(group = %self.record.id, member = %by, "an addition's member info does not open; its placeholders are named once their adder's announcement comes");
+            return Vec::new();
+        };
+        infos
+            .into_iter()
+            .filter(|i| {
+                added.contains(&i.ipk)
+                    && i.placeholder_of == Some(by)
+                    && i.claim.is_none()
+                    && i.validate().is_ok()
+            })
+            .collect()
     }
 
     /// The member info a claim of `new` carries, if it opens under our
@@ -2809,6 +2873,21 @@ fn verify_claim(aad: &[u8], old: Ipk, new: Ipk) -> Result<Attestation, Attestati
 /// The label of the key a claim's member info is sealed under.
 const CLAIM_INFO_LABEL: &str = "protonode/v1/claim-info";
 
+/// The label of the key an addition's member infos are sealed under.
+const ADD_INFO_LABEL: &str = "protonode/v1/add-info";
+
+/// What an addition's commit carries in its authenticated data (older
+/// nodes read none): the [`MemberInfo`] of each placeholder it adds, as
+/// the adder describes them, sealed for the members of the epoch it
+/// commits from. They name the new members, and know them for
+/// placeholders, in the same step as the commit; the adder's announcement
+/// (a group message that may come later, or not at all to a member that
+/// was offline) says it again.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct AddAad {
+    infos: Vec<u8>,
+}
+
 /// How long after applying a member's removal we still take texts they
 /// wrote before it (in an epoch they were a member of). A removal and the
 /// removed member's last messages travel apart, from different nodes; a
@@ -3251,6 +3330,59 @@ mod tests {
             assert!(m.claim.is_some(), "the follows attestation verified");
         }
         assert_eq!(a.epoch_authenticator(), c.epoch_authenticator());
+    }
+
+    /// The members know whom an addition's placeholder stands for, and
+    /// whose word that is, from the commit itself: not only once the
+    /// adder's announcement (a group message of its own) comes.
+    #[test]
+    fn the_members_learn_who_an_addition_is_for_with_its_commit() {
+        let (alex, blair, charlie) = (person("Alex"), person("Blair"), person("Charlie"));
+        let dana = person("Dana");
+        let ([_, ba, _, ca], record) = alex_introduces(&alex, &blair, &charlie);
+        for (r, (to, proton)) in record.relays.iter().zip([(&blair, ba), (&charlie, ca)]) {
+            relay(&alex, to, proton, r);
+        }
+        let (mut a, mut b) = (group_of(&alex), group_of(&blair));
+        let (ad, _) = befriend(&alex, &dana);
+        let via = load_protons(&alex.store, [ad]).unwrap();
+        // Alex orders it at once: his vote and his placeholders' are a majority.
+        let rows = step(&alex, &mut a, |s, ch| {
+            s.add(&alex.store, &via, 50, ch).unwrap()
+        });
+        let placeholder = a
+            .record()
+            .members
+            .iter()
+            .find(|m| m.display.name == "Dana")
+            .unwrap()
+            .clone();
+        let (ordered, others): (Vec<_>, Vec<_>) = rows_for(&rows, b.own_ipk())
+            .into_iter()
+            .partition(|p| matches!(Payload::decode(p), Ok(Payload::Ordered { .. })));
+        assert_eq!(ordered.len(), 1);
+        assert!(!others.is_empty(), "the announcement is sent too");
+        assert_eq!(
+            deliver(&blair, &mut b, &ordered[0]).unwrap(),
+            Received::Committed
+        );
+        let seen = b
+            .record()
+            .members
+            .iter()
+            .find(|m| m.ipk == placeholder.ipk)
+            .unwrap()
+            .clone();
+        assert_eq!(seen.display.name, "Dana");
+        assert_eq!(
+            seen.status,
+            MemberStatus::Placeholder {
+                asserted_by: a.own_ipk()
+            }
+        );
+        assert_eq!(seen.introduced_by, Some(a.own_ipk()));
+        assert_eq!(seen.transports, placeholder.transports);
+        assert_eq!(a.epoch_authenticator(), b.epoch_authenticator());
     }
 
     /// An addition or removal can move the ordering rank onto a placeholder

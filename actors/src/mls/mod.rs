@@ -399,18 +399,23 @@ pub fn install_placeholder(
         .map_err(|e| MlsError::Welcome(e.to_string()))
 }
 
-/// Stages (does not merge) a commit adding `key_packages`; returns the
-/// commit and the Welcome for the new members. Merged once the group's
-/// ordering service accepted it ([`merge_pending`]).
+/// Stages (does not merge) a commit adding `key_packages`, with `aad` in
+/// its authenticated data (empty for none); returns the commit and the
+/// Welcome for the new members. Merged once the group's ordering service
+/// accepted it ([`merge_pending`]).
 pub fn stage_add(
     group: &mut MlsGroup,
     provider: &Provider,
     key: &IdentityKey,
     key_packages: &[KeyPackage],
+    aad: Vec<u8>,
 ) -> Result<(Vec<u8>, Vec<u8>), MlsError> {
+    group.set_aad(aad);
     let (commit, welcome, _) = group
         .add_members(provider, key, key_packages)
-        .map_err(|e| MlsError::AddMember(e.to_string()))?;
+        .map_err(|e| MlsError::AddMember(e.to_string()))
+        // As in `stage_claim`: no AAD left over for the next message.
+        .inspect_err(|_| group.set_aad(Vec::new()))?;
     Ok((encode_message(&commit)?, encode_message(&welcome)?))
 }
 
@@ -1071,7 +1076,7 @@ mod placeholder_tests {
         scratch.mls_storage().discard_writes();
         let a = Provider::new(alex.store.clone(), [1; 8]);
         let mut a_group = create_group(&a, &gp_a).unwrap();
-        let (_, welcome) = stage_add(&mut a_group, &a, &gp_a, &[kp_b, kp_c]).unwrap();
+        let (_, welcome) = stage_add(&mut a_group, &a, &gp_a, &[kp_b, kp_c], Vec::new()).unwrap();
         merge_pending(&mut a_group, &a).unwrap();
         commit(&alex, &a);
 
@@ -1135,7 +1140,8 @@ mod placeholder_tests {
         let b = Provider::new(blair.store.clone(), [2; 8]);
         let kp = new_key_package(&b, &kb).unwrap();
         let mut ga = create_group(&a, &ka).unwrap();
-        let (_, welcome) = stage_add(&mut ga, &a, &ka, &[kp.key_package().clone()]).unwrap();
+        let (_, welcome) =
+            stage_add(&mut ga, &a, &ka, &[kp.key_package().clone()], Vec::new()).unwrap();
         merge_pending(&mut ga, &a).unwrap();
         let mut gb = join_from_welcome(&b, &welcome).unwrap();
         // Both commit in the same epoch; the ordering service takes Alex's.
