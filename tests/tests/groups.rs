@@ -608,6 +608,9 @@ fn a_plain_group_grows_and_shrinks() {
         Some(3),
         "{added}"
     );
+    // Alex orders Blair's addition: the commit itself says whom the
+    // placeholder stands for (Blair's announcement comes after it).
+    roster_event("joined", "Charlie");
     wait_for(SETTLE, || (!charlie.groups().is_empty()).then_some(()))
         .expect("Charlie is introduced");
     let at_charlie = statuses(&the_group(&charlie));
