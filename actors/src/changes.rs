@@ -62,8 +62,9 @@ pub struct Changes {
     pub links: Vec<(ProtonId, Attestation)>,
     /// (retired, into).
     pub retired: Vec<(ProtonId, ProtonId)>,
-    /// Retired relationships back in use (their merge was refused).
-    pub unretired: Vec<ProtonId>,
+    /// Retired relationships back in use (their merge was refused):
+    /// (retired, into), each only if it is still retired into that one.
+    pub unretired: Vec<(ProtonId, ProtonId)>,
     /// Accepted commits to log: (group, epoch they ended, signed payload).
     /// Only the last `ORDERED_LOG_KEPT` epochs of a group are kept.
     pub ordered_log: Vec<(GroupProtonId, u64, Vec<u8>)>,
@@ -240,8 +241,10 @@ impl Changes {
         }
         if !self.retired.is_empty() || !self.unretired.is_empty() {
             let mut t = tx.open_table(tables::RETIRED)?;
-            for p in &self.unretired {
-                t.remove(p.0)?;
+            for (p, into) in &self.unretired {
+                if t.get(p.0)?.is_some_and(|v| v.value() == into.0) {
+                    t.remove(p.0)?;
+                }
             }
             for (p, into) in &self.retired {
                 t.insert(p.0, into.0)?;

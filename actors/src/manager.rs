@@ -779,7 +779,7 @@ impl Handler<AcceptInvite> for RelationshipManager {
         );
         let shared = self.shared.clone();
         let wait = self.config.delivery.accept_wait();
-        Box::pin(async move { answer(&shared, acceptance?, wait, false).await })
+        Box::pin(async move { answer(&shared, acceptance?, wait, false, None).await })
     }
 }
 
@@ -1080,32 +1080,57 @@ impl Handler<AcceptMerge> for RelationshipManager {
     type Result = ResponseFuture<Result<AcceptView, Error>>;
 
     fn handle(&mut self, msg: AcceptMerge, _: &mut Self::Context) -> Self::Result {
-        let prepared = merge::accept(
-            &self.shared.store,
-            &self.shared.node_addrs(),
-            self.display(),
-            self.shared.lifetimes,
-            &msg.id,
-            now_ms(),
-        );
+        let prepared = merge::find(&self.shared.store, &msg.id)
+            .map_err(RelationshipError::from)
+            .and_then(|record| {
+                let acceptance = merge::accept(
+                    &self.shared.store,
+                    &self.shared.node_addrs(),
+                    self.display(),
+                    self.shared.lifetimes,
+                    &msg.id,
+                    now_ms(),
+                )?;
+                Ok((record.id, acceptance))
+            });
         let shared = self.shared.clone();
         let wait = self.config.delivery.accept_wait();
-        Box::pin(async move { answer(&shared, prepared?, wait, true).await })
+        Box::pin(async move {
+            let (id, acceptance) = prepared?;
+            answer(&shared, acceptance, wait, true, Some(id)).await
+        })
     }
 }
 
 /// Commits an acceptance (its answer queued to the inviter) and waits, at
 /// most `wait`, for the inviter's node to take the answer. If it refuses
 /// it, the new relationship goes again (for a merge, the old ones live on).
+/// The acceptance of merge request `merge` is committed only if the
+/// request may still be accepted ([`merge::may_accept`]) in that
+/// transaction: another acceptance may have been committed since it was
+/// prepared.
 async fn answer(
     shared: &Shared,
     acceptance: relationship::Acceptance,
     wait: Duration,
     announce: bool,
+    merge: Option<[u8; 16]>,
 ) -> Result<AcceptView, Error> {
     let mut events = shared.events.subscribe();
     let changes = acceptance.changes;
-    let applied = shared.store.write(move |tx| changes.apply(tx)).await?;
+    let applied = shared
+        .store
+        .write(move |tx| {
+            if let Some(id) = merge {
+                let merges = tx.open_table(tables::MERGES)?;
+                let retired = tx.open_table(tables::RETIRED)?;
+                if let Err(e) = merge::may_accept(&merges, &retired, id) {
+                    return Ok(Err(e));
+                }
+            }
+            changes.apply(tx).map(Ok)
+        })
+        .await??;
     shared.outbox.queued(applied.outbox);
     if announce {
         shared.emit(Event::contact(&acceptance.proton, ContactChange::Added));

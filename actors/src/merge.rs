@@ -83,6 +83,8 @@ pub enum MergeError {
     },
     #[error("the request's ticket key is not the follow-on key its attestations name")]
     WrongFollowOn,
+    #[error("you asked them to merge these relationships too (request {ours}), and your requests crossed: yours stands, so the merge happens once they accept it; `protonode merge list` shows both")]
+    Crossed { ours: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -206,24 +208,28 @@ fn live_pair(store: &Store, a: ProtonId, b: ProtonId) -> Result<[ProtonRecord; 2
 }
 
 /// Pending requests (other than `except`) that `ours` makes moot, set
-/// aside as replaced: with `exact`, those over the same two relationships
-/// (a newer request replaces them); otherwise those over either of them
-/// (they were just merged, so no other request over them can go through).
+/// aside as replaced: with `exact: Some(from_us)`, those made in the same
+/// direction over the same two relationships (a newer request replaces an
+/// older one; a request the other way crossed it, and [`may_accept`]
+/// decides between the two); with `None`, those over either of them either
+/// way (they were just merged, so no other request over them can go
+/// through).
 fn superseded(
     store: &Store,
     ours: &[ProtonId],
-    exact: bool,
+    exact: Option<bool>,
     except: [u8; 16],
 ) -> Result<Vec<MergeRecord>, StoreError> {
     Ok(all_merges(store)?
         .into_iter()
         .filter(|m| m.id != except && m.state == MergeState::Pending)
-        .filter(|m| {
-            if exact {
-                m.ours.len() == ours.len() && m.ours.iter().all(|p| ours.contains(p))
-            } else {
-                m.ours.iter().any(|p| ours.contains(p))
+        .filter(|m| match exact {
+            Some(from_us) => {
+                m.from_us == from_us
+                    && m.ours.len() == ours.len()
+                    && m.ours.iter().all(|p| ours.contains(p))
             }
+            None => m.ours.iter().any(|p| ours.contains(p)),
         })
         .map(|mut m| {
             m.state = MergeState::Replaced;
@@ -320,9 +326,9 @@ pub fn request(
         changes.links.push((pa.id, equivalence.clone()));
         changes.links.push((pb.id, equivalence));
     }
-    changes
-        .merges
-        .extend(superseded(store, &record.ours, true, id)?);
+    let replaced = superseded(store, &record.ours, Some(true), id)?;
+    changes.extend(revoke_tickets(store, &replaced)?);
+    changes.merges.extend(replaced);
     changes.merges.push(record.clone());
     Ok(Outgoing {
         request,
@@ -489,7 +495,7 @@ pub fn receive_request(
     if state == MergeState::Pending {
         changes
             .merges
-            .extend(superseded(store, &record.ours, true, record.id)?);
+            .extend(superseded(store, &record.ours, Some(false), record.id)?);
     }
     changes.merges.push(record);
     Ok((
@@ -578,23 +584,17 @@ pub fn accept(
     query: &str,
     now: u64,
 ) -> Result<Acceptance, RelationshipError> {
-    let record = find(store, query)?;
-    let id = id_string(&record.id);
-    if record.from_us || record.state != MergeState::Pending {
-        return Err(MergeError::NotPending {
-            id,
-            state: if record.from_us {
-                "ours (the peer decides)"
-            } else {
-                state_name(&record.state)
-            },
-            action: "accepted",
-        }
-        .into());
-    }
+    let found = find(store, query)?;
+    let record = store.read(|tx| {
+        Ok(may_accept(
+            &tx.open_table(tables::MERGES)?,
+            &tx.open_table(tables::RETIRED)?,
+            found.id,
+        ))
+    })??;
     let [a, b] = match record.ours.as_slice() {
         [a, b] => [*a, *b],
-        _ => return Err(MergeError::Unknown(id).into()),
+        _ => return Err(MergeError::Unknown(id_string(&record.id)).into()),
     };
     let [pa, pb] = live_pair(store, a, b)?;
     let mut acceptance = accept_invite(
@@ -624,6 +624,96 @@ pub fn accept(
         .changes
         .extend(retire_into(store, record.id, acceptance.proton.id, [a, b])?);
     Ok(acceptance)
+}
+
+/// Whether merge request `id` may be accepted now, read from the merges
+/// and retirements in `merges` and `retired` (so that the check can run
+/// again in the transaction that commits the acceptance: two acceptances
+/// at once, of one request or of two over a shared relationship, must not
+/// both retire the same relationships). Returns the request's record.
+///
+/// Two people who each asked the other to merge the same relationships
+/// (crossed requests, each accepting the other's) would each make a merged
+/// relationship the other never takes. So of two crossed requests the one
+/// with the lower id stands: ours, if lower, refuses the acceptance of
+/// theirs, and on their side the same rule lets theirs through.
+pub fn may_accept<M, R>(merges: &M, retired: &R, id: [u8; 16]) -> Result<MergeRecord, MergeError>
+where
+    M: ReadableTable<[u8; 16], &'static [u8]>,
+    R: ReadableTable<[u8; 8], [u8; 8]>,
+{
+    let record: MergeRecord =
+        store::get(merges, id, "merge")?.ok_or_else(|| MergeError::Unknown(id_string(&id)))?;
+    if record.from_us || record.state != MergeState::Pending {
+        return Err(MergeError::NotPending {
+            id: id_string(&id),
+            state: if record.from_us {
+                "ours (the peer decides)"
+            } else {
+                state_name(&record.state)
+            },
+            action: "accepted",
+        });
+    }
+    for p in &record.ours {
+        if let Some(into) = retired.get(p.0).map_err(StoreError::from)? {
+            return Err(MergeError::RetiredInto(*p, ProtonId(into.value())));
+        }
+    }
+    for e in merges.iter().map_err(StoreError::from)? {
+        let (_, v) = e.map_err(StoreError::from)?;
+        let ours: MergeRecord = store::decode(v.value(), "merge")?;
+        let crossed = ours.from_us
+            && ours.state == MergeState::Pending
+            && ours.ours.iter().any(|p| record.ours.contains(p));
+        if crossed && ours.id < record.id {
+            return Err(MergeError::Crossed {
+                ours: id_string(&ours.id),
+            });
+        }
+    }
+    Ok(record)
+}
+
+/// The tickets of our own requests among `replaced` go: an answer to one
+/// (the peer accepting it after all) then finds no address and is refused,
+/// so their node drops the merged relationship it made and keeps the old
+/// ones, instead of a merged relationship that ours never took.
+fn revoke_tickets(store: &Store, replaced: &[MergeRecord]) -> Result<Changes, StoreError> {
+    let ours: Vec<[u8; 16]> = replaced
+        .iter()
+        .filter(|m| m.from_us)
+        .map(|m| m.id)
+        .collect();
+    let mut changes = Changes::default();
+    if ours.is_empty() {
+        return Ok(changes);
+    }
+    store.read(|tx| {
+        let tickets = tx.open_table(tables::TICKETS)?;
+        let mut revoked = Vec::new();
+        for e in tickets.iter()? {
+            let (_, v) = e?;
+            let t: crate::records::TicketRecord = store::decode(v.value(), "ticket")?;
+            let for_ours = matches!(&t.origin, Some(TicketOrigin::Merge { request, .. }) if ours.contains(request));
+            if for_ours && !t.used {
+                revoked.push(t);
+            }
+        }
+        for t in revoked {
+            changes.delete_tickets.push(t.id);
+            changes.delete_mls_namespaces.push(t.proton.0);
+            changes.delete_addresses.push(t.welcome_address);
+            for (a, _) in crate::relationship::address_rows(
+                crate::records::Owner::Proton(t.proton),
+                &t.own_transports,
+            ) {
+                changes.delete_addresses.push(a);
+            }
+        }
+        Ok(())
+    })?;
+    Ok(changes)
 }
 
 /// Leaves the two relationships apart.
@@ -658,7 +748,7 @@ pub fn retire_into(
     let mut changes = Changes::default();
     for p in old {
         if let Some(into) = retired_into(store, p)? {
-            return Err(MergeError::Retired(into));
+            return Err(MergeError::RetiredInto(p, into));
         }
         changes.retired.push((p, new));
     }
@@ -666,9 +756,9 @@ pub fn retire_into(
         let t = tx.open_table(tables::MERGES)?;
         store::get::<_, MergeRecord, _>(&t, request, "merge")
     })?;
-    changes
-        .merges
-        .extend(superseded(store, &old, false, request)?);
+    let replaced = superseded(store, &old, None, request)?;
+    changes.extend(revoke_tickets(store, &replaced)?);
+    changes.merges.extend(replaced);
     if let Some(mut record) = record {
         record.state = MergeState::Accepted { into: new };
         changes.merges.push(record);

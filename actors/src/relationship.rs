@@ -150,7 +150,7 @@ pub fn make_transports(
 }
 
 /// The address rows that make our receiving service resolve `transports` to `owner`.
-fn address_rows(
+pub(crate) fn address_rows(
     owner: Owner,
     transports: &[TransportInfo],
 ) -> Vec<(DeliveryAddress, AddressRecord)> {
@@ -462,7 +462,9 @@ pub fn forget_refused(
         // A merge whose answer was refused: the old relationships live on,
         // with the histories it copied.
         (Provenance::Merged { from }, _) => {
-            changes.unretired.extend(from);
+            changes
+                .unretired
+                .extend(from.iter().map(|p| (*p, proton.id)));
             changes.delete_protons.push(proton.id);
             changes.delete_history.push(conversation);
         }

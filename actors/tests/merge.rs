@@ -375,6 +375,183 @@ fn an_unlinked_pair_gets_a_proposal_and_accepting_it_links_them() {
         .any(|l| l.kind == actors::attestation::Kind::Equivalent));
 }
 
+/// Blair and Charlie each ask the other to merge the same two
+/// relationships, and each accepts the other's request. Both acceptances
+/// going through would leave each with a merged relationship the other
+/// never took (and messages in it that nobody reads): the request with the
+/// lower id stands, the acceptance of the other is refused, and the two end
+/// with one merged relationship that works both ways.
+#[test]
+fn crossed_requests_make_one_merge() {
+    let (blair, charlie, b, c) = parallel();
+    let (from_charlie, [p1, _]) = request(&charlie, c, 21_000);
+    let (from_blair, [q1, _]) = request(&blair, b, 21_000);
+    assert!(matches!(
+        deliver(&blair, b[0], &p1, 22_000),
+        Ok(Received::Merge(_))
+    ));
+    assert!(matches!(
+        deliver(&charlie, c[0], &q1, 22_000),
+        Ok(Received::Merge(_))
+    ));
+    let accept = |p: &Person, request: &MergeRequest| {
+        merge::accept(
+            &p.store,
+            &p.node,
+            display(p.name),
+            LIFETIMES,
+            &merge::id_string(&request.id),
+            23_000,
+        )
+    };
+    // The one who made the lower request waits for the other to accept it.
+    let (stands, acceptor, requester, loses) = if from_charlie.id < from_blair.id {
+        (&from_charlie, (&blair, b), (&charlie, c), &from_blair)
+    } else {
+        (&from_blair, (&charlie, c), (&blair, b), &from_charlie)
+    };
+    let before = requester.0.store.digest().unwrap();
+    let crossed = accept(requester.0, loses).err().expect("refused");
+    assert!(
+        matches!(&crossed, RelationshipError::Merge(MergeError::Crossed { ours }) if *ours == merge::id_string(&stands.id)),
+        "{crossed}"
+    );
+    assert_eq!(
+        requester.0.store.digest().unwrap(),
+        before,
+        "nothing changed"
+    );
+
+    let acceptance = accept(acceptor.0, stands).unwrap();
+    let answer = acceptance
+        .changes
+        .outbox
+        .iter()
+        .find(|e| e.kind == OutboxKind::Welcome)
+        .unwrap()
+        .payload
+        .clone();
+    let at_acceptor = acceptance.proton.id;
+    commit(acceptor.0, acceptance.changes);
+    // The acceptor's own request is moot, and its ticket gone: an answer to
+    // it would find no address.
+    let moot = merge::all_merges(&acceptor.0.store)
+        .unwrap()
+        .into_iter()
+        .find(|m| m.id == loses.id)
+        .unwrap();
+    assert_eq!(moot.state, MergeState::Replaced);
+    let crypto = openmls_rust_crypto::RustCrypto::default();
+    let loses_ticket = actors::ticket::Ticket::parse(&loses.ticket, &crypto)
+        .unwrap()
+        .ticket
+        .id;
+    let gone = acceptor
+        .0
+        .store
+        .read(|tx| {
+            store::get::<_, TicketRecord, _>(
+                &tx.open_table(tables::TICKETS)?,
+                loses_ticket.0,
+                "ticket",
+            )
+        })
+        .unwrap();
+    assert!(gone.is_none(), "the moot request's ticket is revoked");
+
+    let stands_ticket = actors::ticket::Ticket::parse(&stands.ticket, &crypto)
+        .unwrap()
+        .ticket
+        .id;
+    let (at_requester, changes) = receive_welcome(
+        &requester.0.store,
+        &ticket(requester.0, stands_ticket),
+        &Payload::decode(&answer).unwrap(),
+        0,
+        24_000,
+    )
+    .unwrap();
+    commit(requester.0, changes);
+    let at_requester = at_requester.id;
+    for (p, old, new) in [
+        (acceptor.0, acceptor.1, at_acceptor),
+        (requester.0, requester.1, at_requester),
+    ] {
+        for o in old {
+            assert_eq!(merge::retired_into(&p.store, o).unwrap(), Some(new));
+        }
+    }
+    text(
+        requester.0,
+        at_requester,
+        acceptor.0,
+        at_acceptor,
+        "one thread",
+        30_000,
+    );
+    text(
+        acceptor.0,
+        at_acceptor,
+        requester.0,
+        at_requester,
+        "indeed",
+        31_000,
+    );
+    // The other request is moot on the requester's side too.
+    let err = accept(requester.0, loses).err().expect("refused");
+    assert!(
+        matches!(err, RelationshipError::Merge(MergeError::NotPending { .. })),
+        "{err}"
+    );
+}
+
+/// Two acceptances prepared from the same state (two `merge accept`s at
+/// once, of one request or of two over a shared relationship): the check
+/// that runs again in the committing transaction refuses the second.
+#[test]
+fn a_request_accepted_twice_at_once_is_merged_once() {
+    let (blair, charlie, b, c) = parallel();
+    let (request, [p1, _]) = request(&charlie, c, 21_000);
+    deliver(&blair, b[0], &p1, 22_000).unwrap();
+    let id = merge::id_string(&request.id);
+    let accept = || {
+        merge::accept(
+            &blair.store,
+            &blair.node,
+            display("Blair"),
+            LIFETIMES,
+            &id,
+            23_000,
+        )
+        .unwrap()
+    };
+    let (first, second) = (accept(), accept());
+    let may = |p: &Person| {
+        p.store
+            .read(|tx| {
+                Ok(merge::may_accept(
+                    &tx.open_table(tables::MERGES)?,
+                    &tx.open_table(tables::RETIRED)?,
+                    request.id,
+                ))
+            })
+            .unwrap()
+    };
+    assert!(may(&blair).is_ok());
+    commit(&blair, first.changes);
+    let Err(err) = may(&blair) else {
+        panic!("the second acceptance is refused")
+    };
+    assert!(matches!(err, MergeError::NotPending { .. }), "{err}");
+    drop(second);
+    for o in b {
+        assert_eq!(
+            merge::retired_into(&blair.store, o).unwrap(),
+            Some(first.proton.id)
+        );
+    }
+}
+
 #[test]
 fn ignoring_leaves_both_relationships_as_they_were() {
     let (blair, charlie, b, c) = parallel();

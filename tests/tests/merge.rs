@@ -591,3 +591,67 @@ fn two_contacts_with_different_names_are_not_merged_or_linked_by_mistake() {
     let linked = gil.ok(&["link", &at_gil_hana, &at_gil_ivo, "--force"]);
     assert_eq!(linked["linked"], true, "{linked}");
 }
+
+/// Blair and Charlie each ask the other to merge their two relationships,
+/// and each accepts the other's request at the same moment. One merge
+/// happens: the acceptance of the request with the higher id is refused
+/// (it crossed the other), and what either sends afterwards arrives.
+#[test]
+fn crossed_merge_requests_accepted_at_once_make_one_merge() {
+    let (blair, charlie) = (person("Blair"), person("Charlie"));
+    let _daemons = [blair.start(), charlie.start()];
+    let (b1, c1) = befriend(&blair, &charlie);
+    let (c2, b2) = befriend(&charlie, &blair);
+    blair.ok(&["merge", "request", &b1, &b2]);
+    charlie.ok(&["merge", "request", &c1, &c2]);
+    let (to_blair, to_charlie) = (received_merge(&blair), received_merge(&charlie));
+    let (accepted_by_blair, accepted_by_charlie) = std::thread::scope(|s| {
+        let by_blair =
+            s.spawn(|| blair.cli(&["merge", "accept", to_blair["id"].as_str().unwrap()]));
+        let by_charlie =
+            s.spawn(|| charlie.cli(&["merge", "accept", to_charlie["id"].as_str().unwrap()]));
+        (by_blair.join().unwrap(), by_charlie.join().unwrap())
+    });
+    let outcomes = [&accepted_by_blair, &accepted_by_charlie];
+    let refused: Vec<String> = outcomes
+        .iter()
+        .filter(|o| !o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        .collect();
+    assert_eq!(
+        refused.len(),
+        1,
+        "exactly one acceptance goes through: {refused:?}"
+    );
+    assert!(refused[0].contains("crossed"), "{}", refused[0]);
+
+    // One live relationship each side, and it carries messages both ways.
+    let live = |p: &Person, name: &str, old: [&String; 2]| {
+        wait_for(SETTLE, || {
+            let live: Vec<Value> = contacts(p, false)
+                .into_iter()
+                .filter(|x| x["name"] == name)
+                .collect();
+            match live.as_slice() {
+                [one] if !old.contains(&&one["id"].as_str()?.to_string()) => {
+                    one["id"].as_str().map(String::from)
+                }
+                _ => None,
+            }
+        })
+        .unwrap_or_else(|| panic!("{} ends with one merged relationship", p.name))
+    };
+    let b_new = live(&blair, "Charlie", [&b1, &b2]);
+    let c_new = live(&charlie, "Blair", [&c1, &c2]);
+    send(&blair, &b_new, "after the crossing, from Blair");
+    send(&charlie, &c_new, "after the crossing, from Charlie");
+    for (p, id, text) in [
+        (&charlie, &c_new, "after the crossing, from Blair"),
+        (&blair, &b_new, "after the crossing, from Charlie"),
+    ] {
+        wait_for(SETTLE, || {
+            texts(p, id).iter().any(|t| t == text).then_some(())
+        })
+        .unwrap_or_else(|| panic!("{} never read {text:?}: {:?}", p.name, texts(p, id)));
+    }
+}
