@@ -577,10 +577,30 @@ pub fn receive_welcome(
                     })?;
             }
             extra = crate::merge::retire_into(store, *request, ticket.proton, *old)?;
-            for a in follows {
+            for a in follows.iter() {
                 for p in old {
                     extra.links.push((*p, a.clone()));
                 }
+            }
+            // The merged relationship's trust record holds what ties both
+            // sides' new keys to their old ones, as the acceptor's does:
+            // their "follows", and our request's equivalence and "follows".
+            let asked = store.read(|tx| {
+                store::get::<_, crate::records::MergeRecord, _>(
+                    &tx.open_table(tables::MERGES)?,
+                    *request,
+                    "merge",
+                )
+            })?;
+            let ours = asked.iter().flat_map(|m| {
+                m.request
+                    .follows
+                    .iter()
+                    .chain([&m.request.equivalence])
+                    .cloned()
+            });
+            for a in follows.iter().cloned().chain(ours) {
+                extra.links.push((ticket.proton, a));
             }
             Provenance::Merged { from: *old }
         }

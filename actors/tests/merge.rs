@@ -295,6 +295,15 @@ fn an_honest_merge_makes_one_relationship_with_the_whole_history() {
     }
     let record = merge::all_merges(&charlie.store).unwrap();
     assert_eq!(record[0].state, MergeState::Accepted { into: c_new });
+    // Both sides' trust records of the merged relationship hold what ties
+    // each side's new key to its old ones.
+    for (p, new) in [(&blair, b_new), (&charlie, c_new)] {
+        let links = merge::links_of(&p.store, new).unwrap();
+        let count = |kind| links.iter().filter(|l| l.kind == kind).count();
+        use actors::attestation::Kind;
+        assert!(count(Kind::Follows) >= 4, "{}: {links:?}", p.name);
+        assert!(count(Kind::Equivalent) >= 1, "{}: {links:?}", p.name);
+    }
 
     // The new relationship works both ways; the old ones send no more.
     text(
