@@ -459,3 +459,41 @@ fn a_refused_answer_keeps_what_its_acceptor_wrote_marked_failed() {
     assert_eq!(gil.history("Ivo").len(), 0);
     assert_eq!(gil.ok(&["contacts"]).as_array().map(Vec::len), Some(1));
 }
+
+/// Blair's node is killed (-9) and comes back. Over QUIC nothing tells
+/// Alex's node that its connection with the old process is dead (until the
+/// idle timeout, 10 s), and a delivery sent over it waited out its request
+/// timeout. Blair's node dials Alex's at start, which only a node without a
+/// connection does: Alex's node closes the older connection then, and what
+/// Alex sends next goes at once. Each round gives the delivery 4 s, less
+/// than either timeout: without the fix about half the rounds took 5 to
+/// 10 s. (A connection younger than half a second is not taken for dead,
+/// since two nodes dialing each other at once make two; so each round
+/// lets the connection age a second before the kill.)
+#[test]
+fn a_peer_killed_and_restarted_is_reached_at_once() {
+    let (alex, blair) = (Person::init("Alex"), Person::init("Blair"));
+    // Blair's node speaks QUIC only, so Alex's connection with it is one
+    // that a killed process leaves open on Alex's side.
+    let quic_only = vec![
+        "--listen".to_string(),
+        format!("/ip4/127.0.0.1/udp/{}/quic-v1", blair.port),
+        "--no-mdns".to_string(),
+    ];
+    let _a = alex.start();
+    let mut b = Daemon::start(&blair, &quic_only, None);
+    let (_, at_alex) = blair.befriend(&alex);
+    alex.ok(&["send", &at_alex, "hello", "--wait"]);
+    for round in 0..6 {
+        std::thread::sleep(Duration::from_secs(1));
+        b.kill9();
+        b = Daemon::start(&blair, &quic_only, None);
+        let text = format!("after restart {round}");
+        let sent = alex.cli(&["send", &at_alex, &text, "--wait", "--timeout", "4"]);
+        assert!(
+            sent.status.success(),
+            "round {round}: {}",
+            String::from_utf8_lossy(&sent.stderr)
+        );
+    }
+}

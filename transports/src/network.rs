@@ -376,6 +376,7 @@ pub async fn spawn(
         pending_responses: FuturesUnordered::new(),
         request_timeout: config.request_timeout(),
         conduct: Meter::new(Rules::default()),
+        connections: HashMap::new(),
     };
     event_loop.start_listening(config).await?;
     let task = tokio::spawn(event_loop.run());
@@ -482,9 +483,41 @@ struct EventLoop {
     request_timeout: Duration,
     /// Scores of peers that waste the node's work; see [`crate::conduct`].
     conduct: Meter,
+    /// Each peer's open connections and when they were established.
+    connections: HashMap<PeerId, Vec<(ConnectionId, Instant)>>,
 }
 
+/// How much older than a peer's new inbound connection its other
+/// connections must be to be taken for dead (see
+/// [`EventLoop::close_stale`]). Two nodes that dial each other at once
+/// make two connections within a round trip or so of each other; should
+/// both be closed, the deliveries on them fail and go again, on a new one.
+const STALE_AFTER: Duration = Duration::from_millis(500);
+
 impl EventLoop {
+    /// A peer dialed us while we hold older connections with it. Nodes dial
+    /// only peers they hold no connection with, so those are dead on its
+    /// side: it restarted, or lost them. Over QUIC nothing tells us so
+    /// until the idle timeout, and requests sent over them meanwhile wait
+    /// out their timeout: close them now. (Younger ones may be the other
+    /// half of a simultaneous dial, and stay.) Returns whether any closed.
+    fn close_stale(&mut self, peer: PeerId) -> bool {
+        let now = Instant::now();
+        let stale: Vec<ConnectionId> = self
+            .connections
+            .get(&peer)
+            .into_iter()
+            .flatten()
+            .filter(|(_, at)| now.saturating_duration_since(*at) >= STALE_AFTER)
+            .map(|(c, _)| *c)
+            .collect();
+        for c in &stale {
+            debug!(%peer, connection = ?c, "the peer dialed us again: closing an older connection, dead on its side");
+            self.swarm.close_connection(*c);
+        }
+        !stale.is_empty()
+    }
+
     async fn start_listening(&mut self, config: &config::Network) -> Result<(), Error> {
         let mut waiting = HashMap::new();
         let mut failures = Vec::new();
@@ -730,17 +763,29 @@ impl EventLoop {
                 if let Some(reply) = self.pending_dials.remove(&connection_id) {
                     let _ = reply.send(Ok(()));
                 }
-                if num_established.get() == 1 {
+                let closed = endpoint.is_listener() && self.close_stale(peer_id);
+                self.connections
+                    .entry(peer_id)
+                    .or_default()
+                    .push((connection_id, Instant::now()));
+                if num_established.get() == 1 || closed {
                     self.emit(Event::PeerConnected { peer: peer_id });
                 }
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
+                connection_id,
                 num_established,
                 cause,
                 ..
             } => {
                 debug!(peer = %peer_id, ?cause, "connection closed");
+                if let Some(open) = self.connections.get_mut(&peer_id) {
+                    open.retain(|(c, _)| *c != connection_id);
+                    if open.is_empty() {
+                        self.connections.remove(&peer_id);
+                    }
+                }
                 if num_established == 0 {
                     self.emit(Event::PeerDisconnected { peer: peer_id });
                 }
