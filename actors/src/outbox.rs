@@ -54,7 +54,9 @@ use transports::{Address, DeliveryError, Envelope, Multiaddr, PeerId, Receipt, R
 use crate::changes::{Changes, Destination, StatusChange};
 use crate::identity::Ipk;
 use crate::model::{now_ms, Conversation, GroupProtonId, MessageId, TransportInfo};
-use crate::records::{GroupProtonRecord, OutboxEntry, OutboxKind, ProtonRecord, Recipient};
+use crate::records::{
+    GroupProtonRecord, Member, MemberStatus, OutboxEntry, OutboxKind, ProtonRecord, Recipient,
+};
 use crate::store::{self, tables, Store, StoreError};
 use crate::views::Event;
 
@@ -313,6 +315,31 @@ struct Sender {
     /// Members' transports and names per group, read once for all its
     /// destinations.
     groups: HashMap<GroupProtonId, (Instant, HashMap<Ipk, MemberRoute>)>,
+}
+
+/// How to reach each member of a group (and those removed lately: a
+/// removal, and what was queued before it, must still reach them), by the
+/// key rows are queued to. A placeholder claimed since a row was queued to
+/// it is reached as its claimer, who holds the group's state of the epoch
+/// the row was written in: the row goes to the claimer's transports.
+fn member_routes(former: Vec<Member>, members: Vec<Member>) -> HashMap<Ipk, MemberRoute> {
+    let mut routes = HashMap::new();
+    let mut claimed = Vec::new();
+    for m in former.into_iter().chain(members) {
+        let placeholder = match (&m.status, &m.claim) {
+            (MemberStatus::Claimed { placeholder }, _) => Some(*placeholder),
+            (_, Some(claim)) if claim.first != m.ipk => Some(claim.first),
+            _ => None,
+        };
+        if let Some(p) = placeholder {
+            claimed.push((p, (m.transports.clone(), m.display.name.clone())));
+        }
+        routes.insert(m.ipk, (m.transports, m.display.name));
+    }
+    for (placeholder, route) in claimed {
+        routes.entry(placeholder).or_insert(route);
+    }
+    routes
 }
 
 impl Sender {
@@ -574,11 +601,7 @@ impl Sender {
                             "group",
                         )?
                         .map(|g| {
-                            g.former
-                                .into_iter()
-                                .chain(std::sync::Arc::unwrap_or_clone(g.members))
-                                .map(|m| (m.ipk, (m.transports, m.display.name)))
-                                .collect::<HashMap<_, _>>()
+                            member_routes(g.former, std::sync::Arc::unwrap_or_clone(g.members))
                         })
                         .unwrap_or_default())
                     })?;
@@ -662,10 +685,25 @@ impl Sender {
         if let Some(q) = self.queues.get_mut(&dest) {
             q.remove(&seqs);
         }
+        // What they carried is owed no more: to a group's member, once it is
+        // no member (nor removed lately, nor a placeholder since claimed),
+        // it counts as done, so the message is "delivered" once every
+        // member it still goes to has it; in a relationship that is gone,
+        // it failed. Either way its history entry does not wait for ever.
+        let change = match dest.1 {
+            Recipient::Member(_) => StatusChange::Acknowledged,
+            Recipient::Peer => StatusChange::Failed,
+        };
+        let statuses: Vec<_> = rows
+            .iter()
+            .filter_map(|(_, e)| e.history.map(|h| (e.conversation, h, change)))
+            .collect();
+        tracing::debug!(conversation = %dest.0, rows = rows.len(), "dropped rows whose recipient is gone");
         let store = self.store.clone();
         tokio::spawn(async move {
             let changes = Changes {
                 outbox_done: seqs.into_iter().collect(),
+                statuses,
                 ..Changes::default()
             };
             if let Err(e) = store.write(move |tx| changes.apply(tx)).await {
@@ -889,6 +927,48 @@ mod tests {
         busy.peer_seen();
         assert_eq!(busy.failures, 3);
         assert!(busy.retry_at.is_some(), "it still waits out its backoff");
+    }
+
+    /// A row queued to a placeholder that is claimed before it goes out
+    /// reaches the claimer (it was dropped as having no recipient, and its
+    /// message stayed "queued" for ever); a member removed lately is still
+    /// reached; a key nobody stands for is not.
+    #[test]
+    fn a_placeholder_claimed_since_is_reached_as_its_claimer() {
+        use crate::identity::IdentityKey;
+        use crate::model::DisplayIdentity;
+        let member = |name: &str, status: MemberStatus, port: u8| Member {
+            ipk: IdentityKey::generate().ipk(),
+            display: DisplayIdentity {
+                name: name.into(),
+                pronouns: None,
+                picture: None,
+            },
+            transports: vec![TransportInfo::new(
+                crate::model::TransportKind::Tcp,
+                PeerId::random(),
+                [port; 32],
+                &[],
+                crate::model::AddressLease::new(0, Duration::from_secs(60)),
+                crate::model::AddressLease::new(0, Duration::from_secs(60)),
+            )],
+            status,
+            introduced_by: None,
+            direct_key: None,
+            via: None,
+            claim: None,
+        };
+        let placeholder = IdentityKey::generate().ipk();
+        let blair = member("Blair", MemberStatus::Claimed { placeholder }, 1);
+        let gone = member("Gil", MemberStatus::Verified, 2);
+        let routes = member_routes(vec![gone.clone()], vec![blair.clone()]);
+        assert_eq!(
+            routes[&placeholder],
+            (blair.transports.clone(), "Blair".into())
+        );
+        assert_eq!(routes[&blair.ipk].1, "Blair");
+        assert_eq!(routes[&gone.ipk].1, "Gil");
+        assert!(!routes.contains_key(&IdentityKey::generate().ipk()));
     }
 
     #[test]
