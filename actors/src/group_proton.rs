@@ -593,10 +593,11 @@ impl Actor for GroupProton {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         self.reload();
-        if self.session.is_none() {
+        let Some(session) = self.session.as_mut() else {
             ctx.stop();
             return;
-        }
+        };
+        session.restart_ordering_clock(now_ms());
         ctx.run_interval(ORDERING_CHECK, |act, ctx| {
             if act.session.as_ref().is_some_and(|s| s.needs_tick()) {
                 act.push(Work::Tick, ctx);

@@ -1411,6 +1411,18 @@ impl GroupSession {
         }
     }
 
+    /// The group's actor starts (the node started, or the group was
+    /// idle): a commit of ours still waiting for the ordering service has
+    /// its timeout count from now. Its request is in the outbox and goes
+    /// out again; that the node was down says nothing of the ordering
+    /// service, and failing over at once would move the role off a node
+    /// that may be alive.
+    pub fn restart_ordering_clock(&mut self, now: u64) {
+        if let Some(p) = self.record.pending.as_mut() {
+            p.sent_at = p.sent_at.max(now);
+        }
+    }
+
     /// Whether a timer should call [`GroupSession::check_ordering`].
     pub fn needs_tick(&self) -> bool {
         self.record.pending.is_some() || self.sync.is_some() || self.proposal.is_some()
@@ -3406,6 +3418,11 @@ mod tests {
         b.record.orderer_rank = at(a.own_ipk());
         let mut ch = Changes::default();
         assert!(!b.check_ordering(41, 10_000, &mut ch).unwrap());
+        // After a restart, the timeout counts from the restart; never back.
+        b.restart_ordering_clock(30);
+        assert_eq!(b.record().pending.as_ref().unwrap().sent_at, 40);
+        b.restart_ordering_clock(41);
+        assert_eq!(b.record().pending.as_ref().unwrap().sent_at, 41);
         // Her own placeholder (she has not claimed yet), then Charlie's:
         // nobody orders there, so she moves on without waiting, to Alex.
         b.record.orderer_rank = at(b.own_ipk());
