@@ -69,8 +69,14 @@ fn init_logging(cli: &Cli) {
     };
     // openmls logs an ERROR for what the node expects and handles (a retried
     // delivery's used-up key, say); the node reports its own errors, with
-    // what to do. RUST_LOG=openmls=debug shows them.
-    let filter = EnvFilter::try_from_default_env()
+    // what to do. So openmls stays silent unless RUST_LOG names it
+    // (RUST_LOG=info,openmls=debug shows them), also under RUST_LOG=info.
+    let directives = match std::env::var("RUST_LOG") {
+        Ok(set) if set.contains("openmls") => set,
+        Ok(set) if !set.trim().is_empty() => format!("{set},openmls=off"),
+        _ => format!("{default},openmls=off"),
+    };
+    let filter = EnvFilter::try_new(&directives)
         .unwrap_or_else(|_| EnvFilter::new(format!("{default},openmls=off")));
     use std::io::IsTerminal as _;
     let builder = tracing_subscriber::fmt()
