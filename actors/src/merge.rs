@@ -75,6 +75,8 @@ pub enum MergeError {
     Conflicting(String),
     #[error("no merge request {0:?}; `protonode merge list` shows them")]
     Unknown(String),
+    #[error("merge request {0} is one you sent: only its receiver accepts or ignores it (`protonode merge list` shows its state)")]
+    Sent(String),
     #[error("merge request {id} is {state}; only a pending one can be {action}")]
     NotPending {
         id: String,
@@ -644,14 +646,13 @@ where
 {
     let record: MergeRecord =
         store::get(merges, id, "merge")?.ok_or_else(|| MergeError::Unknown(id_string(&id)))?;
-    if record.from_us || record.state != MergeState::Pending {
+    if record.from_us {
+        return Err(MergeError::Sent(id_string(&id)));
+    }
+    if record.state != MergeState::Pending {
         return Err(MergeError::NotPending {
             id: id_string(&id),
-            state: if record.from_us {
-                "ours (the peer decides)"
-            } else {
-                state_name(&record.state)
-            },
+            state: state_name(&record.state),
             action: "accepted",
         });
     }
@@ -719,14 +720,13 @@ fn revoke_tickets(store: &Store, replaced: &[MergeRecord]) -> Result<Changes, St
 /// Leaves the two relationships apart.
 pub fn ignore(store: &Store, query: &str) -> Result<Changes, MergeError> {
     let mut record = find(store, query)?;
-    if record.from_us || record.state != MergeState::Pending {
+    if record.from_us {
+        return Err(MergeError::Sent(id_string(&record.id)));
+    }
+    if record.state != MergeState::Pending {
         return Err(MergeError::NotPending {
             id: id_string(&record.id),
-            state: if record.from_us {
-                "ours (the peer decides)"
-            } else {
-                state_name(&record.state)
-            },
+            state: state_name(&record.state),
             action: "ignored",
         });
     }

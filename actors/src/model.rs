@@ -43,7 +43,7 @@ pub enum InvalidValue {
     },
     #[error("{what} is empty")]
     Empty { what: &'static str },
-    #[error("{what} contains control characters")]
+    #[error("{what} contains control characters, or ones that override the direction of the text")]
     ControlCharacters { what: &'static str },
     #[error("{what} is not valid: {detail}")]
     Malformed { what: &'static str, detail: String },
@@ -63,7 +63,10 @@ pub fn check_text(what: &'static str, value: &str, max_chars: usize) -> Result<(
             max: max_chars,
         });
     }
-    if value.chars().any(char::is_control) {
+    if value
+        .chars()
+        .any(|c| c.is_control() || config::reorders_text(c))
+    {
         return Err(InvalidValue::ControlCharacters { what });
     }
     Ok(())

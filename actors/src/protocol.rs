@@ -30,7 +30,10 @@ pub fn validate_group_name(name: &str) -> Result<(), InvalidValue> {
             max: MAX_GROUP_NAME_CHARS,
         });
     }
-    if name.chars().any(char::is_control) {
+    if name
+        .chars()
+        .any(|c| c.is_control() || config::reorders_text(c))
+    {
         return Err(InvalidValue::ControlCharacters { what: "group name" });
     }
     Ok(())

@@ -34,7 +34,7 @@ pub enum TicketError {
     TooLong,
     #[error("the ticket is damaged: was it copied in full? ({0})")]
     Damaged(String),
-    #[error("the ticket was made by a newer protonode (ticket version {0}); update protonode")]
+    #[error("the ticket is damaged, or was made by a newer protonode (it says ticket version {0}); check that it was copied whole, else update protonode")]
     UnsupportedVersion(u8),
     #[error("the ticket's signature does not match its contents: it was altered or damaged")]
     BadSignature,

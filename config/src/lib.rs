@@ -636,6 +636,15 @@ const SECTION_DOCS: &[(&str, &[(&str, &str)])] = &[
     ),
 ];
 
+/// Whether `c` embeds, overrides or isolates the direction of the text
+/// around it (U+202A to U+202E, U+2066 to U+2069). In a name, such a
+/// character can make it display as another ("evil" shown as "live"), so
+/// names refuse them, as they refuse control characters. (The marks U+200E,
+/// U+200F and U+061C, which a right-to-left name may need, are allowed.)
+pub fn reorders_text(c: char) -> bool {
+    matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
 fn check_text(key: &'static str, value: &str, min: usize, max: usize) -> Result<(), Error> {
     let chars = value.chars().count();
     if chars < min || chars > max {
@@ -644,10 +653,10 @@ fn check_text(key: &'static str, value: &str, min: usize, max: usize) -> Result<
             problem: format!("must be {min} to {max} characters, not {chars}"),
         });
     }
-    if value.chars().any(char::is_control) {
+    if value.chars().any(|c| c.is_control() || reorders_text(c)) {
         return Err(Error::Invalid {
             key,
-            problem: "must not contain control characters".into(),
+            problem: "must not contain control characters, or ones that override the direction of the text".into(),
         });
     }
     if value.trim() != value {
@@ -1012,6 +1021,9 @@ mod tests {
                 "delivery.ticket_ttl_secs",
             ),
             ("[profile]\nname = \"A\"\nemoji = \"abc\"", "profile.emoji"),
+            // "\u{202e}evil" shows as "live".
+            ("[profile]\nname = \"\\u202eevil\"", "profile.name"),
+            ("[profile]\nname = \"A\\u2066B\"", "profile.name"),
             (
                 "[profile]\nname = \"A\"\n[delivery]\nticket_ttl_secs = 31536001",
                 "delivery.ticket_ttl_secs",

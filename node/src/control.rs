@@ -314,19 +314,26 @@ impl From<manager::Error> for RpcError {
                 | RelationshipError::OwnTicket,
             ) => codes::BAD_TICKET,
             E::Relationship(RelationshipError::Invalid(_)) => codes::INVALID_INPUT,
-            E::Merge(MergeError::Unknown(_)) => codes::UNKNOWN_CONTACT,
-            E::Merge(
-                MergeError::SameRelationship
-                | MergeError::Retired(_)
-                | MergeError::RetiredInto(..)
-                | MergeError::NotActive(_)
-                | MergeError::Refused(_)
-                | MergeError::NotPending { .. },
-            ) => codes::INVALID_INPUT,
-            E::Merge(MergeError::Ticket(_)) => codes::BAD_TICKET,
+            E::Merge(m) | E::Relationship(RelationshipError::Merge(m)) => merge_code(m),
             _ => codes::INTERNAL,
         };
         Self::new(code, e.to_string())
+    }
+}
+
+fn merge_code(e: &MergeError) -> i64 {
+    match e {
+        MergeError::Unknown(_) => codes::UNKNOWN_CONTACT,
+        MergeError::SameRelationship
+        | MergeError::Retired(_)
+        | MergeError::RetiredInto(..)
+        | MergeError::NotActive(_)
+        | MergeError::Refused(_)
+        | MergeError::NotPending { .. }
+        | MergeError::Sent(_)
+        | MergeError::Crossed { .. } => codes::INVALID_INPUT,
+        MergeError::Ticket(_) => codes::BAD_TICKET,
+        _ => codes::INTERNAL,
     }
 }
 
