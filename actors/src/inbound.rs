@@ -90,6 +90,14 @@ pub fn store_batch(
         }
         if record.kind == AddressKind::OneTime {
             let hash: [u8; 32] = Sha256::digest(&envelope.payload).into();
+            // An answer to a merge we asked for whose relationships have
+            // been merged since, another way, could only be dropped once
+            // stored: refuse it, as a used ticket's, so that the peer's
+            // node drops the merged relationship it made for it.
+            if record.used_by.is_none() && moot_merge_answer(tx, owner)? {
+                receipts.push(Receipt::Refused(Refusal::UnknownAddress));
+                continue;
+            }
             match record.used_by {
                 Some(used) if used == hash => {
                     receipts.push(Receipt::Duplicate);
@@ -214,6 +222,27 @@ pub fn direct_owner(
 /// new relationship, so that whoever accepted is told "connected" only
 /// when the inviter's node can already act on it (see
 /// `manager::WelcomesFiled`).
+/// Whether `owner` is the ticket of a merge we asked for whose old
+/// relationships are retired already (merged into another).
+fn moot_merge_answer(tx: &WriteTransaction, owner: Owner) -> Result<bool, StoreError> {
+    let Owner::Ticket(id) = owner else {
+        return Ok(false);
+    };
+    let ticket: Option<crate::records::TicketRecord> =
+        store::get(&tx.open_table(tables::TICKETS)?, id.0, "ticket")?;
+    let Some(crate::records::TicketOrigin::Merge { old, .. }) = ticket.and_then(|t| t.origin)
+    else {
+        return Ok(false);
+    };
+    let retired = tx.open_table(tables::RETIRED)?;
+    for p in old {
+        if retired.get(p.0)?.is_some() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 pub fn answers_ticket(
     tx: &ReadTransaction,
     envelope: &Envelope,

@@ -734,3 +734,67 @@ fn bad_merge_requests_are_refused_and_change_nothing() {
     // And the same envelope twice is MLS's replay.
     assert!(deliver(&blair, b[0], &p, 25_000).is_err());
 }
+
+/// An answer to a merge we asked for whose relationships were merged since,
+/// another way, is refused on arrival (as a used ticket's answer is), not
+/// stored and then dropped: the peer's node, told "stored", would keep a
+/// merged relationship that ours never takes.
+#[test]
+fn an_answer_to_a_merge_made_moot_is_refused_on_arrival() {
+    let (_blair, charlie, _, c) = parallel();
+    let outgoing = merge::request(
+        &charlie.store,
+        &charlie.node,
+        display("Charlie"),
+        LIFETIMES,
+        TTL,
+        c[0],
+        c[1],
+        21_000,
+    )
+    .unwrap();
+    let ticket_id = actors::ticket::Ticket::parse(
+        &outgoing.request.ticket,
+        &openmls_rust_crypto::RustCrypto::default(),
+    )
+    .unwrap()
+    .ticket
+    .id;
+    commit(&charlie, outgoing.changes);
+    let welcome_address = ticket(&charlie, ticket_id).welcome_address;
+    let resolver = actors::seal::Resolver::new(charlie.store.service_key().unwrap());
+    let arrive = |payload: &[u8]| {
+        let envelope = transports::Envelope::new(welcome_address, payload.to_vec());
+        charlie
+            .store
+            .write_blocking(|tx| {
+                actors::inbound::store_batch(tx, std::slice::from_ref(&envelope), &resolver, 30_000)
+            })
+            .unwrap()
+            .0
+    };
+    // Merged since (as by accepting Blair's own request for them).
+    charlie
+        .store
+        .write_blocking(|tx| {
+            tx.open_table(tables::RETIRED)?
+                .insert(c[0].0, ProtonId::random().0)?;
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(
+        arrive(b"an answer"),
+        vec![transports::Receipt::Refused(
+            transports::Refusal::UnknownAddress
+        )]
+    );
+    // Not merged: stored.
+    charlie
+        .store
+        .write_blocking(|tx| {
+            tx.open_table(tables::RETIRED)?.remove(c[0].0)?;
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(arrive(b"an answer"), vec![transports::Receipt::Stored]);
+}
