@@ -250,8 +250,17 @@ impl Changes {
                 t.insert(p.0, into.0)?;
             }
         }
-        if !self.merges.is_empty() {
+        if !self.merges.is_empty() || !self.retired.is_empty() {
             let mut t = tx.open_table(tables::MERGES)?;
+            let retired = tx.open_table(tables::RETIRED)?;
+            let is_retired = |ours: &[ProtonId]| -> Result<bool, StoreError> {
+                for p in ours {
+                    if retired.get(p.0)?.is_some() {
+                        return Ok(true);
+                    }
+                }
+                Ok(false)
+            };
             for m in &self.merges {
                 // Two relationships may record the same request at once:
                 // keep every path it came through, and a decision once made.
@@ -266,7 +275,32 @@ impl Changes {
                         m.state = old.state;
                     }
                 }
+                // Made while its relationships were being merged another
+                // way (the checks ran before this transaction): moot.
+                if m.state == MergeState::Pending && is_retired(&m.ours)? {
+                    m.state = MergeState::Replaced;
+                }
                 store::put(&mut t, m.id, &m, "merge")?;
+            }
+            // A merge makes every request still pending over its
+            // relationships moot, also one written since it was prepared.
+            if !self.retired.is_empty() {
+                let mut moot = Vec::new();
+                for e in t.iter()? {
+                    let (_, v) = e?;
+                    let m: MergeRecord = store::decode(v.value(), "merge")?;
+                    let over = m
+                        .ours
+                        .iter()
+                        .any(|p| self.retired.iter().any(|(r, _)| r == p));
+                    if m.state == MergeState::Pending && over {
+                        moot.push(m);
+                    }
+                }
+                for mut m in moot {
+                    m.state = MergeState::Replaced;
+                    store::put(&mut t, m.id, &m, "merge")?;
+                }
             }
         }
         if !self.ordered_log.is_empty() {

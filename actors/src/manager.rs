@@ -91,6 +91,8 @@ pub enum Error {
     AmbiguousContact { query: String, matches: String },
     #[error("the inviter's node refused this invitation: it was already used or has expired; ask for a new one")]
     TicketRefused,
+    #[error("their node refused this merge: they asked again, or their relationships were merged another way; the two stay as they were (`protonode merge list` shows what waits)")]
+    MergeRefused,
     #[error("message {id} was not acknowledged within {}; it stays queued and is delivered once the receiving nodes are reachable (`protonode history` shows when)", views::human_duration(*.within))]
     NotYetDelivered { id: String, within: Duration },
     #[error("the group has not ordered the change within {}; it stays queued and is made once the group's ordering service is reachable (`protonode groups` shows it then)", views::human_duration(*.within))]
@@ -1070,7 +1072,20 @@ impl Handler<IgnoreMerge> for RelationshipManager {
                 .merges
                 .first()
                 .map(|m| MergeView::of(m, merge_name(&protons, m)));
-            store.write(move |tx| changes.apply(tx)).await?;
+            let id = changes.merges.first().map(|m| m.id);
+            // Checked again where it is written: an acceptance may have
+            // been committed since (`merge accept` and `merge ignore` at once).
+            store
+                .write(move |tx| {
+                    if let Some(id) = id {
+                        let merges = tx.open_table(tables::MERGES)?;
+                        if let Err(e) = merge::may_decide(&merges, id, "ignored") {
+                            return Ok(Err(e));
+                        }
+                    }
+                    changes.apply(tx).map(Ok)
+                })
+                .await??;
             view.ok_or(Error::Stopped)
         })
     }
@@ -1146,7 +1161,11 @@ async fn answer(
         Some(false) => {
             // Gone before we answer, so the user sees no trace of it.
             forget(&shared.store, acceptance.proton.id).await?;
-            Err(Error::TicketRefused)
+            Err(if merge.is_some() {
+                Error::MergeRefused
+            } else {
+                Error::TicketRefused
+            })
         }
         None => Ok(view(false)),
     }

@@ -328,9 +328,12 @@ pub fn request(
         changes.links.push((pa.id, equivalence.clone()));
         changes.links.push((pb.id, equivalence));
     }
-    let replaced = superseded(store, &record.ours, Some(true), id)?;
-    changes.extend(revoke_tickets(store, &replaced)?);
-    changes.merges.extend(replaced);
+    // The older request's ticket stays: should the peer accept it before
+    // it sees this one, the merge is made all the same (and this one is
+    // then moot).
+    changes
+        .merges
+        .extend(superseded(store, &record.ours, Some(true), id)?);
     changes.merges.push(record.clone());
     Ok(Outgoing {
         request,
@@ -644,18 +647,7 @@ where
     M: ReadableTable<[u8; 16], &'static [u8]>,
     R: ReadableTable<[u8; 8], [u8; 8]>,
 {
-    let record: MergeRecord =
-        store::get(merges, id, "merge")?.ok_or_else(|| MergeError::Unknown(id_string(&id)))?;
-    if record.from_us {
-        return Err(MergeError::Sent(id_string(&id)));
-    }
-    if record.state != MergeState::Pending {
-        return Err(MergeError::NotPending {
-            id: id_string(&id),
-            state: state_name(&record.state),
-            action: "accepted",
-        });
-    }
+    let record = may_decide(merges, id, "accepted")?;
     for p in &record.ours {
         if let Some(into) = retired.get(p.0).map_err(StoreError::from)? {
             return Err(MergeError::RetiredInto(*p, ProtonId(into.value())));
@@ -672,6 +664,32 @@ where
                 ours: id_string(&ours.id),
             });
         }
+    }
+    Ok(record)
+}
+
+/// Whether the receiver may still decide on merge request `id` (accept or
+/// ignore it, `action`): one received, still pending. Read from `merges`,
+/// so that it can run again where the decision is written.
+pub fn may_decide<M>(
+    merges: &M,
+    id: [u8; 16],
+    action: &'static str,
+) -> Result<MergeRecord, MergeError>
+where
+    M: ReadableTable<[u8; 16], &'static [u8]>,
+{
+    let record: MergeRecord =
+        store::get(merges, id, "merge")?.ok_or_else(|| MergeError::Unknown(id_string(&id)))?;
+    if record.from_us {
+        return Err(MergeError::Sent(id_string(&id)));
+    }
+    if record.state != MergeState::Pending {
+        return Err(MergeError::NotPending {
+            id: id_string(&id),
+            state: state_name(&record.state),
+            action,
+        });
     }
     Ok(record)
 }

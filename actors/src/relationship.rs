@@ -465,6 +465,18 @@ pub fn forget_refused(
             changes
                 .unretired
                 .extend(from.iter().map(|p| (*p, proton.id)));
+            // The request it answered was not taken after all (asked again,
+            // or made moot): it says so, rather than "accepted" into a
+            // relationship that is gone.
+            let merges = tx.open_table(tables::MERGES)?;
+            for e in merges.iter()? {
+                let (_, v) = e?;
+                let mut m: crate::records::MergeRecord = store::decode(v.value(), "merge")?;
+                if m.state == (crate::records::MergeState::Accepted { into: proton.id }) {
+                    m.state = crate::records::MergeState::Replaced;
+                    changes.merges.push(m);
+                }
+            }
             changes.delete_protons.push(proton.id);
             changes.delete_history.push(conversation);
         }

@@ -552,6 +552,18 @@ fn a_request_accepted_twice_at_once_is_merged_once() {
         panic!("the second acceptance is refused")
     };
     assert!(matches!(err, MergeError::NotPending { .. }), "{err}");
+    // Nor may it be ignored any more (`merge ignore` at the same moment).
+    let ignored = blair
+        .store
+        .read(|tx| {
+            Ok(merge::may_decide(
+                &tx.open_table(tables::MERGES)?,
+                request.id,
+                "ignored",
+            ))
+        })
+        .unwrap();
+    assert!(matches!(ignored, Err(MergeError::NotPending { .. })));
     drop(second);
     for o in b {
         assert_eq!(
@@ -797,4 +809,54 @@ fn an_answer_to_a_merge_made_moot_is_refused_on_arrival() {
         })
         .unwrap();
     assert_eq!(arrive(b"an answer"), vec![transports::Receipt::Stored]);
+}
+
+/// A request still pending over relationships that a merge retires is moot,
+/// also one written after the merge was prepared (`merge request` again at
+/// the moment the peer accepts the first): it shows "replaced", not
+/// "pending" for ever.
+#[test]
+fn a_merge_makes_requests_over_its_relationships_moot_in_its_transaction() {
+    let (blair, charlie, b, c) = parallel();
+    let (first, [p1, _]) = request(&charlie, c, 21_000);
+    deliver(&blair, b[0], &p1, 22_000).unwrap();
+    // Charlie asks again; Blair's node retires b[0] and b[1] meanwhile.
+    let (again, [q1, _]) = request(&charlie, c, 23_000);
+    let state = |p: &Person, id: [u8; 16]| {
+        merge::all_merges(&p.store)
+            .unwrap()
+            .into_iter()
+            .find(|m| m.id == id)
+            .unwrap()
+            .state
+    };
+    assert_eq!(state(&charlie, first.id), MergeState::Replaced);
+    assert_eq!(state(&charlie, again.id), MergeState::Pending);
+    let into = ProtonId::random();
+    commit(
+        &charlie,
+        Changes {
+            retired: vec![(c[0], into), (c[1], into)],
+            ..Changes::default()
+        },
+    );
+    assert_eq!(state(&charlie, again.id), MergeState::Replaced);
+    // At Blair: the first request pending; a merge of b[0] retires it too.
+    commit(
+        &blair,
+        Changes {
+            retired: vec![(b[0], into)],
+            ..Changes::default()
+        },
+    );
+    assert_eq!(state(&blair, first.id), MergeState::Replaced);
+    // The second request, recorded after: replaced at once, not pending.
+    let _ = deliver(&blair, b[0], &q1, 24_000);
+    if let Some(m) = merge::all_merges(&blair.store)
+        .unwrap()
+        .into_iter()
+        .find(|m| m.id == again.id)
+    {
+        assert_eq!(m.state, MergeState::Replaced);
+    }
 }

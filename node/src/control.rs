@@ -306,7 +306,7 @@ impl From<manager::Error> for RpcError {
                 | RelationshipError::Refused
                 | RelationshipError::Retired(_),
             ) => codes::INVALID_INPUT,
-            E::TicketRefused => codes::TICKET_REFUSED,
+            E::TicketRefused | E::MergeRefused => codes::TICKET_REFUSED,
             E::NotYetDelivered { .. } | E::NotYetOrdered { .. } => codes::NOT_DELIVERED,
             E::Relationship(
                 RelationshipError::Ticket(_)
