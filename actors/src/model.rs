@@ -43,7 +43,7 @@ pub enum InvalidValue {
     },
     #[error("{what} is empty")]
     Empty { what: &'static str },
-    #[error("{what} contains control characters, or ones that override the direction of the text")]
+    #[error("{what} contains control characters, invisible ones, or ones that override the direction of the text")]
     ControlCharacters { what: &'static str },
     #[error("{what} is not valid: {detail}")]
     Malformed { what: &'static str, detail: String },
@@ -65,7 +65,7 @@ pub fn check_text(what: &'static str, value: &str, max_chars: usize) -> Result<(
     }
     if value
         .chars()
-        .any(|c| c.is_control() || config::reorders_text(c))
+        .any(|c| c.is_control() || config::misleads_in_names(c))
     {
         return Err(InvalidValue::ControlCharacters { what });
     }
@@ -404,9 +404,35 @@ mod tests {
         assert!(long.validate().is_err());
         let control = DisplayIdentity {
             name: "a\u{7}".into(),
-            ..ok
+            ..ok.clone()
         };
         assert!(control.validate().is_err());
+        // What a peer's name may not hide: "Al\u{200b}ex" shows as "Alex".
+        for name in ["Al\u{200b}ex", "\u{202e}evil", "\u{3164}", "A\u{feff}"] {
+            let named = DisplayIdentity {
+                name: name.into(),
+                ..ok.clone()
+            };
+            assert!(
+                matches!(
+                    named.validate(),
+                    Err(InvalidValue::ControlCharacters { .. })
+                ),
+                "{name:?}"
+            );
+        }
+        // What names in some scripts and emoji sequences need stays.
+        for name in [
+            "\u{5e9}\u{5dc}\u{5d5}\u{5dd}\u{200f}",
+            "می\u{200c}خواهم",
+            "👩\u{200d}🔬 Ada",
+        ] {
+            let named = DisplayIdentity {
+                name: name.into(),
+                ..ok.clone()
+            };
+            assert!(named.validate().is_ok(), "{name:?}");
+        }
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub fn validate_group_name(name: &str) -> Result<(), InvalidValue> {
     }
     if name
         .chars()
-        .any(|c| c.is_control() || config::reorders_text(c))
+        .any(|c| c.is_control() || config::misleads_in_names(c))
     {
         return Err(InvalidValue::ControlCharacters { what: "group name" });
     }

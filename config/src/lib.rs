@@ -636,13 +636,33 @@ const SECTION_DOCS: &[(&str, &[(&str, &str)])] = &[
     ),
 ];
 
-/// Whether `c` embeds, overrides or isolates the direction of the text
-/// around it (U+202A to U+202E, U+2066 to U+2069). In a name, such a
-/// character can make it display as another ("evil" shown as "live"), so
-/// names refuse them, as they refuse control characters. (The marks U+200E,
-/// U+200F and U+061C, which a right-to-left name may need, are allowed.)
-pub fn reorders_text(c: char) -> bool {
-    matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+/// Whether `c` would make a name display as something it is not: a
+/// character that embeds, overrides or isolates the direction of the text
+/// around it (U+202A to U+202E, U+2066 to U+2069: "\u{202e}evil" displays
+/// as "live"), or one that shows as nothing at all or as blank space where
+/// none is expected (zero-width space U+200B, word joiner U+2060 and the
+/// invisible operators up to U+2064, U+FEFF, soft hyphen U+00AD, the
+/// combining grapheme joiner U+034F, U+180E, the Hangul fillers U+115F,
+/// U+1160, U+3164 and U+FFA0), so that two names that differ show alike.
+/// Names refuse them, as they refuse control characters. Kept: the marks
+/// U+200E, U+200F and U+061C, which a right-to-left name may need, and the
+/// joiners U+200C and U+200D, which some scripts and emoji sequences need.
+pub fn misleads_in_names(c: char) -> bool {
+    matches!(
+        c,
+        '\u{202a}'..='\u{202e}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{200b}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{feff}'
+            | '\u{00ad}'
+            | '\u{034f}'
+            | '\u{180e}'
+            | '\u{115f}'
+            | '\u{1160}'
+            | '\u{3164}'
+            | '\u{ffa0}'
+    )
 }
 
 fn check_text(key: &'static str, value: &str, min: usize, max: usize) -> Result<(), Error> {
@@ -653,10 +673,13 @@ fn check_text(key: &'static str, value: &str, min: usize, max: usize) -> Result<
             problem: format!("must be {min} to {max} characters, not {chars}"),
         });
     }
-    if value.chars().any(|c| c.is_control() || reorders_text(c)) {
+    if value
+        .chars()
+        .any(|c| c.is_control() || misleads_in_names(c))
+    {
         return Err(Error::Invalid {
             key,
-            problem: "must not contain control characters, or ones that override the direction of the text".into(),
+            problem: "must not contain control characters, invisible ones, or ones that override the direction of the text".into(),
         });
     }
     if value.trim() != value {
@@ -1024,6 +1047,9 @@ mod tests {
             // "\u{202e}evil" shows as "live".
             ("[profile]\nname = \"\\u202eevil\"", "profile.name"),
             ("[profile]\nname = \"A\\u2066B\"", "profile.name"),
+            // Shows as "Alex", as another contact may.
+            ("[profile]\nname = \"Al\\u200bex\"", "profile.name"),
+            ("[profile]\nname = \"\\u3164\"", "profile.name"),
             (
                 "[profile]\nname = \"A\"\n[delivery]\nticket_ttl_secs = 31536001",
                 "delivery.ticket_ttl_secs",
