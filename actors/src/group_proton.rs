@@ -532,6 +532,14 @@ impl InboxPass<'_> {
                 changes.inbox_done.extend(seq);
             }
             Ok(_) => changes.inbox_done.extend(seq),
+            Err(GroupError::NotYetAMember)
+                if self.now.saturating_sub(entry.received_at)
+                    < crate::groups::HOLD_UNKNOWN_SENDER_MS =>
+            {
+                self.held.push((seq, entry));
+                self.session
+                    .request_catch_up(self.now, self.timeout_ms, changes);
+            }
             Err(GroupError::Deferred) => {
                 self.held.push((seq, entry));
                 self.session

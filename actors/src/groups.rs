@@ -109,6 +109,11 @@ pub enum GroupError {
     NoDirectKey(String),
     #[error("the sender is not a member of the group (removed or never added)")]
     NotAMember,
+    /// From a key this node has never seen in the group: a member whose
+    /// claim (or addition) has not reached us yet, as far as we can tell.
+    /// Kept for [`HOLD_UNKNOWN_SENDER_MS`], retried after every commit.
+    #[error("the sender is not a member of the group as far as this node knows yet")]
+    NotYetAMember,
     /// From a member whose removal this node applied lately: what it sent
     /// before it learnt (a vote, a request), now moot.
     #[error("the sender was removed from the group a moment ago")]
@@ -2245,6 +2250,14 @@ impl GroupSession {
         }
     }
 
+    /// Whether `key` was a member's once: one removed (and still
+    /// remembered), or a placeholder a member claimed.
+    fn was_member(&self, key: Ipk) -> bool {
+        self.removed_lately.iter().any(|(m, _)| *m == key)
+            || self.record.former.iter().any(|m| m.ipk == key)
+            || self.current_identity(key).is_ok()
+    }
+
     /// Whether `sender` was removed from the group less than
     /// [`REMOVED_GRACE_MS`] ago (by this session's clock).
     fn removed_lately(&self, sender: Ipk, now: u64) -> bool {
@@ -2465,7 +2478,8 @@ impl GroupSession {
         sealed: &[u8],
         signature: &[u8; SIGNATURE_LEN],
     ) -> Result<Received, GroupError> {
-        if !self.is_member(&from) || from == self.key.ipk() {
+        let member = self.is_member(&from);
+        if from == self.key.ipk() || (!member && self.was_member(from)) {
             return Err(self.outsider(from));
         }
         from.verify(
@@ -2473,6 +2487,11 @@ impl GroupSession {
             signature,
         )
         .map_err(|_| GroupError::BadIntroduction("the side invitation's signature".into()))?;
+        // Sent by a member who has just come in, say by a claim whose
+        // commit has not reached us (we were down): it waits for it.
+        if !member {
+            return Err(GroupError::NotYetAMember);
+        }
         let bytes = SealKey::from_seed(self.record.direct_seed)
             .open(SIDE_INFO, sealed)
             .ok_or(GroupError::BadIntroduction(
@@ -2906,6 +2925,12 @@ struct AddAad {
 /// text the author's node sent before it learnt of its removal reaches
 /// every member within retries of each other, not at once.
 const REMOVED_GRACE_MS: u64 = 60_000;
+
+/// How long a message from a key the group does not know yet
+/// ([`GroupError::NotYetAMember`]) is kept, waiting for the commit that
+/// adds it: catching up takes seconds once the ordering node is up, so
+/// an hour covers its being down for a while.
+pub const HOLD_UNKNOWN_SENDER_MS: u64 = 60 * 60 * 1000;
 
 /// The authenticated data of a commit that removes members who asked to
 /// leave (a removal's is otherwise empty; a claim's is a [`ClaimAad`]).

@@ -1046,6 +1046,52 @@ fn crossed_side_invitations_make_one_relationship() {
     drop((b, c));
 }
 
+/// Charlie's claim is ordered while Blair's node is down, and Charlie
+/// asks Blair for a side relationship at once. Back up while Alex (the
+/// ordering node, who holds the claim's commit for her) is still down,
+/// Blair's node gets the invitation from a key it does not know yet
+/// (Charlie's own, not the placeholder's): it keeps it until the commit
+/// comes, rather than dropping what it acknowledged.
+#[test]
+fn a_side_invitation_from_a_claim_not_yet_seen_waits_for_it() {
+    let (alex, blair, charlie) = (person("Alex"), person("Blair"), person("Charlie"));
+    let mut a = alex.start();
+    let mut b = blair.start();
+    let _c = charlie.start();
+    befriend_all(&alex, &[&blair, &charlie]);
+    alex.ok(&["introduce", "Blair", "Charlie", "--name", "Trio"]);
+    the_group(&blair);
+    the_group(&charlie);
+    blair.ok(&["claim", "Trio", "--wait"]);
+    assert!(b.stop(), "Blair's daemon stops");
+    charlie.ok(&["claim", "Trio", "--wait"]);
+    assert!(a.stop(), "Alex's daemon stops");
+    let queued = || charlie.ok(&["status"])["outbox"].as_u64().unwrap();
+    let before = queued();
+    charlie.ok(&["connect", "Trio", "Blair"]);
+    assert_eq!(queued(), before + 1, "the invitation waits for Blair");
+    b = blair.start();
+    // Blair's node acknowledges it before it can know who sent it.
+    wait_for(SETTLE, || (queued() == before).then_some(()))
+        .expect("Blair's node takes the invitation");
+    a = alex.start();
+    wait_for_agreement(&[&alex, &blair, &charlie], 3);
+    let knows = |p: &Person, whom: &str| {
+        p.ok(&["contacts"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == whom && c["state"] == "active")
+    };
+    wait_for(SETTLE, || {
+        (knows(&blair, "Charlie") && knows(&charlie, "Blair")).then_some(())
+    })
+    .expect("Blair and Charlie are each other's contacts");
+    charlie.ok(&["send", "Blair", "on the side", "--wait"]);
+    assert_eq!(texts(&blair, "Charlie"), ["on the side"]);
+    drop((a, b));
+}
+
 /// Someone removed and added again is reached at the same derived
 /// address as before (it comes from their relationship with whoever adds
 /// them, and the group). A message sent to them before their node has
