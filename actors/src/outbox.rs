@@ -313,8 +313,9 @@ struct Sender {
     recorded: u64,
     waiting: Vec<(u64, oneshot::Sender<()>)>,
     /// Members' transports and names per group, read once for all its
-    /// destinations.
-    groups: HashMap<GroupProtonId, (Instant, HashMap<Ipk, MemberRoute>)>,
+    /// destinations, and when (`None`: to be read again, since one of them
+    /// failed; the names still serve the events until then).
+    groups: HashMap<GroupProtonId, (Option<Instant>, HashMap<Ipk, MemberRoute>)>,
 }
 
 /// How to reach each member of a group (and those removed lately: a
@@ -516,7 +517,9 @@ impl Sender {
             q.transports = None;
         }
         if let Conversation::Group(id) = dest.0 {
-            self.groups.remove(&id);
+            if let Some((read_at, _)) = self.groups.get_mut(&id) {
+                *read_at = None;
+            }
         }
     }
 
@@ -590,7 +593,7 @@ impl Sender {
                 // One read of the group serves all its members' queues (a
                 // message to a large group starts one per member at once).
                 let fresh = self.groups.get(&id).filter(|(at, members)| {
-                    at.elapsed() < TRANSPORTS_TTL && members.contains_key(&ipk)
+                    at.is_some_and(|at| at.elapsed() < TRANSPORTS_TTL) && members.contains_key(&ipk)
                 });
                 if fresh.is_none() {
                     // Even a group we left: our "leave" must still get out.
@@ -605,7 +608,7 @@ impl Sender {
                         })
                         .unwrap_or_default())
                     })?;
-                    self.groups.insert(id, (Instant::now(), members));
+                    self.groups.insert(id, (Some(Instant::now()), members));
                 }
                 self.groups
                     .get(&id)
