@@ -58,6 +58,9 @@ const MERGE_TICKET_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 pub enum Error {
     #[error("no contact matches {0:?}; `protonode contacts` lists them (an id may be shortened to its first 4 or more characters)")]
     UnknownContact(String),
+    /// An empty (or blank) contact, group or member argument.
+    #[error("the {0} argument is empty: give its id (or its first 4 or more characters) or its name")]
+    EmptyQuery(&'static str),
     #[error("you already have a relationship with {name}: contact {contact}")]
     AlreadyContact { name: String, contact: String },
     #[error(
@@ -95,8 +98,12 @@ pub enum Error {
     MergeRefused,
     #[error("message {id} was not acknowledged within {}; it stays queued and is delivered once the receiving nodes are reachable (`protonode history` shows when)", views::human_duration(*.within))]
     NotYetDelivered { id: String, within: Duration },
-    #[error("the group has not ordered the change within {}; it stays queued and is made once the group's ordering service is reachable (`protonode groups` shows it then)", views::human_duration(*.within))]
-    NotYetOrdered { within: Duration },
+    #[error("the group has not ordered {what} within {}; it stays queued and is made once the group's ordering service is reachable (`protonode groups` shows it then)", views::human_duration(*.within))]
+    NotYetOrdered {
+        /// "your claim" or "the change".
+        what: &'static str,
+        within: Duration,
+    },
     #[error(transparent)]
     Relationship(#[from] RelationshipError),
     #[error(transparent)]
@@ -382,6 +389,9 @@ impl RelationshipManager {
     /// history stays readable).
     fn resolve_group(&self, query: &str) -> Result<GroupProtonRecord, Error> {
         let q = query.trim();
+        if q.is_empty() {
+            return Err(Error::EmptyQuery("group"));
+        }
         // An exact id is one read, not a scan of every group.
         if let Ok(id) = q.parse::<GroupProtonId>() {
             if let Some(g) = groups::get_group(&self.shared.store, id)? {
@@ -424,6 +434,9 @@ impl RelationshipManager {
         // An exact id: one read each (a group and a relationship never share
         // an id), no scan.
         let q = query.trim();
+        if q.is_empty() {
+            return Err(Error::EmptyQuery("contact or group"));
+        }
         if let (Ok(g), Ok(p)) = (q.parse::<GroupProtonId>(), q.parse::<ProtonId>()) {
             let (group, proton) = self.shared.store.read(|tx| {
                 Ok((
@@ -481,6 +494,9 @@ impl RelationshipManager {
 
     fn resolve(&self, query: &str) -> Result<ProtonRecord, Error> {
         let query_trim = query.trim();
+        if query_trim.is_empty() {
+            return Err(Error::EmptyQuery("contact"));
+        }
         // An exact id is one read, not a scan of every relationship.
         if let Ok(id) = query_trim.parse::<ProtonId>() {
             let found: Option<ProtonRecord> = self
@@ -1649,7 +1665,14 @@ impl Handler<AwaitOrdered> for RelationshipManager {
                     return Ok(GroupView::of(&record));
                 }
                 if tokio::time::Instant::now() >= msg.until {
-                    return Err(Error::NotYetOrdered { within: msg.within });
+                    return Err(Error::NotYetOrdered {
+                        what: if record.claiming() {
+                            "your claim"
+                        } else {
+                            "the change"
+                        },
+                        within: msg.within,
+                    });
                 }
                 tokio::time::sleep_until(
                     msg.until
@@ -1696,6 +1719,9 @@ impl Handler<RelayRequest> for RelationshipManager {
 /// A group member: by key fingerprint (or a prefix of at least 4 hex
 /// digits), or by unique name.
 fn resolve_member(g: &GroupProtonRecord, query: &str) -> Result<Ipk, Error> {
+    if query.trim().is_empty() {
+        return Err(Error::EmptyQuery("member"));
+    }
     pick_member(&g.members, query, &g.own_display.name, || {
         g.own_key.key().ipk()
     })

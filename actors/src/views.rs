@@ -637,9 +637,18 @@ impl Event {
 
     /// `by` (our contact's name) introduced us in group `g`, which waits
     /// for our claim or decline.
+    /// `joined` lists whom we meet there (by the names the introducer
+    /// asserts), the introducer aside.
     pub fn introduced(g: &GroupProtonRecord, by: &str) -> Self {
+        let introducer = g.introduced.map(|(_, ipk)| ipk);
         Self::Group(GroupEvent {
             introduced_by: Some(by.to_string()),
+            joined: g
+                .members
+                .iter()
+                .filter(|m| Some(m.ipk) != introducer)
+                .map(|m| m.display.name.clone())
+                .collect(),
             ..Self::group_change(g, g.epoch, GroupChange::Introduced)
         })
     }

@@ -278,6 +278,7 @@ impl From<manager::Error> for RpcError {
             | E::Usage(_)
             | E::NotActive(_)
             | E::RefusedContact(_)
+            | E::EmptyQuery(_)
             | E::AlreadyContact { .. } => codes::INVALID_INPUT,
             E::Group(GroupError::Unknown(_) | GroupError::UnknownMember(_)) => {
                 codes::UNKNOWN_CONTACT

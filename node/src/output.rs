@@ -369,10 +369,27 @@ pub fn event(e: &Value) -> String {
         "group" => {
             let (id, group) = (s(e, "group"), group_label(e));
             match s(e, "change") {
-                "introduced" => format!(
-                    "{} introduced you in {group}: `protonode claim {id}` joins it as yourself, `protonode decline {id}` declines",
-                    s(e, "introduced_by")
-                ),
+                "introduced" => {
+                    let others: Vec<String> = e
+                        .get("joined")
+                        .and_then(Value::as_array)
+                        .map(|l| l.iter().filter_map(Value::as_str).map(shown).collect())
+                        .unwrap_or_default();
+                    let to = match others.as_slice() {
+                        [] => String::new(),
+                        [one] => format!(" to {one}"),
+                        [first @ .., last] if first.len() < 4 => {
+                            format!(" to {} and {last}", first.join(", "))
+                        }
+                        many => {
+                            format!(" to {} and {} others", many[..3].join(", "), many.len() - 3)
+                        }
+                    };
+                    format!(
+                        "{} introduced you{to} in {group}: `protonode claim {id}` joins it as yourself, `protonode decline {id}` declines",
+                        s(e, "introduced_by")
+                    )
+                }
                 "joined" => format!("You made {group}."),
                 "entered" => format!(
                     "Your claim is ordered: you are in the {group} under your own key (epoch {}).",
@@ -391,11 +408,19 @@ pub fn event(e: &Value) -> String {
                     let names = |key: &str| {
                         e.get(key)
                             .and_then(Value::as_array)
-                            .map(|l| l.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "))
+                            .map(|l| {
+                                l.iter()
+                                    .filter_map(Value::as_str)
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            })
                             .filter(|l| !l.is_empty())
                     };
                     let list = |key: &str| -> Vec<&Value> {
-                        e.get(key).and_then(Value::as_array).map(|l| l.iter().collect()).unwrap_or_default()
+                        e.get(key)
+                            .and_then(Value::as_array)
+                            .map(|l| l.iter().collect())
+                            .unwrap_or_default()
                     };
                     let removals = list("removed");
                     let told: Vec<&str> = list("left")
@@ -715,11 +740,21 @@ mod tests {
         assert_eq!(event(&unnamed), "2026-11-27 10:00:02  ab12 in group g2: yo");
 
         let introduced = json!({"event": "group", "group": "g1", "name": "Trio", "epoch": 1,
-            "change": "introduced", "introduced_by": "Alex"});
+            "change": "introduced", "introduced_by": "Alex", "joined": ["Charlie"]});
         assert_eq!(
             event(&introduced),
-            "Alex introduced you in group \"Trio\" (g1): `protonode claim g1` joins it as yourself, `protonode decline g1` declines"
+            "Alex introduced you to Charlie in group \"Trio\" (g1): `protonode claim g1` joins it as yourself, `protonode decline g1` declines"
         );
+        let added = json!({"event": "group", "group": "g1", "epoch": 7, "change": "introduced",
+            "introduced_by": "Alex", "joined": ["B", "C", "D", "E", "F"]});
+        assert!(
+            event(&added).starts_with("Alex introduced you to B, C, D and 2 others in group g1:"),
+            "{}",
+            event(&added)
+        );
+        let older = json!({"event": "group", "group": "g1", "epoch": 1, "change": "introduced",
+            "introduced_by": "Alex"});
+        assert!(event(&older).starts_with("Alex introduced you in group g1:"));
         let entered = json!({"event": "group", "group": "g1", "name": "Trio", "epoch": 2,
             "change": "entered"});
         assert_eq!(
