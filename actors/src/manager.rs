@@ -58,8 +58,16 @@ const MERGE_TICKET_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 pub enum Error {
     #[error("no contact matches {0:?}; `protonode contacts` lists them (an id may be shortened to its first 4 or more characters)")]
     UnknownContact(String),
+    #[error("contact {contact} is your invitation to {name} in group {group}, not answered yet: their node answers it once it is reachable and has the group's latest changes (`protonode connect` again sends a new one)")]
+    NotAnsweredYet {
+        contact: String,
+        name: String,
+        group: String,
+    },
     /// An empty (or blank) contact, group or member argument.
-    #[error("the {0} argument is empty: give its id (or its first 4 or more characters) or its name")]
+    #[error(
+        "the {0} argument is empty: give its id (or its first 4 or more characters) or its name"
+    )]
     EmptyQuery(&'static str),
     #[error("you already have a relationship with {name}: contact {contact}")]
     AlreadyContact { name: String, contact: String },
@@ -492,6 +500,52 @@ impl RelationshipManager {
         }
     }
 
+    /// What a contact id (or a prefix of 4 or more characters) that
+    /// names no relationship is, if it is that of a side invitation of
+    /// ours still unanswered: `connect` gives its id before the member's
+    /// node has answered.
+    fn unanswered(&self, query: &str) -> Result<Option<Error>, Error> {
+        if query.len() < 4 {
+            return Ok(None);
+        }
+        let query = query.to_ascii_lowercase();
+        let ticket = self.shared.store.read(|tx| {
+            let t = tx.open_table(tables::TICKETS)?;
+            for e in t.iter()? {
+                let (_, v) = e?;
+                let r: TicketRecord = store::decode(v.value(), "ticket")?;
+                if !r.used && r.proton.to_string().starts_with(&query) {
+                    return Ok(Some(r));
+                }
+            }
+            Ok(None)
+        })?;
+        let Some(TicketRecord {
+            proton,
+            origin: Some(TicketOrigin::Group { group, member }),
+            ..
+        }) = ticket
+        else {
+            return Ok(None);
+        };
+        let g = groups::get_group(&self.shared.store, group)?;
+        let name = g
+            .as_ref()
+            .and_then(|g| g.members.iter().chain(&g.former).find(|m| m.ipk == member))
+            .map_or_else(
+                || format!("member {}", member.fingerprint()),
+                |m| m.display.name.clone(),
+            );
+        let group = g
+            .and_then(|g| g.name.map(|n| format!("{n:?} ({})", g.id)))
+            .unwrap_or_else(|| group.to_string());
+        Ok(Some(Error::NotAnsweredYet {
+            contact: proton.to_string(),
+            name,
+            group,
+        }))
+    }
+
     fn resolve(&self, query: &str) -> Result<ProtonRecord, Error> {
         let query_trim = query.trim();
         if query_trim.is_empty() {
@@ -547,7 +601,9 @@ impl RelationshipManager {
         };
         match matches.as_slice() {
             [one] => Ok((*one).clone()),
-            [] => Err(Error::UnknownContact(query.to_string())),
+            [] => Err(self
+                .unanswered(query_trim)?
+                .unwrap_or_else(|| Error::UnknownContact(query.to_string()))),
             many => Err(Error::AmbiguousContact {
                 query: query.to_string(),
                 matches: many

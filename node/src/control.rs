@@ -267,6 +267,7 @@ impl From<manager::Error> for RpcError {
         use manager::Error as E;
         let code = match &e {
             E::UnknownContact(_)
+            | E::NotAnsweredYet { .. }
             | E::AmbiguousContact { .. }
             | E::UnknownConversation(_)
             | E::UnknownGroup(_)

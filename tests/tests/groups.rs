@@ -1068,8 +1068,15 @@ fn a_side_invitation_from_a_claim_not_yet_seen_waits_for_it() {
     assert!(a.stop(), "Alex's daemon stops");
     let queued = || charlie.ok(&["status"])["outbox"].as_u64().unwrap();
     let before = queued();
-    charlie.ok(&["connect", "Trio", "Blair"]);
+    let asked = charlie.ok(&["connect", "Trio", "Blair"]);
     assert_eq!(queued(), before + 1, "the invitation waits for Blair");
+    // The id `connect` gave says what it is, until Blair's node answers.
+    let id = asked["contact"].as_str().unwrap();
+    let out = charlie.cli(&["contact", id]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("your invitation to Blair in group \"Trio\""), "{said}");
+    assert!(said.contains("not answered yet"), "{said}");
     b = blair.start();
     // Blair's node acknowledges it before it can know who sent it.
     wait_for(SETTLE, || (queued() == before).then_some(()))
