@@ -466,6 +466,12 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
                     names[1],
                     v["group"].as_str().unwrap_or("")
                 );
+                if names[0].trim().to_lowercase() == names[1].trim().to_lowercase() {
+                    println!(
+                        "Both go by {}: if they are one person (two relationships with you), their node takes one place and declines the other.",
+                        names[0]
+                    );
+                }
             }
         }
         Command::Groups { all } => {
