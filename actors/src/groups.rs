@@ -3895,5 +3895,48 @@ mod tests {
             c.receive(&last[1], None, 20 + REMOVED_GRACE_MS, &mut ch),
             Err(GroupError::NotAMember)
         ));
+
+        // A sealed message (a side invitation) signed by a key: refused
+        // from her, a former member; from a key the group never knew (a
+        // claim we have not seen yet, say), kept for the commit that adds
+        // it; refused when its signature does not verify.
+        let group_id = c.record().group_id.clone();
+        let sealed_by = |key: &IdentityKey| {
+            let sealed = b"opaque".to_vec();
+            let signature = key.sign_bytes(&side_message(&group_id, &key.ipk(), &sealed));
+            Payload::Sealed {
+                from: key.ipk(),
+                sealed,
+                signature,
+            }
+            .encode()
+        };
+        let stranger = IdentityKey::generate();
+        let mut ch = Changes::default();
+        assert!(matches!(
+            c.receive(&sealed_by(&stranger), None, 90, &mut ch),
+            Err(GroupError::NotYetAMember)
+        ));
+        let forged = Payload::Sealed {
+            from: stranger.ipk(),
+            sealed: b"opaque".to_vec(),
+            signature: [7; SIGNATURE_LEN],
+        }
+        .encode();
+        assert!(matches!(
+            c.receive(&forged, None, 90, &mut ch),
+            Err(GroupError::BadIntroduction(_))
+        ));
+        let her = Payload::Sealed {
+            from: gp_b,
+            sealed: b"opaque".to_vec(),
+            signature: [7; SIGNATURE_LEN],
+        }
+        .encode();
+        assert!(matches!(
+            c.receive(&her, None, 90, &mut ch),
+            Err(GroupError::RemovedLately | GroupError::NotAMember)
+        ));
+        assert!(ch.is_empty(), "nothing to store for any of them");
     }
 }

@@ -1075,7 +1075,10 @@ fn a_side_invitation_from_a_claim_not_yet_seen_waits_for_it() {
     let out = charlie.cli(&["contact", id]);
     let said = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{said}");
-    assert!(said.contains("your invitation to Blair in group \"Trio\""), "{said}");
+    assert!(
+        said.contains("your invitation to Blair in group \"Trio\""),
+        "{said}"
+    );
     assert!(said.contains("not answered yet"), "{said}");
     b = blair.start();
     // Blair's node acknowledges it before it can know who sent it.
