@@ -1142,6 +1142,11 @@ impl GroupSession {
             // addition by the member removed, say) may strand the group
             // now: dropped, as a change that no longer applies.
             if let Intent::Remove { members } = &intent {
+                // Two members removed the same one at once, say: done.
+                if !members.iter().any(|m| self.is_member(m)) {
+                    tracing::debug!(group = %self.record.id, "dropped a removal of members no longer in the group");
+                    continue;
+                }
                 if !self.stranded_without(members).is_empty() {
                     tracing::warn!(group = %self.record.id, "dropped a removal that would leave placeholders no majority to be claimed in");
                     continue;
