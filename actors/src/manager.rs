@@ -529,13 +529,7 @@ impl RelationshipManager {
             return Ok(None);
         };
         let g = groups::get_group(&self.shared.store, group)?;
-        let name = g
-            .as_ref()
-            .and_then(|g| g.members.iter().chain(&g.former).find(|m| m.ipk == member))
-            .map_or_else(
-                || format!("member {}", member.fingerprint()),
-                |m| m.display.name.clone(),
-            );
+        let name = member_name(g.as_ref(), member);
         let group = g
             .and_then(|g| g.name.map(|n| format!("{n:?} ({})", g.id)))
             .unwrap_or_else(|| group.to_string());
@@ -1903,6 +1897,35 @@ impl Handler<GetStatus> for RelationshipManager {
                     "{unanswered} introduction(s) wait for you to claim or decline them: `protonode groups`"
                 ));
             }
+            // Side invitations (`connect`) are answered by the member's
+            // node at once: one that waits long says that node is away.
+            let side_tickets = store.read(|tx| {
+                let t = tx.open_table(tables::TICKETS)?;
+                let mut out = Vec::new();
+                for e in t.iter()? {
+                    let (_, v) = e?;
+                    let r: TicketRecord = store::decode(v.value(), "ticket")?;
+                    if let Some(TicketOrigin::Group { group, member }) = r.origin {
+                        if !r.used && now < r.expires_at {
+                            out.push((r.proton, r.created_at, group, member));
+                        }
+                    }
+                }
+                Ok(out)
+            })?;
+            for (proton, at, group, member) in side_tickets {
+                let waited = Duration::from_millis(now.saturating_sub(at));
+                if waited < overdue {
+                    continue;
+                }
+                let g = all_groups.iter().find(|g| g.id == group);
+                let name = member_name(g, member);
+                warnings.push(format!(
+                    "your invitation to {name} in group {group}{} (contact {proton}) has waited {} for their node's answer; it is answered once their node is reachable",
+                    g.and_then(|g| g.name.as_deref()).map(|n| format!(" \"{n}\"")).unwrap_or_default(),
+                    views::human_duration(waited),
+                ));
+            }
             if !status.mdns {
                 warnings.push("mDNS is off or unavailable: peers are found only through the addresses in invitations".into());
             }
@@ -2168,6 +2191,15 @@ pub const CROSSING_WINDOW_MS: u64 = 10 * 60 * 1000;
 
 /// Our invitation to a side relationship with `member` of `group` that
 /// has not been answered yet and was made since `since` (ms), if any.
+/// A member's name in `g` (also one gone lately), or its key id.
+fn member_name(g: Option<&GroupProtonRecord>, member: Ipk) -> String {
+    g.and_then(|g| g.members.iter().chain(&g.former).find(|m| m.ipk == member))
+        .map_or_else(
+            || format!("member {}", member.fingerprint()),
+            |m| m.display.name.clone(),
+        )
+}
+
 pub fn side_ticket_to(
     store: &store::Store,
     group: GroupProtonId,

@@ -1080,6 +1080,17 @@ fn a_side_invitation_from_a_claim_not_yet_seen_waits_for_it() {
         "{said}"
     );
     assert!(said.contains("not answered yet"), "{said}");
+    // Left unanswered a while (a few ordering timeouts), `status` says so.
+    wait_for(SETTLE, || {
+        let status = charlie.ok(&["status"]);
+        status["warnings"]
+            .as_array()?
+            .iter()
+            .filter_map(Value::as_str)
+            .any(|w| w.contains("your invitation to Blair in group") && w.contains(id))
+            .then_some(())
+    })
+    .expect("status tells of the unanswered invitation");
     b = blair.start();
     // Blair's node acknowledges it before it can know who sent it.
     wait_for(SETTLE, || (queued() == before).then_some(()))
