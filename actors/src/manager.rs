@@ -753,7 +753,11 @@ impl RelationshipManager {
             }
         };
         let client = self.client.clone();
-        tokio::spawn(async move {
+        // Started as the node stops (its start failed, say): nothing to dial.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
             use futures::StreamExt;
             futures::stream::iter(peers)
                 .for_each_concurrent(8, |(peer, addrs)| {

@@ -69,6 +69,12 @@ pub enum Error {
     },
     #[error("invalid configuration value {key}: {problem}")]
     Invalid { key: &'static str, problem: String },
+    #[error("the data directory {path} is too long a path for its control socket ({len} bytes with \"/control.sock\"; Unix sockets take at most {max}): choose a shorter --data-dir")]
+    DataDirTooLong {
+        path: PathBuf,
+        len: usize,
+        max: usize,
+    },
     #[error("environment variable {var} names no configuration key; [{section}] has: {known}")]
     UnknownEnv {
         var: String,
@@ -126,6 +132,21 @@ impl Paths {
     /// The Unix socket of the control API.
     pub fn control_socket(&self) -> PathBuf {
         self.data_dir.join("control.sock")
+    }
+    /// Refuses a data directory whose control socket's path is too long
+    /// for a Unix socket address (108 bytes with its final NUL on Linux):
+    /// the daemon could not open it, nor a command reach it.
+    pub fn check_socket_path(&self) -> Result<(), Error> {
+        const MAX: usize = 107;
+        let len = self.control_socket().as_os_str().len();
+        if len > MAX {
+            return Err(Error::DataDirTooLong {
+                path: self.data_dir.clone(),
+                len,
+                max: MAX,
+            });
+        }
+        Ok(())
     }
     /// The lock file that keeps a second daemon off this data directory.
     pub fn lock_file(&self) -> PathBuf {
@@ -1059,6 +1080,16 @@ mod tests {
             let err = Config::from_toml_with_env(text, Path::new("t"), env_of(&[])).unwrap_err();
             assert!(err.to_string().contains(key), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn a_data_dir_too_long_for_a_socket_is_refused() {
+        let ok = Paths::new("/tmp/".to_string() + &"d".repeat(102 - "/control.sock".len()));
+        assert_eq!(ok.control_socket().as_os_str().len(), 107);
+        assert!(ok.check_socket_path().is_ok());
+        let long = Paths::new("/tmp/".to_string() + &"d".repeat(103 - "/control.sock".len()));
+        let err = long.check_socket_path().unwrap_err();
+        assert!(err.to_string().contains("108 bytes"), "{err}");
     }
 
     #[test]

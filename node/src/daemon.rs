@@ -30,6 +30,7 @@ pub fn init(
 ) -> anyhow::Result<serde_json::Value> {
     let dir = paths.data_dir();
     not_a_file(dir)?;
+    paths.check_socket_path()?;
     if paths.config_file().exists() || paths.node_key().exists() {
         bail!(
             "{} is already initialised; remove it or choose another --data-dir",
@@ -161,10 +162,15 @@ pub fn lock(paths: &Paths) -> anyhow::Result<DirLock> {
         Err(std::fs::TryLockError::WouldBlock) => {
             let mut pid = String::new();
             let _ = file.read_to_string(&mut pid);
+            // The other daemon may hold the lock and not have written its
+            // pid yet: both started at once.
+            let pid = match pid.trim() {
+                "" => "just starting".to_string(),
+                pid => format!("pid {pid}"),
+            };
             bail!(
-                "a daemon is already running on {} (pid {}); stop it first or use another --data-dir",
+                "a daemon is already running on {} ({pid}); stop it first or use another --data-dir",
                 paths.data_dir().display(),
-                pid.trim()
             );
         }
         Err(std::fs::TryLockError::Error(e)) => {
@@ -200,6 +206,7 @@ pub fn run(
         }
         e => e.into(),
     })?;
+    paths.check_socket_path()?;
     let _lock = lock(&paths)?;
     let keypair = read_node_key(&paths.node_key())?;
     // init made it: a database gone missing was moved or deleted, and a new
@@ -229,13 +236,21 @@ async fn serve(
     keypair: Keypair,
     json_output: bool,
 ) -> anyhow::Result<()> {
-    let node = Node::start(store, config, keypair).await?;
+    // The control socket first: a node that cannot be reached is not
+    // started (and has nothing to stop if it cannot be).
     let socket = paths.control_socket();
+    if socket.is_dir() {
+        bail!(
+            "{} is a directory, where the daemon puts its control socket: remove it",
+            socket.display()
+        );
+    }
     // We hold the lock, so a socket file left here is from a dead daemon.
     let _ = fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket)
         .with_context(|| format!("opening the control socket {} failed", socket.display()))?;
     fs::set_permissions(&socket, fs::Permissions::from_mode(0o600))?;
+    let node = Node::start(store, config, keypair).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(crate::control::serve(
         listener,

@@ -192,6 +192,7 @@ async fn wait_for_daemon(paths: &config::Paths) -> anyhow::Result<control::Clien
 const WATCH_RECONNECT: std::time::Duration = std::time::Duration::from_millis(500);
 
 async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::Result<()> {
+    paths.check_socket_path()?;
     let mut daemon = match (
         &command,
         control::Client::connect(&paths.control_socket()).await,
