@@ -43,7 +43,7 @@ pub enum InvalidValue {
     },
     #[error("{what} is empty")]
     Empty { what: &'static str },
-    #[error("{what} contains control characters, invisible ones, or ones that override the direction of the text")]
+    #[error("{what} shows nothing, or contains control characters, invisible ones, or ones that override the direction of the text")]
     ControlCharacters { what: &'static str },
     #[error("{what} is not valid: {detail}")]
     Malformed { what: &'static str, detail: String },
@@ -63,10 +63,7 @@ pub fn check_text(what: &'static str, value: &str, max_chars: usize) -> Result<(
             max: max_chars,
         });
     }
-    if value
-        .chars()
-        .any(|c| c.is_control() || config::misleads_in_names(c))
-    {
+    if config::misleading_text(value) {
         return Err(InvalidValue::ControlCharacters { what });
     }
     Ok(())
@@ -408,7 +405,21 @@ mod tests {
         };
         assert!(control.validate().is_err());
         // What a peer's name may not hide: "Al\u{200b}ex" shows as "Alex".
-        for name in ["Al\u{200b}ex", "\u{202e}evil", "\u{3164}", "A\u{feff}"] {
+        for name in [
+            "Al\u{200b}ex",
+            "\u{202e}evil",
+            "\u{3164}",
+            "A\u{feff}",
+            // Walkthrough: each showed as nothing, or as "AB".
+            "\u{200c}",
+            "\u{200d}",
+            "\u{2800}",
+            "\u{17b4}",
+            "\u{e0041}",
+            "A\u{200d}B",
+            "A\u{fe0f}",
+            "\u{200f}",
+        ] {
             let named = DisplayIdentity {
                 name: name.into(),
                 ..ok.clone()
@@ -426,6 +437,8 @@ mod tests {
             "\u{5e9}\u{5dc}\u{5d5}\u{5dd}\u{200f}",
             "می\u{200c}خواهم",
             "👩\u{200d}🔬 Ada",
+            "❤\u{fe0f} Bo",
+            "1\u{fe0f}\u{20e3}",
         ] {
             let named = DisplayIdentity {
                 name: name.into(),

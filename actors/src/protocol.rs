@@ -30,10 +30,7 @@ pub fn validate_group_name(name: &str) -> Result<(), InvalidValue> {
             max: MAX_GROUP_NAME_CHARS,
         });
     }
-    if name
-        .chars()
-        .any(|c| c.is_control() || config::misleads_in_names(c))
-    {
+    if config::misleading_text(name) {
         return Err(InvalidValue::ControlCharacters { what: "group name" });
     }
     Ok(())

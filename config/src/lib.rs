@@ -657,32 +657,90 @@ const SECTION_DOCS: &[(&str, &[(&str, &str)])] = &[
     ),
 ];
 
-/// Whether `c` would make a name display as something it is not: a
-/// character that embeds, overrides or isolates the direction of the text
-/// around it (U+202A to U+202E, U+2066 to U+2069: "\u{202e}evil" displays
-/// as "live"), or one that shows as nothing at all or as blank space where
-/// none is expected (zero-width space U+200B, word joiner U+2060 and the
-/// invisible operators up to U+2064, U+FEFF, soft hyphen U+00AD, the
-/// combining grapheme joiner U+034F, U+180E, the Hangul fillers U+115F,
-/// U+1160, U+3164 and U+FFA0), so that two names that differ show alike.
-/// Names refuse them, as they refuse control characters. Kept: the marks
-/// U+200E, U+200F and U+061C, which a right-to-left name may need, and the
-/// joiners U+200C and U+200D, which some scripts and emoji sequences need.
-pub fn misleads_in_names(c: char) -> bool {
+/// Whether a name (or pronouns, a monogram, a group name) could display
+/// as something it is not, or as nothing:
+///
+/// - a control character;
+/// - a character that embeds, overrides or isolates the direction of the
+///   text around it (U+202A to U+202E, U+2066 to U+2069: "\u{202e}evil"
+///   displays as "live");
+/// - an invisible one: any Unicode format character (zero-width space,
+///   word joiner, BOM, soft hyphen, tags, ...) but those below, and those
+///   that show as blank (Hangul fillers, the braille blank, the combining
+///   grapheme joiner, Khmer's inherent vowels, Mongolian variation
+///   selectors, the ideographic variation selectors);
+/// - a joiner (U+200C, U+200D) not between two characters beyond ASCII,
+///   or a variation selector (U+FE00 to U+FE0F) after an ASCII letter:
+///   between Latin letters they change nothing, so "A\u{200d}B" would pass
+///   for "AB";
+/// - nothing visible at all (only spaces, joiners and marks).
+///
+/// Allowed: the direction marks U+200E, U+200F and U+061C, which a
+/// right-to-left name may need, and the joiners and variation selectors
+/// where scripts and emoji sequences use them ("👩\u{200d}🔬", Persian
+/// "\u{200c}").
+pub fn misleading_text(value: &str) -> bool {
+    let chars: Vec<char> = value.chars().collect();
+    let beyond_ascii = |c: Option<&char>| c.is_some_and(|c| !c.is_ascii() && !c.is_whitespace());
+    let mut visible = false;
+    for (i, c) in chars.iter().enumerate() {
+        let (before, after) = (
+            i.checked_sub(1).and_then(|j| chars.get(j)),
+            chars.get(i + 1),
+        );
+        let refused = match *c {
+            '\u{200c}' | '\u{200d}' => !(beyond_ascii(before) && beyond_ascii(after)),
+            '\u{fe00}'..='\u{fe0f}' => before.is_none_or(|b| b.is_ascii_alphabetic()),
+            '\u{200e}' | '\u{200f}' | '\u{061c}' => false,
+            c => c.is_control() || invisible(c),
+        };
+        if refused {
+            return true;
+        }
+        visible |= !c.is_whitespace()
+            && !matches!(c, '\u{200c}'..='\u{200f}' | '\u{061c}' | '\u{fe00}'..='\u{fe0f}');
+    }
+    !visible
+}
+
+/// Format characters (general category Cf) and characters that show as
+/// blank; see [`misleading_text`].
+fn invisible(c: char) -> bool {
     matches!(
         c,
-        '\u{202a}'..='\u{202e}'
-            | '\u{2066}'..='\u{2069}'
-            | '\u{200b}'
-            | '\u{2060}'..='\u{2064}'
-            | '\u{feff}'
-            | '\u{00ad}'
-            | '\u{034f}'
+        '\u{00ad}'
+            | '\u{0600}'..='\u{0605}'
+            | '\u{061c}'
+            | '\u{06dd}'
+            | '\u{070f}'
+            | '\u{0890}'..='\u{0891}'
+            | '\u{08e2}'
             | '\u{180e}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206f}'
+            | '\u{feff}'
+            | '\u{fff9}'..='\u{fffb}'
+            | '\u{110bd}'
+            | '\u{110cd}'
+            | '\u{13430}'..='\u{1343f}'
+            | '\u{1bca0}'..='\u{1bca3}'
+            | '\u{1d173}'..='\u{1d17a}'
+            | '\u{e0001}'
+            | '\u{e0020}'..='\u{e007f}'
+            // Not format characters, but blank or invisible on their own.
+            | '\u{034f}'
             | '\u{115f}'
             | '\u{1160}'
+            | '\u{17b4}'
+            | '\u{17b5}'
+            | '\u{180b}'..='\u{180d}'
+            | '\u{180f}'
+            | '\u{2800}'
             | '\u{3164}'
             | '\u{ffa0}'
+            | '\u{e0100}'..='\u{e01ef}'
     )
 }
 
@@ -694,13 +752,10 @@ fn check_text(key: &'static str, value: &str, min: usize, max: usize) -> Result<
             problem: format!("must be {min} to {max} characters, not {chars}"),
         });
     }
-    if value
-        .chars()
-        .any(|c| c.is_control() || misleads_in_names(c))
-    {
+    if !value.is_empty() && misleading_text(value) {
         return Err(Error::Invalid {
             key,
-            problem: "must not contain control characters, invisible ones, or ones that override the direction of the text".into(),
+            problem: "must show something, and not contain control characters, invisible ones, or ones that override the direction of the text".into(),
         });
     }
     if value.trim() != value {
@@ -1071,6 +1126,10 @@ mod tests {
             // Shows as "Alex", as another contact may.
             ("[profile]\nname = \"Al\\u200bex\"", "profile.name"),
             ("[profile]\nname = \"\\u3164\"", "profile.name"),
+            // "AB", and blank.
+            ("[profile]\nname = \"A\\u200dB\"", "profile.name"),
+            ("[profile]\nname = \"\\u200d\"", "profile.name"),
+            ("[profile]\nname = \"\\u2800\"", "profile.name"),
             (
                 "[profile]\nname = \"A\"\n[delivery]\nticket_ttl_secs = 31536001",
                 "delivery.ticket_ttl_secs",
