@@ -17,6 +17,7 @@ use actix::prelude::*;
 use redb::ReadableTable;
 use tokio::sync::oneshot;
 
+use crate::attestation::Attestation;
 use crate::changes::Changes;
 use crate::groups::{GroupError, GroupSession, Received};
 use crate::identity::{Ipk, SecretKey};
@@ -243,7 +244,7 @@ impl GroupProton {
                             more_inbox = more;
                             // Side relationships offered by members: accept them
                             // in the same transaction that consumes the offer.
-                            for (ticket, from) in invitations {
+                            for (ticket, from, equivalence) in invitations {
                                 // A member who connects again gets the
                                 // relationship we already have with them.
                                 if let Ok(Some(contact)) =
@@ -301,6 +302,9 @@ impl GroupProton {
                                             ContactChange::Added,
                                         ));
                                         changes.extend(acceptance.changes);
+                                        // Their word that the contact is
+                                        // the member, as they have ours.
+                                        changes.links.push((acceptance.proton.id, equivalence));
                                         // Ours, which the member drops.
                                         if let Some(ours) = crossed {
                                             changes.delete_tickets.push(ours.id);
@@ -459,7 +463,7 @@ fn process_inbox(
     now: u64,
     timeout_ms: u64,
     changes: &mut Changes,
-) -> Result<(Vec<HistoryEntry>, Vec<(String, Ipk)>, bool), StoreError> {
+) -> Result<(Vec<HistoryEntry>, Vec<(String, Ipk, Attestation)>, bool), StoreError> {
     let rows = match read_inbox(store, id) {
         Ok(rows) => rows,
         Err(e) => {
@@ -508,7 +512,7 @@ struct InboxPass<'a> {
     now: u64,
     timeout_ms: u64,
     received: Vec<HistoryEntry>,
-    invitations: Vec<(String, Ipk)>,
+    invitations: Vec<(String, Ipk, Attestation)>,
     /// Rows for a later epoch, in inbox order (direct ones have no row yet).
     held: Vec<(Option<u64>, InboxEntry)>,
 }
@@ -527,8 +531,12 @@ impl InboxPass<'_> {
                 self.received.push(e);
                 changes.inbox_done.extend(seq);
             }
-            Ok(Received::SideInvitation { ticket, from }) => {
-                self.invitations.push((ticket, from));
+            Ok(Received::SideInvitation {
+                ticket,
+                from,
+                equivalence,
+            }) => {
+                self.invitations.push((ticket, from, *equivalence));
                 changes.inbox_done.extend(seq);
             }
             Ok(_) => changes.inbox_done.extend(seq),

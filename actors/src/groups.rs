@@ -523,10 +523,13 @@ pub enum Received {
     Text(HistoryEntry),
     /// A commit was merged: the roster or keys changed.
     Committed,
-    /// A member invites us to a side relationship: its verified ticket.
+    /// A member invites us to a side relationship: its verified ticket,
+    /// and the member's attestation that the ticket's key is equivalent
+    /// to its key in the group (kept in our trust record of the contact).
     SideInvitation {
         ticket: String,
         from: Ipk,
+        equivalence: Box<Attestation>,
     },
     /// Anything else that changed no history.
     Other,
@@ -2515,6 +2518,7 @@ impl GroupSession {
         Ok(Received::SideInvitation {
             ticket: invitation.ticket,
             from,
+            equivalence: Box::new(invitation.equivalence),
         })
     }
 

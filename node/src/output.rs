@@ -159,10 +159,20 @@ pub fn trust_record(v: &Value) -> String {
         } else {
             "is equivalent to"
         };
+        // Whose keys it links: the contact's key here, or ours.
+        let key = |k: &str| -> String {
+            if k == s(c, "fingerprint") {
+                format!("{k} (their key)")
+            } else if k == s(v, "own_fingerprint") {
+                format!("{k} (your key)")
+            } else {
+                k.to_string()
+            }
+        };
         out += &format!(
             "  attestation:  {} {how} {} ({})\n",
-            s(a, "first"),
-            s(a, "second"),
+            key(s(a, "first")),
+            key(s(a, "second")),
             short_time(s(a, "at"))
         );
     }

@@ -1110,6 +1110,16 @@ fn a_side_invitation_from_a_claim_not_yet_seen_waits_for_it() {
     .expect("Blair and Charlie are each other's contacts");
     charlie.ok(&["send", "Blair", "on the side", "--wait"]);
     assert_eq!(texts(&blair, "Charlie"), ["on the side"]);
+    // Each side's trust record holds the other's signed word that the
+    // contact's key is equivalent to the member's key in the group.
+    for (p, whom) in [(&blair, "Charlie"), (&charlie, "Blair")] {
+        let record = p.ok(&["contact", whom]);
+        let theirs = &record["contact"]["fingerprint"];
+        let attested = record["attestations"].as_array().unwrap().iter().any(|a| {
+            a["kind"] == "equivalent" && (a["first"] == *theirs || a["second"] == *theirs)
+        });
+        assert!(attested, "{}: {record:#}", p.name);
+    }
     drop((a, b));
 }
 
