@@ -104,8 +104,13 @@ pub enum Error {
     TicketRefused,
     #[error("their node refused this merge: they asked again, or their relationships were merged another way; the two stay as they were (`protonode merge list` shows what waits)")]
     MergeRefused,
-    #[error("message {id} was not acknowledged within {}; it stays queued and is delivered once the receiving nodes are reachable (`protonode history` shows when)", views::human_duration(*.within))]
-    NotYetDelivered { id: String, within: Duration },
+    #[error("message {id} was not acknowledged within {}{}; it stays queued and is delivered once the receiving nodes are reachable (`protonode history` shows when)", views::human_duration(*.within), .members.map(|(done, all)| format!(" (by {done} of {all} members' nodes so far)")).unwrap_or_default())]
+    NotYetDelivered {
+        id: String,
+        within: Duration,
+        /// In a group: how many members' nodes acknowledged it, of how many.
+        members: Option<(u32, u32)>,
+    },
     #[error("the group has not ordered {what} within {}; it stays queued and is made once the group's ordering service is reachable (`protonode groups` shows it then)", views::human_duration(*.within))]
     NotYetOrdered {
         /// "your claim" or "the change".
@@ -997,6 +1002,7 @@ impl Handler<ContactDetail> for RelationshipManager {
         let mut vouched_by = Vec::new();
         let mut attestations = Vec::new();
         let mut met_directly = false;
+        let mut verified_in = Vec::new();
         for id in merge::lineage(store, p.id)? {
             let Some(r) = store.read(|tx| {
                 store::get::<_, ProtonRecord, _>(&tx.open_table(tables::PROTONS)?, id.0, "proton")
@@ -1008,12 +1014,17 @@ impl Handler<ContactDetail> for RelationshipManager {
             // member's we checked out of band (`group verify`).
             met_directly |= match &r.provenance {
                 Provenance::InvitedByUs { .. } | Provenance::AcceptedTicket { .. } => true,
-                Provenance::MetInGroup { group, member } => groups::get_group(store, *group)?
-                    .is_some_and(|g| {
+                Provenance::MetInGroup { group, member } => {
+                    let verified = groups::get_group(store, *group)?.filter(|g| {
                         g.members
                             .iter()
                             .any(|m| m.ipk == *member && matches!(m.status, MemberStatus::Verified))
-                    }),
+                    });
+                    if let Some(g) = &verified {
+                        verified_in.push(g.name.clone().unwrap_or_else(|| g.id.to_string()));
+                    }
+                    verified.is_some()
+                }
                 Provenance::Merged { .. } => false,
             };
             if let Some((by, _)) = merge::introducer_of(store, &r)? {
@@ -1046,6 +1057,7 @@ impl Handler<ContactDetail> for RelationshipManager {
                 vouched_by.clone()
             },
             vouched_by,
+            verified_in,
             attestations,
         })
     }
@@ -1336,10 +1348,13 @@ impl Handler<SendMessage> for RelationshipManager {
                             return Ok(view);
                         }
                         None => {
+                            let all = entry.pending.max(1);
                             return Err(Error::NotYetDelivered {
                                 id: view.id,
                                 within: limit,
-                            })
+                                members: matches!(conversation, Conversation::Group(_))
+                                    .then_some((all - left, all)),
+                            });
                         }
                     }
                 }

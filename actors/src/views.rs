@@ -143,6 +143,9 @@ pub struct TrustRecordView {
     /// relationship in its lineage came from a ticket exchanged directly).
     /// Empty once one did.
     pub may_be_alias_of: Vec<String>,
+    /// Groups (by name or id) in which we marked them verified (`group
+    /// verify`: their key checked out of band).
+    pub verified_in: Vec<String>,
     /// Signed statements tying this relationship's keys to others.
     pub attestations: Vec<AttestationView>,
 }

@@ -582,9 +582,20 @@ async fn dispatch(manager: &Addr<RelationshipManager>, call: Call) -> Result<Val
             }
             let wait = wait_secs.map(Duration::from_secs);
             let sent = manager
-                .send(SendMessage { to, text, wait })
+                .send(SendMessage {
+                    to: to.clone(),
+                    text,
+                    wait,
+                })
                 .await
-                .map_err(stopped)??;
+                .map_err(|_| {
+                    RpcError::new(
+                        codes::INTERNAL,
+                        format!(
+                            "the node is shutting down: the message may have been queued before it stopped (`protonode history {to}` shows it if so; a queued message goes out when the node runs again)"
+                        ),
+                    )
+                })??;
             let mut answer =
                 json!({ "message": sent.id, "status": sent.status, "at": sent.at, "to": sent.to });
             if let Some(recipients) = sent.recipients {

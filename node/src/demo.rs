@@ -185,8 +185,12 @@ async fn story(json_output: bool) -> anyhow::Result<serde_json::Value> {
     );
     say.detail("addresses for them derived from theirs, so the group starts before they answer.");
     say.detail(&format!(
-        "Group {} is at epoch {}. Blair's node, as soon as the introduction arrives:",
-        group.id, group.epoch
+        "Alex's node calls the group {} (each node names groups and contacts with ids of its",
+        group.id
+    ));
+    say.detail(&format!(
+        "own); it is at epoch {}. Blair's node, as soon as the introduction arrives:",
+        group.epoch
     ));
     let pending = wait_for_group(&blair, |_| true).await?;
     roster(&say, &pending);

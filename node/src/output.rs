@@ -136,9 +136,22 @@ pub fn trust_record(v: &Value) -> String {
         .collect();
     if !aliases.is_empty() {
         out += &format!(
-            "  caution:      only the word of {} says this is {}: it may be an alias of theirs\n                until you verify (a ticket exchanged directly, then `protonode merge`)\n",
+            "  caution:      only the word of {} says this is {}: it may be an alias of theirs\n                until you verify (`protonode group verify` once you have checked their key id\n                with them, or a ticket exchanged directly, then `protonode merge`)\n",
             aliases.join(" and "),
             s(c, "name")
+        );
+    }
+    let verified: Vec<&str> = v
+        .get("verified_in")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if !verified.is_empty() {
+        out += &format!(
+            "  verified:     you checked their key out of band (group {})\n",
+            verified.join(", ")
         );
     }
     out += &format!("  trust:        {}\n", s(c, "trust"));

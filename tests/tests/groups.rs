@@ -390,11 +390,19 @@ fn alex_introduces_blair_and_charlie_who_claim_talk_and_connect() {
     let shown = charlie.cli(&["contact", "Blair"]);
     assert!(String::from_utf8_lossy(&shown.stdout).contains("may be an alias"));
     charlie.ok(&["group", "verify", "Trio", "Blair"]);
+    let record = charlie.ok(&["contact", "Blair"]);
     assert_eq!(
-        charlie.ok(&["contact", "Blair"])["may_be_alias_of"],
+        record["may_be_alias_of"],
         serde_json::json!([]),
         "Charlie checked Blair's key out of band"
     );
+    assert_eq!(
+        record["verified_in"],
+        serde_json::json!(["Trio"]),
+        "{record}"
+    );
+    let shown = charlie.cli(&["contact", "Blair"]);
+    assert!(String::from_utf8_lossy(&shown.stdout).contains("verified:     you checked"));
     assert_eq!(
         blair.ok(&["contact", "Charlie"])["may_be_alias_of"]
             .as_array()

@@ -94,7 +94,8 @@ pub enum Error {
     #[error(
         "cannot listen on {addr}: another program holds its port (another protonode daemon?); \
          stop it, or give this node other ports: network.tcp_port and network.quic_port in its \
-         config.toml (0 picks one at each start)"
+         config.toml (0 picks one at each start), or another address in --listen or \
+         network.listen where those are given"
     )]
     InUse { addr: Multiaddr },
     #[error("the node listens on no address; configure network.listen or the tcp/quic ports")]
