@@ -100,6 +100,16 @@ pub fn contacts(list: &Value) -> String {
     out
 }
 
+/// The strings of the list at `key` (none if it is missing).
+fn strings<'a>(v: &'a Value, key: &str) -> Vec<&'a str> {
+    v.get(key)
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect()
+}
+
 /// One contact's trust record.
 pub fn trust_record(v: &Value) -> String {
     let c = v.get("contact").unwrap_or(&Value::Null);
@@ -112,13 +122,7 @@ pub fn trust_record(v: &Value) -> String {
     out += &format!("  their key:    {}\n", s(c, "fingerprint"));
     out += &format!("  our key:      {}\n", s(v, "own_fingerprint"));
     out += &format!("  obtained:     {}\n", s(v, "obtained"));
-    let vouched: Vec<&str> = v
-        .get("vouched_by")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .collect();
+    let vouched = strings(v, "vouched_by");
     out += &format!(
         "  vouched by:   {}\n",
         if vouched.is_empty() {
@@ -127,13 +131,7 @@ pub fn trust_record(v: &Value) -> String {
             vouched.join(", ")
         }
     );
-    let aliases: Vec<&str> = v
-        .get("may_be_alias_of")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .collect();
+    let aliases = strings(v, "may_be_alias_of");
     if !aliases.is_empty() {
         out += &format!(
             "  caution:      only the word of {} says this is {}: it may be an alias of theirs\n                until you verify (`protonode group verify` once you have checked their key id\n                with them, or a ticket exchanged directly, then `protonode merge`)\n",
@@ -141,13 +139,7 @@ pub fn trust_record(v: &Value) -> String {
             s(c, "name")
         );
     }
-    let verified: Vec<&str> = v
-        .get("verified_in")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .collect();
+    let verified = strings(v, "verified_in");
     if !verified.is_empty() {
         out += &format!(
             "  verified:     you checked their key out of band (group {})\n",
