@@ -332,6 +332,12 @@ impl Store {
         })
     }
 
+    /// How many envelopes are acknowledged and not yet processed.
+    pub fn inbox_len(&self) -> Result<u64, StoreError> {
+        use redb::ReadableTableMetadata as _;
+        self.read(|tx| Ok(tx.open_table(tables::INBOX)?.len()?))
+    }
+
     /// Runs `f` on a consistent snapshot.
     pub fn read<R>(
         &self,

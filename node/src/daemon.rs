@@ -250,7 +250,7 @@ async fn serve(
     let listener = UnixListener::bind(&socket)
         .with_context(|| format!("opening the control socket {} failed", socket.display()))?;
     fs::set_permissions(&socket, fs::Permissions::from_mode(0o600))?;
-    let node = Node::start(store, config, keypair).await?;
+    let node = Node::start(store.clone(), config, keypair).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(crate::control::serve(
         listener,
@@ -281,6 +281,9 @@ async fn serve(
 
     wait_for_signal().await?;
     tracing::info!("stopping");
+    // What was acknowledged but not yet processed is processed now, while
+    // `watch` clients still listen, rather than at the next start.
+    settle_inbox(&store, std::time::Duration::from_secs(2)).await;
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
     node.stop().await;
@@ -289,6 +292,23 @@ async fn serve(
         let _ = crate::say!("protonode stopped");
     }
     Ok(())
+}
+
+/// Waits (at most `limit`) until the inbox is empty, or stays as it is for
+/// a moment: rows that wait for something (a group's later epoch, an
+/// introduction) stay for the next start.
+async fn settle_inbox(store: &Store, limit: std::time::Duration) {
+    const STEP: std::time::Duration = std::time::Duration::from_millis(20);
+    const STILL: u32 = 10;
+    let count = || store.inbox_len().unwrap_or(0);
+    let deadline = tokio::time::Instant::now() + limit;
+    let (mut last, mut still) = (count(), 0);
+    while last > 0 && still < STILL && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(STEP).await;
+        let now = count();
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
