@@ -746,6 +746,12 @@ fn invisible(c: char) -> bool {
 
 fn check_text(key: &'static str, value: &str, min: usize, max: usize) -> Result<(), Error> {
     let chars = value.chars().count();
+    if chars == 0 && min > 0 {
+        return Err(Error::Invalid {
+            key,
+            problem: "is missing or empty".into(),
+        });
+    }
     if chars < min || chars > max {
         return Err(Error::Invalid {
             key,

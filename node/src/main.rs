@@ -257,7 +257,7 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
                     println!("You are now connected with {name} (contact {contact}).");
                 } else {
                     println!(
-                        "{name} is your contact {contact}, but {name}'s node is not reachable yet: your answer is queued and goes out when it is, and you are connected once it has taken it."
+                        "{name} is your contact {contact}, but {name}'s node has not taken your answer yet (it may be unreachable): the answer stays queued and goes out when it can, and you are connected once it has taken it."
                     );
                 }
             }
@@ -338,7 +338,7 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
                             v["contact"].as_str().unwrap_or("")
                         );
                         if v["delivered"] != Value::Bool(true) {
-                            println!("Their node is not reachable yet; your answer is queued and goes out when it is.");
+                            println!("Their node has not taken your answer yet (it may be unreachable); the answer stays queued and goes out when it can.");
                         }
                     }
                 }
