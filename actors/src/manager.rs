@@ -1837,6 +1837,10 @@ fn pick_member(
     }
 }
 
+/// How long `status` mentions a relationship whose inviter refused our
+/// answer.
+const REFUSED_WARNED_MS: u64 = 7 * 24 * 60 * 60 * 1000;
+
 impl Handler<GetStatus> for RelationshipManager {
     type Result = ResponseFuture<Result<StatusView, Error>>;
 
@@ -1865,6 +1869,19 @@ impl Handler<GetStatus> for RelationshipManager {
                     "{outbox} envelope(s) wait for their receiver's acknowledgement"
                 ));
             }
+            let now = now_ms();
+            for p in &protons {
+                // A refusal heard after `accept` returned: the contact left
+                // `contacts` without a word but in the log. Said for a week.
+                if p.state == ProtonState::Refused
+                    && now.saturating_sub(p.created_at) < REFUSED_WARNED_MS
+                {
+                    warnings.push(format!(
+                        "{}'s node refused your answer to their invitation (it had been used or had expired): ask them for a new one; `protonode contacts --all` shows contact {}",
+                        p.peer_display.name, p.id
+                    ));
+                }
+            }
             for p in protons {
                 if let crate::records::Trust::Flagged { reason, .. } =
                     merge::trust_of(&store, p.id)?
@@ -1885,7 +1902,6 @@ impl Handler<GetStatus> for RelationshipManager {
                 ));
             }
             let all_groups = groups::all_groups(&store)?;
-            let now = now_ms();
             for g in &all_groups {
                 let Some(p) = g.pending.as_ref().filter(|_| g.state != GroupState::Gone) else {
                     continue;

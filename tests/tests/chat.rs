@@ -442,6 +442,12 @@ fn a_refused_answer_keeps_what_its_acceptor_wrote_marked_failed() {
     .expect("Erin's node learns that Gil's refused her answer");
     assert_eq!(refused["id"], gil_id.as_str());
     assert_eq!(erin.ok(&["contacts"]), serde_json::json!([]));
+    // Gone from `contacts`, the refusal is said in `status`.
+    let warnings = erin.ok(&["status"])["warnings"].to_string();
+    assert!(
+        warnings.contains("Gil's node refused your answer") && warnings.contains(&gil_id),
+        "{warnings}"
+    );
     let history = erin.ok(&["history", &gil_id]);
     assert_eq!(history[0]["text"], "hello, are you there?", "{history}");
     assert_eq!(history[0]["status"], "failed", "{history}");
