@@ -350,6 +350,7 @@ impl GroupProton {
                 &session.record().members,
                 &departures,
                 session.own_ipk(),
+                session.declined(),
             );
             let change = match (state_before, session.record().state) {
                 (_, GroupState::Gone) => GroupChange::Left,

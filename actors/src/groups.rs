@@ -568,6 +568,10 @@ pub struct GroupSession {
     /// [`REMOVED_GRACE_MS`]). Not stored: after a restart such late texts
     /// are refused, as any from a former member.
     removed_lately: Vec<(Ipk, u64)>,
+    /// Placeholders whose invitees declined (we introduced them and heard
+    /// their decline in this session): `watch` says so when their removal
+    /// is applied, rather than "declined, or withdrawn".
+    declined: Vec<Ipk>,
 }
 
 /// The members at one epoch, told apart by its number and authenticator.
@@ -631,6 +635,7 @@ impl GroupSession {
             roster: std::cell::RefCell::new(None),
             departures: Vec::new(),
             removed_lately: Vec::new(),
+            declined: Vec::new(),
         })
     }
 
@@ -2280,6 +2285,11 @@ impl GroupSession {
         std::mem::take(&mut self.departures)
     }
 
+    /// Placeholders whose invitees we heard decline.
+    pub fn declined(&self) -> &[Ipk] {
+        &self.declined
+    }
+
     /// Updates the member list after someone else's commit; `verified` is
     /// the follows attestation of a claim in it, if it verified.
     fn apply_summary(
@@ -2423,6 +2433,7 @@ impl GroupSession {
                     .map(|m| m.ipk)
                     .collect();
                 if !placeholders.is_empty() {
+                    self.declined.extend(&placeholders);
                     self.push_intent(
                         Intent::Remove {
                             members: placeholders,

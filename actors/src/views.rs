@@ -397,6 +397,9 @@ pub struct Removal {
     /// The member was a placeholder, not yet claimed.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub placeholder: bool,
+    /// A placeholder whose invitee declined, as its introducer (us) heard.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub declined: bool,
 }
 
 /// Who of `before`'s members left and who was removed, by whom, from the
@@ -408,6 +411,7 @@ pub fn departures_named(
     after: &[Member],
     departures: &[(Ipk, Option<Ipk>)],
     own: Ipk,
+    declined: &[Ipk],
 ) -> (Vec<String>, Vec<Removal>, Option<String>) {
     let name = |ipk: Ipk| {
         if ipk == own {
@@ -435,6 +439,7 @@ pub fn departures_named(
                 member: m.display.name.clone(),
                 by: name(*by),
                 placeholder: matches!(m.status, MemberStatus::Placeholder { .. }),
+                declined: declined.contains(member),
             }),
         }
     }

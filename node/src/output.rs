@@ -461,7 +461,9 @@ pub fn event(e: &Value) -> String {
                             "me" => "you",
                             by => by,
                         };
-                        if r["placeholder"] == true {
+                        if r["declined"] == true {
+                            format!("{} declined; {by} removed the placeholder", s(r, "member"))
+                        } else if r["placeholder"] == true {
                             format!(
                                 "{}'s placeholder was removed by {by} (they declined, or {by} withdrew it)",
                                 s(r, "member")
@@ -820,6 +822,13 @@ mod tests {
             event(&told),
             "In the group g1: Dana left; Blair removed Eli; Fay's placeholder was removed by you \
              (they declined, or you withdrew it); Gus left or was removed (epoch 4)."
+        );
+        let declined = json!({"event": "group", "group": "g1", "epoch": 5, "change": "changed",
+            "gone": ["Hal"],
+            "removed": [{"member": "Hal", "by": "me", "placeholder": true, "declined": true}]});
+        assert_eq!(
+            event(&declined),
+            "In the group g1: Hal declined; you removed the placeholder (epoch 5)."
         );
         let expelled = json!({"event": "group", "group": "g2", "epoch": 6, "change": "left",
             "removed_by": "Blair"});

@@ -430,9 +430,19 @@ fn a_declined_introduction_removes_the_placeholder() {
     let _b = blair.start();
     let _c = charlie.start();
     befriend_all(&alex, &[&blair, &charlie]);
+    let alex_watches = alex.watch(true);
     alex.ok(&["introduce", "Blair", "Charlie"]);
     let group = the_group(&blair);
     blair.ok(&["decline", group["id"].as_str().unwrap()]);
+    // Alex's node heard the decline itself, and says so.
+    let removed = alex_watches
+        .next_event(SETTLE, |e| e["event"] == "group" && e["removed"].is_array())
+        .expect("Alex's watch tells of the removal");
+    assert_eq!(
+        removed["removed"],
+        serde_json::json!([{"member": "Blair", "by": "me", "placeholder": true, "declined": true}]),
+        "{removed}"
+    );
     assert!(
         wait_for(SETTLE, || blair.groups().is_empty().then_some(())).is_some(),
         "Blair no longer lists it"
