@@ -60,11 +60,7 @@ pub fn contacts(list: &Value) -> String {
     if items.is_empty() {
         return "No contacts yet. Invite someone with `protonode invite`, or accept their ticket with `protonode accept TICKET`.\n".into();
     }
-    let mut out = format!(
-        "{:<16}  {:<24}  {:<8}  {:<19}  {:<19}  {}\n",
-        "ID", "NAME", "STATE", "SINCE", "FINGERPRINT", "INTRODUCED BY"
-    );
-    for c in items {
+    let name_of = |c: &Value| {
         let mut name = s(c, "name").to_string();
         if let Some(p) = c.get("picture").and_then(Value::as_str) {
             name = format!("{p} {name}");
@@ -72,6 +68,26 @@ pub fn contacts(list: &Value) -> String {
         if let Some(p) = c.get("pronouns").and_then(Value::as_str) {
             name = format!("{name} ({p})");
         }
+        shown(&name)
+    };
+    // As wide as the widest name (a name may have 64 characters).
+    let width = items
+        .iter()
+        .map(|c| unicode_width::UnicodeWidthStr::width(name_of(c).as_str()))
+        .max()
+        .unwrap_or(0)
+        .max(24);
+    let mut out = format!(
+        "{:<16}  {}  {:<8}  {:<19}  {:<19}  {}\n",
+        "ID",
+        padded("NAME", width),
+        "STATE",
+        "SINCE",
+        "FINGERPRINT",
+        "INTRODUCED BY"
+    );
+    for c in items {
+        let name = name_of(c);
         let mut state = s(c, "state").to_string();
         if c.get("retired") == Some(&Value::Bool(true)) {
             state = "retired".into();
@@ -82,7 +98,7 @@ pub fn contacts(list: &Value) -> String {
         out += &format!(
             "{:<16}  {}  {:<8}  {:<19}  {:<19}  {}\n",
             s(c, "id"),
-            padded(&shown(&name), 24),
+            padded(&name, width),
             state,
             short_time(s(c, "since")),
             s(c, "fingerprint"),
