@@ -247,8 +247,22 @@ impl GroupProton {
                             for (ticket, from, equivalence) in invitations {
                                 // A member who connects again gets the
                                 // relationship we already have with them.
-                                if let Ok(Some(contact)) =
-                                    crate::manager::met_in_group(&self.shared.store, self.id, from)
+                                let met = Provenance::MetInGroup {
+                                    group: self.id,
+                                    member: from,
+                                };
+                                let made_now = changes
+                                    .protons
+                                    .iter()
+                                    .find(|p| p.provenance == met)
+                                    .map(|p| p.id);
+                                if let Some(contact) = made_now.or(crate::manager::met_in_group(
+                                    &self.shared.store,
+                                    self.id,
+                                    from,
+                                )
+                                .ok()
+                                .flatten())
                                 {
                                     tracing::info!(group = %self.id, %contact, "a member offered a side relationship we already have");
                                     continue;

@@ -58,7 +58,7 @@ const MERGE_TICKET_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 pub enum Error {
     #[error("no contact matches {0:?}; `protonode contacts` lists them (an id may be shortened to its first 4 or more characters)")]
     UnknownContact(String),
-    #[error("contact {contact} is your invitation to {name} in group {group}, not answered yet: their node answers it once it is reachable and has the group's latest changes (`protonode connect` again sends a new one)")]
+    #[error("contact {contact} is your invitation to {name} in group {group}, not answered yet: their node answers it once it is reachable and has the group's latest changes (`protonode status` warns while it waits)")]
     NotAnsweredYet {
         contact: String,
         name: String,
@@ -476,7 +476,9 @@ impl RelationshipManager {
             }),
             (Ok(p), Err(_)) => Ok(Conversation::Proton(p.id)),
             (Err(_), Ok(g)) => Ok(Conversation::Group(g.id)),
-            (Err(e @ Error::AmbiguousContact { .. }), Err(_)) => Err(e),
+            (Err(e @ (Error::AmbiguousContact { .. } | Error::NotAnsweredYet { .. })), Err(_)) => {
+                Err(e)
+            }
             (Err(_), Err(e @ Error::AmbiguousGroup { .. })) => Err(e),
             (Err(_), Err(_)) => Err(Error::UnknownConversation(query.to_string())),
         }
@@ -535,9 +537,7 @@ impl RelationshipManager {
         };
         let g = groups::get_group(&self.shared.store, group)?;
         let name = member_name(g.as_ref(), member);
-        let group = g
-            .and_then(|g| g.name.map(|n| format!("{n:?} ({})", g.id)))
-            .unwrap_or_else(|| group.to_string());
+        let group = g.map_or_else(|| group.to_string(), |g| group_label(&g));
         Ok(Some(Error::NotAnsweredYet {
             contact: proton.to_string(),
             name,
@@ -1648,6 +1648,18 @@ impl Handler<Connect> for RelationshipManager {
                     contact: proton.to_string(),
                 });
             }
+            // An invitation of ours still on its way: a second one would
+            // make a second relationship if both arrive. (Its member's node
+            // keeps one it cannot place yet for an hour; after that, asking
+            // again is on offer.)
+            let since = now_ms().saturating_sub(groups::HOLD_UNKNOWN_SENDER_MS);
+            if let Some(t) = side_ticket_to(&self.shared.store, g.id, member, since)? {
+                return Err(Error::NotAnsweredYet {
+                    contact: t.proton.to_string(),
+                    name,
+                    group: group_label(&g),
+                });
+            }
             let invite = relationship::create_invite(
                 &self.shared.store,
                 &self.shared.node_addrs(),
@@ -2226,6 +2238,14 @@ pub const CROSSING_WINDOW_MS: u64 = 10 * 60 * 1000;
 
 /// Our invitation to a side relationship with `member` of `group` that
 /// has not been answered yet and was made since `since` (ms), if any.
+/// A group as errors name it: `"Name" (id)`, or its id.
+fn group_label(g: &GroupProtonRecord) -> String {
+    match &g.name {
+        Some(n) => format!("{n:?} ({})", g.id),
+        None => g.id.to_string(),
+    }
+}
+
 /// A member's name in `g` (also one gone lately), or its key id.
 fn member_name(g: Option<&GroupProtonRecord>, member: Ipk) -> String {
     g.and_then(|g| g.members.iter().chain(&g.former).find(|m| m.ipk == member))

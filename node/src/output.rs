@@ -185,7 +185,7 @@ pub fn trust_record(v: &Value) -> String {
             if k == s(c, "fingerprint") {
                 format!("{k} (their key)")
             } else if k == s(v, "own_fingerprint") {
-                format!("{k} (your key)")
+                format!("{k} (our key)")
             } else {
                 k.to_string()
             }

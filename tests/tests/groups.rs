@@ -1098,6 +1098,18 @@ fn a_side_invitation_from_a_claim_not_yet_seen_waits_for_it() {
         "{said}"
     );
     assert!(said.contains("not answered yet"), "{said}");
+    // Nor can a second invitation be sent meanwhile (both could arrive and
+    // make two relationships), and `send` names it as `contact` does.
+    for args in [
+        &["connect", "Trio", "Blair"][..],
+        &["send", id, "are you there?"][..],
+    ] {
+        let out = charlie.cli(args);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {said}");
+        assert!(said.contains("not answered yet"), "{args:?}: {said}");
+    }
+    assert_eq!(queued(), before + 1, "one invitation");
     // Left unanswered a while (a few ordering timeouts), `status` says so.
     wait_for(SETTLE, || {
         let status = charlie.ok(&["status"]);
