@@ -188,6 +188,14 @@ async fn wait_for_daemon(paths: &config::Paths) -> anyhow::Result<control::Clien
     }
 }
 
+/// Two contacts one introduces or invites together go by one name.
+fn same_person_note(name: &str) -> String {
+    format!(
+        "note: two of them go by {}: if they are one person (two relationships with you), their node takes one place and declines the other",
+        output::shown(name)
+    )
+}
+
 /// How often `watch --follow` looks for a daemon that stopped.
 const WATCH_RECONNECT: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -468,10 +476,7 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
                     v["group"].as_str().unwrap_or("")
                 );
                 if names[0].trim().to_lowercase() == names[1].trim().to_lowercase() {
-                    println!(
-                        "Both go by {}: if they are one person (two relationships with you), their node takes one place and declines the other.",
-                        names[0]
-                    );
+                    eprintln!("{}", same_person_note(names[0]));
                 }
             }
         }
@@ -610,8 +615,12 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
                     (Call::GroupVerify { group, member }, "Marked as verified.")
                 }
             };
+            let creating = matches!(call, Call::GroupCreate { .. });
             let v = daemon.call(&call).await?;
             group_result(&v, json, done);
+            if let Some(name) = output::shared_name(&v).filter(|_| creating) {
+                eprintln!("{}", same_person_note(&name));
+            }
             if let Some(contact) = adding {
                 // The contact's name, to compare with the members' (an
                 // added contact is not in the roster until the change is

@@ -286,6 +286,24 @@ pub fn has_namesake(g: &Value, name: &str) -> bool {
         .any(|m| s(m, "name").trim().to_lowercase() == name)
 }
 
+/// A name that two of the others in group `g` go by (case aside), if any:
+/// two of one's contacts put in one group may be one person.
+pub fn shared_name(g: &Value) -> Option<String> {
+    let names: Vec<(String, &str)> = g
+        .get("members")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|m| s(m, "status") != "self")
+        .map(|m| (s(m, "name").trim().to_lowercase(), s(m, "name")))
+        .collect();
+    names
+        .iter()
+        .enumerate()
+        .find(|(i, (n, _))| names[i + 1..].iter().any(|(m, _)| m == n))
+        .map(|(_, (_, name))| name.to_string())
+}
+
 /// Groups with their rosters.
 pub fn groups(list: &Value) -> String {
     let Some(items) = list.as_array() else {
@@ -632,6 +650,20 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn two_others_of_one_name_are_pointed_out() {
+        let g = json!({"members": [
+            {"name": "Alex", "status": "self"},
+            {"name": "Blair", "status": "placeholder"},
+            {"name": "blair ", "status": "placeholder"}]});
+        assert_eq!(shared_name(&g).as_deref(), Some("Blair"));
+        let g = json!({"members": [
+            {"name": "Alex", "status": "self"},
+            {"name": "alex", "status": "placeholder"},
+            {"name": "Blair", "status": "placeholder"}]});
+        assert_eq!(shared_name(&g), None, "our own name does not count");
+    }
 
     #[test]
     fn a_member_named_like_the_one_we_add_is_pointed_out() {
