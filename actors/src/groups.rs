@@ -568,6 +568,9 @@ pub struct GroupSession {
     /// [`REMOVED_GRACE_MS`]). Not stored: after a restart such late texts
     /// are refused, as any from a former member.
     removed_lately: Vec<(Ipk, u64)>,
+    /// Which member besides the ordering node the next catch-up request
+    /// goes to (see [`request_catch_up`](Self::request_catch_up)).
+    catch_up_turn: usize,
     /// Placeholders whose invitees declined (we introduced them and heard
     /// their decline in this session): `watch` says so when their removal
     /// is applied, rather than "declined, or withdrawn".
@@ -636,6 +639,7 @@ impl GroupSession {
             departures: Vec::new(),
             removed_lately: Vec::new(),
             declined: Vec::new(),
+            catch_up_turn: 0,
         })
     }
 
@@ -2536,20 +2540,44 @@ impl GroupSession {
     /// Asks the ordering service for the commits we missed (we hold
     /// messages of a later epoch, or our commit got no answer). At most
     /// once per half ordering timeout.
+    ///
+    /// Every member keeps the commits it applied, so when we asked lately
+    /// and are still behind (the ordering node may be down), another
+    /// member is asked too, a different one each time.
     pub fn request_catch_up(&mut self, now: u64, timeout_ms: u64, changes: &mut Changes) {
         if now < self.last_catch_up.saturating_add(timeout_ms / 2) {
             return;
         }
-        let Some(orderer) = self.orderer().filter(|o| *o != self.key.ipk()) else {
+        let me = self.key.ipk();
+        let Some(orderer) = self.orderer().filter(|o| *o != me) else {
             return;
         };
+        let again = self.last_catch_up != 0
+            && now
+                < self
+                    .last_catch_up
+                    .saturating_add(CATCH_UP_AGAIN * timeout_ms);
         self.last_catch_up = now;
         let payload = Payload::CatchUp {
             epoch: self.epoch(),
-            from: self.key.ipk(),
+            from: me,
         }
         .encode();
         self.outbox_to(orderer, &payload, changes, now);
+        if again {
+            let others: Vec<Ipk> = self
+                .record
+                .members
+                .iter()
+                .map(|m| m.ipk)
+                .filter(|m| *m != orderer && *m != me)
+                .collect();
+            if !others.is_empty() {
+                self.catch_up_turn = self.catch_up_turn.wrapping_add(1);
+                let other = others[self.catch_up_turn % others.len()];
+                self.outbox_to(other, &payload, changes, now);
+            }
+        }
     }
 
     /// Sends a member that fell behind the accepted commits since `epoch`.
@@ -2945,6 +2973,10 @@ struct AddAad {
 /// text the author's node sent before it learnt of its removal reaches
 /// every member within retries of each other, not at once.
 const REMOVED_GRACE_MS: u64 = 60_000;
+
+/// A catch-up request within this many ordering timeouts of the last one
+/// means that one brought nothing: another member is asked too.
+const CATCH_UP_AGAIN: u64 = 4;
 
 /// How long a message from a key the group does not know yet
 /// ([`GroupError::NotYetAMember`]) is kept, waiting for the commit that

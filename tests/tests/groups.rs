@@ -1153,6 +1153,37 @@ fn a_side_invitation_from_a_claim_not_yet_seen_waits_for_it() {
     drop((a, b));
 }
 
+/// Blair's node goes down before Charlie's claim is ordered, and Alex's
+/// (the ordering node) after it. Back up, Blair's node holds Charlie's
+/// next text for an epoch it has not reached: it asks Alex for the commit
+/// it missed, then, with no answer, Charlie too, whose node keeps the
+/// commits it applied. The text shows without Alex.
+#[test]
+fn a_member_behind_catches_up_from_another_while_the_ordering_node_is_down() {
+    let (alex, blair, charlie) = (person("Alex"), person("Blair"), person("Charlie"));
+    let mut a = alex.start();
+    let mut b = blair.start();
+    let _c = charlie.start();
+    befriend_all(&alex, &[&blair, &charlie]);
+    alex.ok(&["introduce", "Blair", "Charlie", "--name", "Trio"]);
+    the_group(&blair);
+    the_group(&charlie);
+    blair.ok(&["claim", "Trio", "--wait"]);
+    assert!(b.stop(), "Blair's daemon stops");
+    charlie.ok(&["claim", "Trio", "--wait"]);
+    assert!(a.stop(), "Alex's daemon stops");
+    charlie.ok(&["send", "Trio", "while Alex is away"]);
+    b = blair.start();
+    wait_for(SETTLE, || {
+        texts(&blair, "Trio")
+            .contains(&"while Alex is away".to_string())
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("Blair never caught up: {:#?}", the_group(&blair)));
+    assert_eq!(the_group(&blair)["epoch"], the_group(&charlie)["epoch"]);
+    drop((a, b));
+}
+
 /// Someone removed and added again is reached at the same derived
 /// address as before (it comes from their relationship with whoever adds
 /// them, and the group). A message sent to them before their node has
