@@ -1064,18 +1064,15 @@ fn crossed_side_invitations_make_one_relationship() {
     drop((b, c));
 }
 
-/// Charlie's claim is ordered while Blair's node is down, and Charlie
-/// asks Blair for a side relationship at once. Back up while Alex (the
-/// ordering node, who holds the claim's commit for her) is still down,
-/// Blair's node gets the invitation from a key it does not know yet
-/// (Charlie's own, not the placeholder's): it keeps it until the commit
-/// comes, rather than dropping what it acknowledged.
-#[test]
-fn a_side_invitation_from_a_claim_not_yet_seen_waits_for_it() {
+/// Alex introduces Blair and Charlie, who both claim: Blair's node stops
+/// after her claim, before Charlie's is ordered, and Alex's (the ordering
+/// node) after Charlie's. Charlie's daemon runs; Blair's node has not seen
+/// Charlie's claim.
+fn claimed_while_blair_was_down() -> ([Person; 3], harness::Daemon) {
     let (alex, blair, charlie) = (person("Alex"), person("Blair"), person("Charlie"));
     let mut a = alex.start();
     let mut b = blair.start();
-    let _c = charlie.start();
+    let c = charlie.start();
     befriend_all(&alex, &[&blair, &charlie]);
     alex.ok(&["introduce", "Blair", "Charlie", "--name", "Trio"]);
     the_group(&blair);
@@ -1084,6 +1081,18 @@ fn a_side_invitation_from_a_claim_not_yet_seen_waits_for_it() {
     assert!(b.stop(), "Blair's daemon stops");
     charlie.ok(&["claim", "Trio", "--wait"]);
     assert!(a.stop(), "Alex's daemon stops");
+    ([alex, blair, charlie], c)
+}
+
+/// Charlie's claim is ordered while Blair's node is down, and Charlie
+/// asks Blair for a side relationship at once. Back up while Alex (the
+/// ordering node, who holds the claim's commit for her) is still down,
+/// Blair's node gets the invitation from a key it does not know yet
+/// (Charlie's own, not the placeholder's): it keeps it until the commit
+/// comes, rather than dropping what it acknowledged.
+#[test]
+fn a_side_invitation_from_a_claim_not_yet_seen_waits_for_it() {
+    let ([alex, blair, charlie], _c) = claimed_while_blair_was_down();
     let queued = || charlie.ok(&["status"])["outbox"].as_u64().unwrap();
     let before = queued();
     let asked = charlie.ok(&["connect", "Trio", "Blair"]);
@@ -1121,11 +1130,11 @@ fn a_side_invitation_from_a_claim_not_yet_seen_waits_for_it() {
             .then_some(())
     })
     .expect("status tells of the unanswered invitation");
-    b = blair.start();
+    let b = blair.start();
     // Blair's node acknowledges it before it can know who sent it.
     wait_for(SETTLE, || (queued() == before).then_some(()))
         .expect("Blair's node takes the invitation");
-    a = alex.start();
+    let a = alex.start();
     wait_for_agreement(&[&alex, &blair, &charlie], 3);
     let knows = |p: &Person, whom: &str| {
         p.ok(&["contacts"])
@@ -1160,20 +1169,9 @@ fn a_side_invitation_from_a_claim_not_yet_seen_waits_for_it() {
 /// commits it applied. The text shows without Alex.
 #[test]
 fn a_member_behind_catches_up_from_another_while_the_ordering_node_is_down() {
-    let (alex, blair, charlie) = (person("Alex"), person("Blair"), person("Charlie"));
-    let mut a = alex.start();
-    let mut b = blair.start();
-    let _c = charlie.start();
-    befriend_all(&alex, &[&blair, &charlie]);
-    alex.ok(&["introduce", "Blair", "Charlie", "--name", "Trio"]);
-    the_group(&blair);
-    the_group(&charlie);
-    blair.ok(&["claim", "Trio", "--wait"]);
-    assert!(b.stop(), "Blair's daemon stops");
-    charlie.ok(&["claim", "Trio", "--wait"]);
-    assert!(a.stop(), "Alex's daemon stops");
+    let ([_alex, blair, charlie], _c) = claimed_while_blair_was_down();
     charlie.ok(&["send", "Trio", "while Alex is away"]);
-    b = blair.start();
+    let _b = blair.start();
     wait_for(SETTLE, || {
         texts(&blair, "Trio")
             .contains(&"while Alex is away".to_string())
@@ -1181,7 +1179,6 @@ fn a_member_behind_catches_up_from_another_while_the_ordering_node_is_down() {
     })
     .unwrap_or_else(|| panic!("Blair never caught up: {:#?}", the_group(&blair)));
     assert_eq!(the_group(&blair)["epoch"], the_group(&charlie)["epoch"]);
-    drop((a, b));
 }
 
 /// Someone removed and added again is reached at the same derived
