@@ -76,8 +76,6 @@ pub enum GroupError {
     AddingBeforeLeaving,
     #[error("your claim of this group is on its way: wait until the group has ordered it (`protonode claim GROUP --wait` waits for it); then `protonode group leave` leaves it")]
     ClaimPending,
-    #[error("there is no placeholder to claim: you already claimed this group")]
-    AlreadyClaimed,
     #[error("you already claimed this group; `protonode group leave` leaves it")]
     ClaimedNotDeclinable,
     #[error("you made this group: there is no introduction to claim or decline")]
@@ -970,8 +968,13 @@ impl GroupSession {
         now: u64,
         changes: &mut Changes,
     ) -> Result<(), GroupError> {
+        // Asked again (a retry after a `--wait` ran out, say): done, or
+        // on its way, is an answer, not an error.
+        if self.record.state == GroupState::Active && self.record.introduced.is_some() {
+            return Ok(());
+        }
         if self.record.state != GroupState::Invited {
-            return Err(self.not_invited(GroupError::AlreadyClaimed));
+            return Err(self.not_invited(GroupError::OwnGroup));
         }
         if self.record.claiming() {
             return Ok(()); // already on its way

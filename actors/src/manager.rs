@@ -902,10 +902,7 @@ fn contact_view(
 ) -> Result<ContactView, Error> {
     let mut view = ContactView::of(p).marked(retired_into, &merge::trust_of(store, p.id)?);
     if let Provenance::MetInGroup { group, .. } = p.provenance {
-        let name = groups::get_group(store, group)?
-            .and_then(|g| g.name)
-            .map(|n| format!("\"{n}\" ({group})"))
-            .unwrap_or_else(|| group.to_string());
+        let name = group_label_of(store, group)?;
         let adder = added_by_other(store, p)?;
         view.origin = match (merge::introducer_of(store, p)?, adder) {
             (Some((_, by)), Some(adder)) => {
@@ -981,6 +978,7 @@ impl Handler<ContactDetail> for RelationshipManager {
             Provenance::InvitedByUs { .. } => "ticket: they accepted our invitation".to_string(),
             Provenance::AcceptedTicket { .. } => "ticket: we accepted their invitation".to_string(),
             Provenance::MetInGroup { group, .. } => {
+                let group = group_label_of(store, *group)?;
                 match (merge::introducer_of(store, &p)?, added_by_other(store, &p)?) {
                     (Some((by, _)), Some(adder)) => format!(
                         "added by {adder} to group {group}, which {} introduced us to",
@@ -2241,9 +2239,15 @@ pub const CROSSING_WINDOW_MS: u64 = 10 * 60 * 1000;
 /// A group as errors name it: `"Name" (id)`, or its id.
 fn group_label(g: &GroupProtonRecord) -> String {
     match &g.name {
-        Some(n) => format!("{n:?} ({})", g.id),
+        Some(n) => format!("\"{n}\" ({})", g.id),
         None => g.id.to_string(),
     }
+}
+
+/// [`group_label`] of a group known by its id (the id alone if it is gone
+/// from the store).
+fn group_label_of(store: &store::Store, group: GroupProtonId) -> Result<String, StoreError> {
+    Ok(groups::get_group(store, group)?.map_or_else(|| group.to_string(), |g| group_label(&g)))
 }
 
 /// A member's name in `g` (also one gone lately), or its key id.

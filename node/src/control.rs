@@ -291,7 +291,6 @@ impl From<manager::Error> for RpcError {
                 | GroupError::NotClaimed
                 | GroupError::ClaimPending
                 | GroupError::AddingBeforeLeaving
-                | GroupError::AlreadyClaimed
                 | GroupError::ClaimedNotDeclinable
                 | GroupError::OwnGroup
                 | GroupError::Gone

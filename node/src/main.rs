@@ -497,7 +497,8 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
         } => {
             let wait_secs = wait.then_some(timeout);
             let v = daemon.call(&Call::Claim { group, wait_secs }).await?;
-            let done = if wait {
+            let ordered = v["state"] == "active" && v["claiming"] == Value::Bool(false);
+            let done = if wait || ordered {
                 "Claimed: your own key has replaced the placeholder, and the members see you."
             } else {
                 "Claimed: your own key replaces the placeholder (members see it once the group orders the change; --wait waits for it)."

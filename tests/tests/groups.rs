@@ -596,6 +596,11 @@ fn a_plain_group_grows_and_shrinks() {
     assert_eq!(claimed["pending"], false, "{claimed}");
     wait_for_agreement(&[&alex, &blair], 2);
     roster_event("claimed", "Blair");
+    // Asked again (a retry, say), the claim is done: an answer, no error,
+    // and no second claim.
+    let again = blair.ok(&["claim", "Book club", "--wait"]);
+    assert_eq!(again["claiming"], false, "{again}");
+    assert_eq!(again["epoch"], claimed["epoch"], "{again}");
     let said = blair.cli(&["send", "Book club", "hello Alex", "--wait"]);
     let said = String::from_utf8_lossy(&said.stdout);
     assert!(
@@ -991,7 +996,7 @@ fn a_member_may_leave_before_its_invitee_claims_when_the_rest_are_a_majority() {
     .expect("Charlie's contact Dana becomes active");
     let obtained = record["obtained"].as_str().unwrap();
     assert!(
-        obtained.starts_with("added by Blair to group ")
+        obtained.starts_with("added by Blair to group \"Trio\" (")
             && obtained.ends_with(" Alex introduced us to"),
         "{record}"
     );
