@@ -75,6 +75,13 @@ pub enum Error {
         len: usize,
         max: usize,
     },
+    #[error("environment variable {var} names no configuration section; did you mean {suggested}? (the sections are {known})")]
+    MisspeltEnvSection {
+        var: String,
+        /// The variable with the section spelt right.
+        suggested: String,
+        known: String,
+    },
     #[error("environment variable {var} names no configuration key; [{section}] has: {known}")]
     UnknownEnv {
         var: String,
@@ -791,6 +798,17 @@ pub fn check_env_names(names: impl IntoIterator<Item = String>) -> Result<(), Er
         let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
             continue;
         };
+        if let Some(suggested) = misspelt_section(rest) {
+            return Err(Error::MisspeltEnvSection {
+                var,
+                suggested,
+                known: SECTION_DOCS
+                    .iter()
+                    .map(|(s, _)| format!("{ENV_PREFIX}{}_…", s.to_uppercase()))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
         for (section, keys) in SECTION_DOCS {
             let Some(key) = rest
                 .strip_prefix(&section.to_uppercase())
@@ -814,6 +832,22 @@ pub fn check_env_names(names: impl IntoIterator<Item = String>) -> Result<(), Er
         }
     }
     Ok(())
+}
+
+/// For the part of a variable's name after `PROTONODE_` whose first word
+/// is no section but a near miss of one (`NETWRK_MDNS`): the variable
+/// with that word spelt right. Words far from every section (`DATA_DIR`,
+/// the tests' `SEED`) are other variables, none of the config's business.
+fn misspelt_section(rest: &str) -> Option<String> {
+    let (word, tail) = rest.split_once('_')?;
+    let word = word.to_lowercase();
+    if SECTION_DOCS.iter().any(|(s, _)| *s == word) {
+        return None;
+    }
+    SECTION_DOCS
+        .iter()
+        .find(|(s, _)| strsim::damerau_levenshtein(s, &word) <= 2)
+        .map(|(s, _)| format!("{ENV_PREFIX}{}_{tail}", s.to_uppercase()))
 }
 
 /// Applies `PROTONODE_<SECTION>_<KEY>` to `table`. The type of each key is
@@ -992,6 +1026,21 @@ mod tests {
             "{err:?}"
         );
         assert!(err.to_string().contains("PROTONODE_NETWORK_MDNS"), "{err}");
+        // A misspelt section too, with the spelling meant.
+        for (var, meant) in [
+            ("PROTONODE_NETWRK_MDNS", "PROTONODE_NETWORK_MDNS"),
+            (
+                "PROTONODE_DELIVRY_ORDERING_TIMEOUT_MS",
+                "PROTONODE_DELIVERY_ORDERING_TIMEOUT_MS",
+            ),
+            ("PROTONODE_PROFLE_NAME", "PROTONODE_PROFILE_NAME"),
+        ] {
+            let err = check_env_names(names(&[var])).unwrap_err();
+            assert!(
+                matches!(&err, Error::MisspeltEnvSection { suggested, .. } if suggested == meant),
+                "{err:?}"
+            );
+        }
     }
 
     #[test]
