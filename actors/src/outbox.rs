@@ -60,8 +60,9 @@ use crate::records::{
 use crate::store::{self, tables, Store, StoreError};
 use crate::views::Event;
 
-/// A group member's transports and name.
-type MemberRoute = (Vec<TransportInfo>, String);
+/// A group member's transports, name, and for a placeholder, who asserts
+/// it ("you" for our own).
+type MemberRoute = (Vec<TransportInfo>, String, Option<String>);
 
 /// Capacity of the command channel. A full channel loses nothing: new rows
 /// are then found by rescanning the table, and reachability hints are only
@@ -326,16 +327,32 @@ struct Sender {
 fn member_routes(former: Vec<Member>, members: Vec<Member>) -> HashMap<Ipk, MemberRoute> {
     let mut routes = HashMap::new();
     let mut claimed = Vec::new();
+    let names: HashMap<Ipk, String> = former
+        .iter()
+        .chain(&members)
+        .map(|m| (m.ipk, m.display.name.clone()))
+        .collect();
     for m in former.into_iter().chain(members) {
+        // Our own key is no other member's: a placeholder no other member
+        // asserts is one we made.
+        let asserted_by = match m.status {
+            MemberStatus::Placeholder { asserted_by } => Some(
+                names
+                    .get(&asserted_by)
+                    .cloned()
+                    .unwrap_or_else(|| "you".into()),
+            ),
+            _ => None,
+        };
         let placeholder = match (&m.status, &m.claim) {
             (MemberStatus::Claimed { placeholder }, _) => Some(*placeholder),
             (_, Some(claim)) if claim.first != m.ipk => Some(claim.first),
             _ => None,
         };
         if let Some(p) = placeholder {
-            claimed.push((p, (m.transports.clone(), m.display.name.clone())));
+            claimed.push((p, (m.transports.clone(), m.display.name.clone(), None)));
         }
-        routes.insert(m.ipk, (m.transports, m.display.name));
+        routes.insert(m.ipk, (m.transports, m.display.name, asserted_by));
     }
     for (placeholder, route) in claimed {
         routes.entry(placeholder).or_insert(route);
@@ -613,7 +630,7 @@ impl Sender {
                 self.groups
                     .get(&id)
                     .and_then(|(_, m)| m.get(&ipk))
-                    .map(|(transports, _)| transports.clone())
+                    .map(|(transports, ..)| transports.clone())
             }
             _ => None,
         };
@@ -844,6 +861,12 @@ impl Sender {
 
     fn report(&self, entry: &OutboxEntry, delivered: bool) {
         if let Some(id) = entry.message {
+            let route = match (entry.conversation, entry.recipient) {
+                (Conversation::Group(id), Recipient::Member(ipk)) => {
+                    self.groups.get(&id).and_then(|(_, m)| m.get(&ipk))
+                }
+                _ => None,
+            };
             let _ = self.events.send(Event::Delivery {
                 conversation: entry.conversation.to_string(),
                 message: id.to_string(),
@@ -856,14 +879,8 @@ impl Sender {
                     Recipient::Member(ipk) => Some(ipk.fingerprint()),
                     Recipient::Peer => None,
                 },
-                member_name: match (entry.conversation, entry.recipient) {
-                    (Conversation::Group(id), Recipient::Member(ipk)) => self
-                        .groups
-                        .get(&id)
-                        .and_then(|(_, m)| m.get(&ipk))
-                        .map(|(_, name)| name.clone()),
-                    _ => None,
-                },
+                member_name: route.map(|(_, name, _)| name.clone()),
+                asserted_by: route.and_then(|(.., by)| by.clone()),
                 contact_name: match entry.recipient {
                     Recipient::Peer => self
                         .queues
@@ -964,13 +981,34 @@ mod tests {
         let placeholder = IdentityKey::generate().ipk();
         let blair = member("Blair", MemberStatus::Claimed { placeholder }, 1);
         let gone = member("Gil", MemberStatus::Verified, 2);
-        let routes = member_routes(vec![gone.clone()], vec![blair.clone()]);
+        let hers = member(
+            "Cleo",
+            MemberStatus::Placeholder {
+                asserted_by: blair.ipk,
+            },
+            3,
+        );
+        let ours = member(
+            "Dov",
+            MemberStatus::Placeholder {
+                asserted_by: IdentityKey::generate().ipk(),
+            },
+            4,
+        );
+        let routes = member_routes(
+            vec![gone.clone()],
+            vec![blair.clone(), hers.clone(), ours.clone()],
+        );
         assert_eq!(
             routes[&placeholder],
-            (blair.transports.clone(), "Blair".into())
+            (blair.transports.clone(), "Blair".into(), None)
         );
         assert_eq!(routes[&blair.ipk].1, "Blair");
         assert_eq!(routes[&gone.ipk].1, "Gil");
+        // A placeholder is named with who asserts it.
+        assert_eq!(routes[&hers.ipk].2.as_deref(), Some("Blair"));
+        assert_eq!(routes[&ours.ipk].2.as_deref(), Some("you"));
+        assert_eq!(routes[&blair.ipk].2, None);
         assert!(!routes.contains_key(&IdentityKey::generate().ipk()));
     }
 

@@ -341,6 +341,10 @@ pub enum Event {
         /// That member's name, when the sending service knows it.
         #[serde(skip_serializing_if = "Option::is_none")]
         member_name: Option<String>,
+        /// For a placeholder, who asserts it ("you" for one we made):
+        /// never the invitee's own word.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        asserted_by: Option<String>,
         /// A 1:1 recipient's name, when the sending service knows it.
         #[serde(skip_serializing_if = "Option::is_none")]
         contact_name: Option<String>,

@@ -526,14 +526,24 @@ pub fn event(e: &Value) -> String {
                 "your answer to an invitation was refused (contact {}): ask for a new ticket",
                 s(e, "conversation")
             ),
-            (_, Some(member)) => format!(
-                "message {} {} at {}'s node",
-                s(e, "message"),
-                s(e, "status"),
-                e.get("member_name")
+            (_, Some(member)) => {
+                let name = e
+                    .get("member_name")
                     .and_then(Value::as_str)
-                    .map_or_else(|| format!("member {member}"), str::to_string)
-            ),
+                    .map_or_else(|| format!("member {member}"), str::to_string);
+                match e.get("asserted_by").and_then(Value::as_str) {
+                    Some(by) => format!(
+                        "message {} {} at the node of {name} (as asserted by {by})",
+                        s(e, "message"),
+                        s(e, "status"),
+                    ),
+                    None => format!(
+                        "message {} {} at {name}'s node",
+                        s(e, "message"),
+                        s(e, "status")
+                    ),
+                }
+            }
             _ => match e.get("contact_name").and_then(Value::as_str) {
                 Some(name) if s(e, "status") == "delivered" => format!(
                     "message {} delivered to {}'s node",
@@ -843,6 +853,13 @@ mod tests {
             "status": "delivered", "kind": "message", "member": "ab12-cd34",
             "member_name": "Blair"});
         assert_eq!(event(&named), "message m1 delivered at Blair's node");
+        let placeholder = json!({"event": "delivery", "conversation": "g2", "message": "m1",
+            "status": "delivered", "kind": "message", "member": "ab12-cd34",
+            "member_name": "Charlie", "asserted_by": "Alex"});
+        assert_eq!(
+            event(&placeholder),
+            "message m1 delivered at the node of Charlie (as asserted by Alex)"
+        );
         assert_eq!(event(&answer), "", "accept said it already");
         let refused = json!({"event": "delivery", "conversation": "c1", "message": "m2",
             "status": "failed", "kind": "answer"});
