@@ -38,6 +38,9 @@ pub enum StatusChange {
     Acknowledged,
     /// A recipient's node refused it for good.
     Failed,
+    /// It goes to one more recipient (a member who joined after it was
+    /// written): waiting again until that one's node has it.
+    Resent,
 }
 
 /// Everything one operation writes.
@@ -385,6 +388,12 @@ impl Changes {
                         }
                     }
                     StatusChange::Failed => entry.status = MessageStatus::Failed,
+                    StatusChange::Resent => {
+                        entry.pending = entry.pending.saturating_add(1);
+                        if entry.status == MessageStatus::Delivered {
+                            entry.status = MessageStatus::Queued;
+                        }
+                    }
                 }
                 store::put(&mut history, key, &entry, "history entry")?;
                 applied.statuses.push((*conv, entry.id, entry.status));

@@ -29,7 +29,7 @@ use redb::ReadableTable;
 use sha2::{Digest, Sha256};
 
 use crate::attestation::{Attestation, AttestationError, Kind};
-use crate::changes::Changes;
+use crate::changes::{Changes, StatusChange};
 use crate::identity::{IdentityKey, Ipk, SecretKey, SIGNATURE_LEN};
 use crate::mls::{self, Incoming, MlsError, Provider};
 use crate::model::{
@@ -573,6 +573,73 @@ pub struct GroupSession {
     /// their decline in this session): `watch` says so when their removal
     /// is applied, rather than "declined, or withdrawn".
     declined: Vec<Ipk>,
+    /// What a text written at an older epoch than the one it is read at
+    /// needs (see [`Body::Unread`]), for the commits this session applied
+    /// and the texts it sent; not stored, so best effort across restarts.
+    late: LateTexts,
+}
+
+/// How many entries each list of [`LateTexts`] keeps.
+const LATE_KEPT: usize = 256;
+
+/// A member's text is written for the group as its node knows it. A node
+/// that was down (or cut off) while someone joined, and writes before it
+/// has caught up, writes for the group without them: the members who
+/// joined meanwhile cannot read it, though it was written after they
+/// joined. The ordering node, which reads each text at the epoch the group
+/// has reached, tells the author when that is later than the one it was
+/// written in ([`Body::Unread`]), and the author, once caught up, sends it
+/// to those who joined in between. So the ordering node's order of commits
+/// and texts decides, as a delivery service's would: a text it reads
+/// after someone's joining reaches them.
+#[derive(Debug, Default)]
+struct LateTexts {
+    /// Members who joined by the commits applied, each with the epoch the
+    /// commit began (a claimer with its placeholder's: the placeholder's
+    /// holder read what was written for it).
+    joins: Vec<(Ipk, u64)>,
+    /// The epoch the session was loaded at: joins before it are unknown.
+    since: u64,
+    /// Our texts, with the epoch each was written in.
+    sent: Vec<(MessageId, u64)>,
+    /// Texts we sent again, and to whom.
+    resent: Vec<(MessageId, Ipk)>,
+}
+
+impl LateTexts {
+    fn keep<T>(list: &mut Vec<T>, item: T) {
+        if list.len() >= LATE_KEPT {
+            list.remove(0);
+        }
+        list.push(item);
+    }
+
+    /// Whether members may have joined after `written` (by the epoch we
+    /// are at): some did, not counting `except`, or we cannot tell.
+    fn joined_after(&self, written: u64, except: Ipk, members: &[Member]) -> bool {
+        written < self.since
+            || self
+                .joins
+                .iter()
+                .any(|(m, at)| *at > written && *m != except && members.iter().any(|x| x.ipk == *m))
+    }
+
+    /// The members who joined after `written`, by `read`, that `message`
+    /// was not sent to again yet.
+    fn owed(&self, message: MessageId, written: u64, read: u64, members: &[Member]) -> Vec<Ipk> {
+        let mut out: Vec<Ipk> = Vec::new();
+        for (m, at) in &self.joins {
+            if *at > written
+                && *at <= read
+                && members.iter().any(|x| x.ipk == *m)
+                && !self.resent.contains(&(message, *m))
+                && !out.contains(m)
+            {
+                out.push(*m);
+            }
+        }
+        out
+    }
 }
 
 /// The members at one epoch, told apart by its number and authenticator.
@@ -624,6 +691,7 @@ impl GroupSession {
             .ok_or(GroupError::Unknown(id))?;
         let provider = Provider::new(store.clone(), id.0);
         let group = mls::load_group(&provider, &GroupId::from_slice(&record.group_id))?;
+        let epoch = group.epoch().as_u64();
         Ok(Self {
             key: record.own_key.key(),
             record,
@@ -638,6 +706,10 @@ impl GroupSession {
             removed_lately: Vec::new(),
             declined: Vec::new(),
             catch_up_turn: 0,
+            late: LateTexts {
+                since: epoch,
+                ..LateTexts::default()
+            },
         })
     }
 
@@ -895,7 +967,8 @@ impl GroupSession {
             return Err(GroupError::Gone);
         }
         let id = MessageId::random();
-        self.isolated(changes, |s, changes| {
+        let written = self.epoch();
+        let sent = self.isolated(changes, |s, changes| {
             let payload = s.encrypt(Body::Text {
                 id,
                 text: text.to_string(),
@@ -927,7 +1000,78 @@ impl GroupSession {
                 .history
                 .push((Conversation::Group(s.record.id), entry.clone()));
             Ok(entry)
-        })
+        })?;
+        LateTexts::keep(&mut self.late.sent, (id, written));
+        Ok(sent)
+    }
+
+    /// The ordering node read our text `message` at `read`, a later epoch
+    /// than the one we wrote it in (see [`LateTexts`]): sends it to the
+    /// members who joined in between, each once, written at our epoch
+    /// now, and its history entry waits for them too. We are at `read` or
+    /// later (the notice was written at `read`).
+    fn send_to_joined(
+        &mut self,
+        message: MessageId,
+        read: u64,
+        now: u64,
+        changes: &mut Changes,
+    ) -> Result<(), GroupError> {
+        let Some(&(_, written)) = self.late.sent.iter().find(|(id, _)| *id == message) else {
+            return Ok(()); // not ours, or from before this session
+        };
+        let owed = self.late.owed(message, written, read, &self.record.members);
+        if owed.is_empty() {
+            return Ok(());
+        }
+        let conversation = Conversation::Group(self.record.id);
+        let Some((position, entry)) = self.own_text(message)? else {
+            return Ok(());
+        };
+        let payload = self.encrypt(Body::Text {
+            id: message,
+            text: entry.text,
+            sent_at: entry.sent_at,
+        })?;
+        for member in owed {
+            changes.outbox.push(OutboxEntry {
+                conversation,
+                recipient: Recipient::Member(member),
+                kind: OutboxKind::GroupText,
+                message: Some(message),
+                history: Some(position),
+                address: None,
+                payload: payload.clone(),
+                created_at: now,
+            });
+            changes
+                .statuses
+                .push((conversation, position, StatusChange::Resent));
+            LateTexts::keep(&mut self.late.resent, (message, member));
+        }
+        Ok(())
+    }
+
+    /// One of our texts in this group's history, by id: its position and
+    /// entry. Looked for among the latest entries only: a notice of a late
+    /// text comes soon after it.
+    fn own_text(&self, message: MessageId) -> Result<Option<(u64, HistoryEntry)>, GroupError> {
+        let key = Conversation::Group(self.record.id).key();
+        Ok(self.provider_store().read(|tx| {
+            let t = tx.open_table(tables::HISTORY)?;
+            for row in t
+                .range((key, 0)..=(key, u64::MAX))?
+                .rev()
+                .take(LATE_KEPT * 4)
+            {
+                let (k, v) = row?;
+                let entry: HistoryEntry = store::decode(v.value(), "history entry")?;
+                if entry.id == message && entry.author == Author::Me {
+                    return Ok(Some((k.value().1, entry)));
+                }
+            }
+            Ok(None)
+        })?)
     }
 
     /// Tells every member who we are and how to reach us (and, for
@@ -1814,12 +1958,13 @@ impl GroupSession {
         })
     }
 
-    fn check_epoch(&self, bytes: &[u8]) -> Result<(), GroupError> {
+    /// The epoch `bytes` was written in; `Deferred` if we are not there.
+    fn check_epoch(&self, bytes: &[u8]) -> Result<u64, GroupError> {
         let epoch = mls::message_epoch(bytes)?;
         if epoch > self.epoch() {
             return Err(GroupError::Deferred);
         }
-        Ok(())
+        Ok(epoch)
     }
 
     fn receive_application(
@@ -1828,7 +1973,7 @@ impl GroupSession {
         now: u64,
         changes: &mut Changes,
     ) -> Result<Received, GroupError> {
-        self.check_epoch(bytes)?;
+        let written = self.check_epoch(bytes)?;
         let (sender, plain) = match mls::process(&mut self.group, &self.provider, bytes)? {
             Incoming::Application { sender, bytes } => (sender, bytes),
             Incoming::Commit { .. } => {
@@ -1873,7 +2018,40 @@ impl GroupSession {
                 changes
                     .history
                     .push((Conversation::Group(self.record.id), entry.clone()));
+                // Read later than written, as the ordering node: those who
+                // joined in between are owed it (see `LateTexts`).
+                if written < self.epoch()
+                    && self.is_orderer()
+                    && self
+                        .late
+                        .joined_after(written, sender, &self.record.members)
+                {
+                    let notice = self.encrypt(Body::Unread {
+                        message: id,
+                        epoch: self.epoch(),
+                    })?;
+                    self.fan_out(
+                        &notice,
+                        OutboxKind::Control,
+                        None,
+                        Some(sender),
+                        changes,
+                        now,
+                    );
+                }
                 Received::Text(entry)
+            }
+            // Only the ordering node's word, written at the epoch it names:
+            // another member could otherwise have us send a text to those
+            // who joined after it was written and read.
+            Body::Unread { message, epoch } => {
+                if self.orderer() != Some(sender) || epoch != written {
+                    return Err(GroupError::Unexpected(
+                        "a notice of a late text not from the ordering node",
+                    ));
+                }
+                self.send_to_joined(message, epoch, now, changes)?;
+                Received::Other
             }
             Body::MemberInfo(info) => {
                 self.apply_member_info(sender, info);
@@ -2058,6 +2236,42 @@ impl GroupSession {
     /// or another member's (ours, if any, lost and is staged again later).
     /// Returns the placeholder it replaced by a claimer's key, if any.
     fn apply_commit(
+        &mut self,
+        commit: &[u8],
+        now: u64,
+        changes: &mut Changes,
+    ) -> Result<Option<(Ipk, Ipk)>, GroupError> {
+        let from = self.epoch();
+        let before: Vec<Ipk> = self.record.members.iter().map(|m| m.ipk).collect();
+        let replaced = self.apply_commit_only(commit, now, changes)?;
+        if self.record.state == GroupState::Gone {
+            return Ok(replaced);
+        }
+        // Who joined by it, for texts read later than written.
+        let joined: Vec<Ipk> = self
+            .record
+            .members
+            .iter()
+            .map(|m| m.ipk)
+            .filter(|m| !before.contains(m))
+            .collect();
+        for m in joined {
+            let at = match replaced {
+                Some((old, new)) if new == m => {
+                    match self.late.joins.iter().find(|(j, _)| *j == old) {
+                        Some(&(_, at)) => at,
+                        None => continue, // a placeholder of before
+                    }
+                }
+                _ => from + 1,
+            };
+            LateTexts::keep(&mut self.late.joins, (m, at));
+        }
+        Ok(replaced)
+    }
+
+    /// [`apply_commit`](Self::apply_commit) but for noting who joined.
+    fn apply_commit_only(
         &mut self,
         commit: &[u8],
         now: u64,
@@ -3993,5 +4207,44 @@ mod tests {
             Err(GroupError::RemovedLately | GroupError::NotAMember)
         ));
         assert!(ch.is_empty(), "nothing to store for any of them");
+    }
+
+    /// Who is owed a text read later than written: those who joined in
+    /// between and are still members, once each; and whether the ordering
+    /// node should say so at all.
+    #[test]
+    fn a_late_text_is_owed_to_who_joined_between_its_writing_and_reading() {
+        let member = |ipk: Ipk| Member {
+            ipk,
+            ..Member::for_test("M")
+        };
+        let [early, fay, gone, sender] = std::array::from_fn(|_| IdentityKey::generate().ipk());
+        let members = vec![member(early), member(fay), member(sender)];
+        let late = LateTexts {
+            joins: vec![(early, 3), (fay, 6), (gone, 6)],
+            since: 2,
+            sent: Vec::new(),
+            resent: Vec::new(),
+        };
+        // Written at 5, read at 7: Fay joined in between (the other one
+        // who did is gone since); written at 6, she could read it.
+        assert!(late.joined_after(5, sender, &members));
+        assert!(!late.joined_after(6, sender, &members));
+        assert!(!late.joined_after(5, fay, &members), "not to herself");
+        // Written before the log begins: cannot tell, so say it.
+        assert!(late.joined_after(1, sender, &members));
+        let m = MessageId::random();
+        assert_eq!(late.owed(m, 5, 7, &members), vec![fay]);
+        assert_eq!(late.owed(m, 2, 7, &members), vec![early, fay]);
+        assert_eq!(
+            late.owed(m, 5, 5, &members),
+            Vec::<Ipk>::new(),
+            "read before she joined"
+        );
+        assert_eq!(late.owed(m, 6, 7, &members), Vec::<Ipk>::new());
+        let mut late = late;
+        late.resent.push((m, fay));
+        assert_eq!(late.owed(m, 5, 7, &members), Vec::<Ipk>::new(), "once");
+        assert_eq!(late.owed(MessageId::random(), 5, 7, &members), vec![fay]);
     }
 }

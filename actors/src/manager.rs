@@ -2497,20 +2497,7 @@ mod tests {
     use crate::records::Member;
 
     fn member(name: &str) -> Member {
-        Member {
-            ipk: IdentityKey::generate().ipk(),
-            display: crate::model::DisplayIdentity {
-                name: name.into(),
-                pronouns: None,
-                picture: None,
-            },
-            transports: Vec::new(),
-            status: MemberStatus::Verified,
-            introduced_by: None,
-            direct_key: None,
-            via: None,
-            claim: None,
-        }
+        Member::for_test(name)
     }
 
     #[test]

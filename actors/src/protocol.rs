@@ -233,6 +233,12 @@ pub enum Body {
     /// comes along, so that it counts as having promised any later
     /// ordering service.
     Leave { accepted: Option<Accepted> },
+    /// (group, from the ordering node to one member) "I read your text
+    /// `message` at `epoch`, later than the epoch you wrote it in": the
+    /// members who joined in between cannot read it, and its author sends
+    /// it to them (see `GroupSession::send_to_joined`). (Last, so that
+    /// stored values decode as before.)
+    Unread { message: MessageId, epoch: u64 },
 }
 
 /// A member of a group as one member tells another.
@@ -368,6 +374,7 @@ impl Plaintext {
             Body::Transports
             | Body::Decline { .. }
             | Body::Leave { .. }
+            | Body::Unread { .. }
             | Body::Equivalence { .. } => {}
             Body::MergeRequest(m) => m.validate_shape()?,
             Body::MemberInfo(info) => info.validate()?,

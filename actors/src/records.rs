@@ -309,6 +309,25 @@ pub struct Member {
 }
 
 impl Member {
+    /// A verified member with a fresh key and no transports, for tests.
+    #[cfg(test)]
+    pub fn for_test(name: &str) -> Self {
+        Self {
+            ipk: crate::identity::IdentityKey::generate().ipk(),
+            display: crate::model::DisplayIdentity {
+                name: name.into(),
+                pronouns: None,
+                picture: None,
+            },
+            transports: Vec::new(),
+            status: MemberStatus::Verified,
+            introduced_by: None,
+            direct_key: None,
+            via: None,
+            claim: None,
+        }
+    }
+
     /// Whether this member is the peer of our relationship `proton`: the
     /// placeholder we made for them, or a member linked to them.
     pub fn stands_for(&self, proton: crate::model::ProtonId) -> bool {

@@ -1024,9 +1024,9 @@ impl ProtonSession {
                 });
                 Ok(Received::Relayed(group))
             }
-            Body::MemberInfo(_) | Body::Leave { .. } => Err(RelationshipError::Unexpected(
-                "a group message in a relationship",
-            )),
+            Body::MemberInfo(_) | Body::Leave { .. } | Body::Unread { .. } => Err(
+                RelationshipError::Unexpected("a group message in a relationship"),
+            ),
         }
     }
 }

@@ -1219,3 +1219,60 @@ fn a_member_added_again_gets_what_was_sent_before_their_node_knew() {
     })
     .unwrap_or_else(|| panic!("Dana never read Blair: {:?}", texts(&dana, "Trio")));
 }
+
+/// Dani's node is down while Fay joins the group. Back up, Dani writes at
+/// once, before her node has caught up: the message is written for the
+/// group as her node knew it, without Fay. The ordering node reads it
+/// after Fay's addition and tells Dani's node, which, caught up, sends it
+/// to Fay too. Fay gets it once, the others once, and Dani's history says
+/// delivered only once Fay's node has it.
+#[test]
+fn a_message_written_before_catching_up_reaches_who_joined_meanwhile() {
+    let (alex, blair, dani, fay) = (
+        person("Alex"),
+        person("Blair"),
+        person("Dani"),
+        person("Fay"),
+    );
+    let _a = alex.start();
+    let _b = blair.start();
+    let mut d = dani.start();
+    let _f = fay.start();
+    befriend_all(&alex, &[&blair, &dani, &fay]);
+    alex.ok(&["group", "create", "Club", "Blair", "Dani"]);
+    the_group(&blair);
+    the_group(&dani);
+    blair.ok(&["claim", "Club", "--wait"]);
+    dani.ok(&["claim", "Club", "--wait"]);
+    wait_for_agreement(&[&alex, &blair, &dani], 3);
+    d.kill9();
+    alex.ok(&["group", "add", "Club", "Fay", "--wait"]);
+    the_group(&fay);
+    fay.ok(&["claim", "Club", "--wait"]);
+    wait_for_agreement(&[&alex, &blair, &fay], 4);
+    let _d = dani.start();
+    dani.ok(&["send", "Club", "back again"]);
+    let copies = |p: &Person| {
+        p.history("Club")
+            .iter()
+            .filter(|m| m["text"] == "back again")
+            .count()
+    };
+    for p in [&fay, &alex, &blair] {
+        assert!(
+            wait_for(SETTLE, || (copies(p) > 0).then_some(())).is_some(),
+            "{} gets Dani's message",
+            p.name
+        );
+    }
+    let sent = wait_for(SETTLE, || {
+        let h = dani.history("Club");
+        let m = h.into_iter().find(|m| m["text"] == "back again")?;
+        (m["status"] == "delivered").then_some(m)
+    });
+    assert!(sent.is_some(), "Dani's history says delivered at last");
+    wait_for_agreement(&[&alex, &blair, &dani, &fay], 4);
+    for p in [&fay, &alex, &blair] {
+        assert_eq!(copies(p), 1, "{} has it once", p.name);
+    }
+}
