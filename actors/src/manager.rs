@@ -111,7 +111,7 @@ pub enum Error {
         /// In a group: how many members' nodes acknowledged it, of how many.
         members: Option<(u32, u32)>,
     },
-    #[error("the group has not ordered {what} within {}; it stays queued and is made once the group's ordering service is reachable (`protonode groups` shows it then)", views::human_duration(*.within))]
+    #[error("the group has not ordered {what} within {}; it stays queued and is made once the group can order it, which takes the nodes of a majority of its members, reachable (`protonode status` says how many; `protonode groups` shows the change then)", views::human_duration(*.within))]
     NotYetOrdered {
         /// "your claim" or "the change".
         what: &'static str,
@@ -1926,11 +1926,13 @@ impl Handler<GetStatus> for RelationshipManager {
                     Intent::Remove { .. } => "removal",
                     Intent::Update => "key update",
                 };
+                let everyone = g.members.len() + 1;
                 warnings.push(format!(
-                    "group {}{}: a {what} this node asked for has waited {} at the group's current ordering service, whose node may be down; it is made once the group can order it",
+                    "group {}{}: a {what} this node asked for has waited {} for the group to order it; it is made once the nodes of a majority of its members ({} of {everyone}, this one included; an introducer's node also votes for the placeholders it made) can be reached, one of which then orders it",
                     g.id,
                     g.name.as_deref().map(|n| format!(" \"{n}\"")).unwrap_or_default(),
                     views::human_duration(waited),
+                    everyone / 2 + 1,
                 ));
             }
             let unanswered = all_groups
