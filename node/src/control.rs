@@ -226,6 +226,10 @@ impl Call {
 pub struct RpcError {
     pub code: i64,
     pub message: String,
+    /// What a script needs to go on: for a message not yet delivered when
+    /// the wait ran out, the message as `send` answers it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
 }
 
 impl RpcError {
@@ -233,6 +237,7 @@ impl RpcError {
         Self {
             code,
             message: message.into(),
+            data: None,
         }
     }
 }
@@ -318,7 +323,19 @@ impl From<manager::Error> for RpcError {
             E::Merge(m) | E::Relationship(RelationshipError::Merge(m)) => merge_code(m),
             _ => codes::INTERNAL,
         };
-        Self::new(code, e.to_string())
+        let data = match &e {
+            E::NotYetDelivered { id, members, .. } => Some(serde_json::json!({
+                "message": id,
+                "status": "queued",
+                "acknowledged": members.map(|(done, _)| done),
+                "recipients": members.map(|(_, all)| all),
+            })),
+            _ => None,
+        };
+        Self {
+            data,
+            ..Self::new(code, e.to_string())
+        }
     }
 }
 

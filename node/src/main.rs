@@ -367,13 +367,21 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
             timeout,
         } => {
             let wait_secs = wait.then_some(timeout);
-            let v = daemon
+            let sent = daemon
                 .call(&Call::Send {
                     to: contact.clone(),
                     text,
                     wait_secs,
                 })
-                .await?;
+                .await;
+            // Not delivered in time, but queued: a script still gets the
+            // message's id on stdout (the error goes to stderr as always).
+            if let (true, Err(control::ClientError::Remote(e))) = (json, &sent) {
+                if let Some(data) = &e.data {
+                    print_json(data);
+                }
+            }
+            let v = sent?;
             if json {
                 print_json(&v);
             } else {

@@ -503,3 +503,42 @@ fn a_peer_killed_and_restarted_is_reached_at_once() {
         );
     }
 }
+
+/// `send --wait --json` that runs out of time: the error on stderr as
+/// always, and on stdout the message, queued, so that a script knows which
+/// one to look for. It is delivered once the peer's node is back.
+#[test]
+fn a_send_wait_that_runs_out_still_names_the_message_in_json() {
+    let alex = Person::init("Alex");
+    let blair = Person::init("Blair");
+    let _a = alex.start();
+    let mut b = blair.start();
+    let (at_alex, _) = alex.befriend(&blair);
+    b.kill9();
+    let out = alex.cli(&[
+        "--json",
+        "send",
+        &at_alex,
+        "are you there?",
+        "--wait",
+        "--timeout",
+        "1",
+    ]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("stays queued"), "{said}");
+    let sent: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(sent["status"], "queued", "{sent}");
+    let id = sent["message"].as_str().unwrap().to_string();
+    let _b = blair.start();
+    let delivered = wait_for(Duration::from_secs(30), || {
+        alex.history(&at_alex)
+            .into_iter()
+            .find(|m| m["id"] == id.as_str() && m["status"] == "delivered")
+    });
+    assert!(
+        delivered.is_some(),
+        "message {id} is delivered once Blair is back"
+    );
+}
