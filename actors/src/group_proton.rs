@@ -356,6 +356,7 @@ impl GroupProton {
             }
         }
         let departures = session.take_departures();
+        let updates = session.take_updates();
         if session.epoch() != epoch_before || session.record().state != state_before {
             let (joined, claimed, gone) =
                 crate::views::roster_change(&members_before, &session.record().members);
@@ -378,6 +379,16 @@ impl GroupProton {
                 left,
                 removed,
                 removed_by,
+                updated: updates
+                    .iter()
+                    .map(
+                        |k| match session.record().members.iter().find(|m| m.ipk == *k) {
+                            Some(m) => m.display.name.clone(),
+                            None if *k == session.own_ipk() => "me".into(),
+                            None => k.fingerprint(),
+                        },
+                    )
+                    .collect(),
                 ..Event::group_change(session.record(), session.epoch(), change)
             }));
         }

@@ -561,6 +561,10 @@ pub struct GroupSession {
     /// them (`None`: they asked to leave). Not stored: it only tells
     /// `watch` what happened.
     departures: Vec<(Ipk, Option<Ipk>)>,
+    /// Members whose commits since the last
+    /// [`take_updates`](Self::take_updates) only rotated their keys (ours
+    /// too). Not stored: it only tells `watch` who did.
+    updates: Vec<Ipk>,
     /// Members removed by commits this session applied, and when: their
     /// texts written before the removal are still taken for a while (see
     /// [`REMOVED_GRACE_MS`]). Not stored: after a restart such late texts
@@ -703,6 +707,7 @@ impl GroupSession {
             checked: None,
             roster: std::cell::RefCell::new(None),
             departures: Vec::new(),
+            updates: Vec::new(),
             removed_lately: Vec::new(),
             declined: Vec::new(),
             catch_up_turn: 0,
@@ -1768,7 +1773,7 @@ impl GroupSession {
                 let me = self.key.ipk();
                 self.note_departures(&members, me, false, now);
             }
-            Intent::Update => {}
+            Intent::Update => self.updates.push(self.key.ipk()),
         }
         self.sync_roster();
         self.save(changes);
@@ -2352,6 +2357,11 @@ impl GroupSession {
         }
         mls::merge_staged(&mut self.group, &self.provider, *staged)?;
         departures(self);
+        if let Some(by) = sender.filter(|_| {
+            summary.added.is_empty() && summary.removed.is_empty() && summary.replaced.is_none()
+        }) {
+            self.updates.push(by);
+        }
         self.apply_summary(&summary, claim, claim_info);
         if let Some(by) = sender {
             for info in added_info {
@@ -2504,6 +2514,12 @@ impl GroupSession {
     /// (`None`: they left); our own key among them if we were removed.
     pub fn take_departures(&mut self) -> Vec<(Ipk, Option<Ipk>)> {
         std::mem::take(&mut self.departures)
+    }
+
+    /// Members who only rotated their keys since the last call (our own
+    /// key among them if we did).
+    pub fn take_updates(&mut self) -> Vec<Ipk> {
+        std::mem::take(&mut self.updates)
     }
 
     /// Placeholders whose invitees we heard decline.

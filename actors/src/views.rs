@@ -391,6 +391,9 @@ pub struct GroupEvent {
     /// For `left`: the member who removed us, if we did not leave.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub removed_by: Option<String>,
+    /// Members who rotated their keys ("me" for us), by name.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub updated: Vec<String>,
 }
 
 /// A member a commit removed, by name, and by whom.
@@ -644,6 +647,7 @@ impl Event {
             left: Vec::new(),
             removed: Vec::new(),
             removed_by: None,
+            updated: Vec::new(),
         }
     }
 

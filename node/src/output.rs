@@ -483,10 +483,27 @@ pub fn event(e: &Value) -> String {
                         .filter_map(Value::as_str)
                         .filter(|n| !told.contains(n))
                         .collect();
+                    // Who rotated their keys: the others, then us ("me").
+                    let rotated = |ours: bool| {
+                        let who: Vec<&str> = list("updated")
+                            .into_iter()
+                            .filter_map(Value::as_str)
+                            .filter(|n| (*n == "me") == ours)
+                            .collect();
+                        match (who.is_empty(), ours) {
+                            (true, _) => None,
+                            (false, true) => Some("you rotated your keys".to_string()),
+                            (false, false) => {
+                                Some(format!("{} rotated their keys", who.join(", ")))
+                            }
+                        }
+                    };
                     let said: Vec<String> = [
                         names("claimed").map(|n| format!("{n} claimed their place")),
                         names("joined").map(|n| format!("{n} joined (until claimed, as asserted by whoever added them)")),
                         names("left").map(|n| format!("{n} left")),
+                        rotated(false),
+                        rotated(true),
                     ]
                     .into_iter()
                     .flatten()
@@ -872,6 +889,12 @@ mod tests {
         assert_eq!(
             event(&comma),
             "In the group g1: Smith, Jo left or was removed (epoch 3)."
+        );
+        let rotated = json!({"event": "group", "group": "g1", "epoch": 5, "change": "changed",
+            "updated": ["Blair", "me", "Cleo"]});
+        assert_eq!(
+            event(&rotated),
+            "In the group g1: Blair, Cleo rotated their keys; you rotated your keys (epoch 5)."
         );
         let roster = json!({"event": "group", "group": "g1", "name": "Trio", "epoch": 3,
             "change": "changed", "claimed": ["Blair"], "gone": ["Dana", "Eli"]});

@@ -617,6 +617,9 @@ fn a_plain_group_grows_and_shrinks() {
         })
         .expect("Alex's watch tells of the delivery");
     assert_eq!(delivered["member_name"], "Blair", "{delivered}");
+    // A key update says whose.
+    blair.ok(&["group", "update", "Book club", "--wait"]);
+    roster_event("updated", "Blair");
 
     // Blair, not the creator, adds Charlie. To Charlie, Alex is a member
     // Blair vouches for, not a placeholder: no one holds Alex's key but
