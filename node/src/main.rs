@@ -140,6 +140,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Prints a group command's answer: the group as JSON, or a sentence and
 /// the roster.
+/// A note on stderr when the group `id` just made shares its `name` with
+/// another group of ours: a command naming either by name asks which.
+async fn note_namesake_groups(daemon: &mut control::Client, name: &str, id: &str) {
+    let same = |g: &&Value| {
+        g["name"]
+            .as_str()
+            .is_some_and(|n| n.trim().to_lowercase() == name.trim().to_lowercase())
+    };
+    let listed = daemon.call(&Call::Groups { all: false }).await.ok();
+    let namesakes = listed
+        .as_ref()
+        .and_then(Value::as_array)
+        .map_or(0, |l| l.iter().filter(same).count());
+    if namesakes > 1 {
+        eprintln!(
+            "note: you are in {namesakes} groups called \"{}\"; a command that names one by name asks which, so name this one by its id, {id}",
+            output::shown(name),
+        );
+    }
+}
+
 fn group_result(v: &Value, json: bool, done: &str) {
     if json {
         println!("{v}");
@@ -465,10 +486,13 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
             let v = daemon
                 .call(&Call::Introduce {
                     contacts: vec![contact_b.clone(), contact_c.clone()],
-                    name,
+                    name: name.clone(),
                     again,
                 })
                 .await?;
+            if let (Some(name), Some(id)) = (&name, v["group"].as_str()) {
+                note_namesake_groups(&mut daemon, name, id).await;
+            }
             if json {
                 print_json(&v);
             } else {
@@ -629,6 +653,9 @@ async fn client(paths: &config::Paths, command: Command, json: bool) -> anyhow::
             group_result(&v, json, done);
             if let Some(name) = output::shared_name(&v).filter(|_| creating) {
                 eprintln!("{}", same_person_note(&name));
+            }
+            if let (true, Some(name), Some(id)) = (creating, v["name"].as_str(), v["id"].as_str()) {
+                note_namesake_groups(&mut daemon, name, id).await;
             }
             if let Some(contact) = adding {
                 // The contact's name, to compare with the members' (an

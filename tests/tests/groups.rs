@@ -494,6 +494,11 @@ fn a_declined_introduction_removes_the_placeholder() {
         "Pair",
         "--again",
     ]);
+    let noted = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        noted.contains("you are in 2 groups called \"Pair\""),
+        "{noted}"
+    );
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(
         said.starts_with("Introduced Blair and Charlie in group ")
