@@ -41,6 +41,8 @@ pub enum InvalidValue {
         len: usize,
         max: usize,
     },
+    #[error("the message is {len} bytes long (in UTF-8), more than the {max} one message holds: send it in parts")]
+    MessageTooLong { len: usize, max: usize },
     #[error("{what} is empty")]
     Empty { what: &'static str },
     #[error("{what} shows nothing, or contains control characters, invisible ones, or ones that override the direction of the text")]
@@ -204,8 +206,7 @@ pub fn validate_text(text: &str) -> Result<(), InvalidValue> {
         return Err(InvalidValue::Empty { what: "message" });
     }
     if text.len() > MAX_TEXT_BYTES {
-        return Err(InvalidValue::TooLong {
-            what: "message (bytes)",
+        return Err(InvalidValue::MessageTooLong {
             len: text.len(),
             max: MAX_TEXT_BYTES,
         });

@@ -615,6 +615,14 @@ fn a_plain_group_grows_and_shrinks() {
     let blank = alex.cli(&["send", "Book club", "   "]);
     assert_eq!(blank.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&blank.stderr).contains("only spaces"));
+    let long = "é".repeat(20_000);
+    let too_long = alex.cli(&["send", "Book club", &long]);
+    assert_eq!(too_long.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&too_long.stderr);
+    assert!(
+        said.contains("40000 bytes long") && said.contains("send it in parts"),
+        "{said}"
+    );
     alex.ok(&["send", "Book club", "hello Blair", "--wait"]);
     let delivered = alex_watches
         .next_event(SETTLE, |e| {
