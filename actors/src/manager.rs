@@ -1090,13 +1090,13 @@ impl Handler<RequestMerge> for RelationshipManager {
     type Result = ResponseFuture<Result<MergeView, Error>>;
 
     fn handle(&mut self, msg: RequestMerge, _: &mut Self::Context) -> Self::Result {
-        let store = self.shared.store.clone();
+        let shared = self.shared.clone();
         let prepared = (|| {
             let a = self.resolve(&msg.a)?;
             let b = self.resolve(&msg.b)?;
             one_person(&a, &b, msg.force, "merge request")?;
             let outgoing = merge::request(
-                &store,
+                &self.shared.store,
                 &self.shared.node_addrs(),
                 self.display(),
                 self.shared.lifetimes,
@@ -1108,18 +1108,39 @@ impl Handler<RequestMerge> for RelationshipManager {
             let name = a.peer_display.name.clone();
             Ok::<_, Error>(([self.proton(a.id), self.proton(b.id)], outgoing, name))
         })();
+        // The request goes inside both relationships, each encrypted by its
+        // actor and committed with the merge's record: all of it, or (a
+        // crash, a failure) none, never a request recorded as sent that
+        // no relationship queued.
         Box::pin(async move {
             let (actors, outgoing, name) = prepared?;
-            let changes = outgoing.changes;
-            store.write(move |tx| changes.apply(tx)).await?;
+            let mut changes = outgoing.changes;
+            let mut committed = Vec::new();
             for actor in actors {
-                actor
-                    .send(SendControl(Body::MergeRequest(Box::new(
-                        outgoing.request.clone(),
-                    ))))
+                let (told, outcome) = tokio::sync::oneshot::channel();
+                let lent = actor
+                    .send(LendControl {
+                        body: Body::MergeRequest(Box::new(outgoing.request.clone())),
+                        outcome,
+                    })
                     .await
                     .map_err(|_| Error::Stopped)??;
+                changes.extend(lent);
+                committed.push(told);
             }
+            let outbox = shared.outbox.clone();
+            shared
+                .store
+                .write_then(
+                    move |tx| changes.apply(tx),
+                    move |applied| {
+                        outbox.queued(std::mem::take(&mut applied.outbox));
+                        for told in committed {
+                            let _ = told.send(true);
+                        }
+                    },
+                )
+                .await?;
             Ok(MergeView::of(&outgoing.record, name))
         })
     }

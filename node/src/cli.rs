@@ -119,12 +119,12 @@ pub enum MergeCommand {
     List,
     /// Consent to a merge: the two relationships become one, histories merged.
     Accept {
-        /// The request's id (as `merge list` shows it, or its first digits).
+        /// The request's id (as `merge list` shows it, or its first 4 or more digits).
         id: String,
     },
     /// Keep the two relationships apart (the requester is not told).
     Ignore {
-        /// The request's id (as `merge list` shows it, or its first digits).
+        /// The request's id (as `merge list` shows it, or its first 4 or more digits).
         id: String,
     },
 }
@@ -277,8 +277,9 @@ pub enum Command {
     /// claimed or went.
     Watch {
         /// Keep watching when the daemon stops: wait for it to come back and
-        /// watch again. What happens while it is down is not shown
-        /// (`protonode history` has the messages).
+        /// watch again. What happens while it is down, or in its first
+        /// moments back (messages queued for it arrive then), is not shown:
+        /// `protonode history` has the messages.
         #[arg(long)]
         follow: bool,
     },
